@@ -1,0 +1,175 @@
+"""Inference-time interventions on the residual stream, as context managers.
+
+Every hook returns a new tensor (never edits in place) and every context manager removes its hooks in
+``finally``, so an exception inside the block leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+from refusalkit.models.adapters import Arch
+
+# The real-token mask of the batch being run, when the caller knows it (see ``token_mask``). Activation
+# addition reads it so that pad positions are never steered.
+_TOKEN_MASK: ContextVar[torch.Tensor | None] = ContextVar("refusalkit_token_mask", default=None)
+
+
+@contextmanager
+def token_mask(mask: torch.Tensor) -> Iterator[None]:
+    """Declare the [batch, seq] real-token mask of the forward passes run inside the block."""
+    tok = _TOKEN_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(tok)
+
+
+def get_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a decoder block was called with (positionally or by keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], h: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (fn(output[0]), *output[1:])
+    raise TypeError(f"cannot intervene on a module output of type {type(output).__name__}")
+
+
+class _PerDevice:
+    """A vector cached per (device, dtype), so hooks on sharded models use a local copy."""
+
+    def __init__(self, vector: torch.Tensor) -> None:
+        self.vector = vector.detach()
+        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def on(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.vector.to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
+
+
+def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """x - (x . u) u over the last dimension, computed in float32 at least for precision."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(work)
+    u = unit.to(work)
+    return (xf - (xf @ u)[..., None] * u).to(x.dtype)
+
+
+def unit(direction: torch.Tensor) -> torch.Tensor:
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("direction must be finite and non-zero")
+    return direction / norm
+
+
+@contextmanager
+def hooks(registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]]) -> Iterator[None]:
+    """Register hooks on entry and always remove them on exit."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for register in registrations:
+            handles.append(register())
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pre_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _with_hidden(args, kwargs, fn(get_hidden(args, kwargs)))
+
+    return hook
+
+
+def _out_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        return _map_output(output, fn)
+
+    return hook
+
+
+@contextmanager
+def ablate_direction(arch: Arch, direction: torch.Tensor) -> Iterator[None]:
+    """Directional ablation: remove the component along ``direction`` (normalized here) from every
+    block's input and from every attention and MLP write, at every position.
+
+    direction: [d_model]. With the block inputs and both sublayer writes projected, the residual
+    stream holds no component along the direction anywhere, including the final block's output.
+    """
+    u = _PerDevice(unit(direction.double()))
+
+    def ablate(x: torch.Tensor) -> torch.Tensor:
+        return project_out(x, u.on(x))
+
+    regs: list[Callable[[], torch.utils.hooks.RemovableHandle]] = []
+    for block in arch.blocks:
+        regs.append(lambda b=block: b.register_forward_pre_hook(_pre_hook(ablate), with_kwargs=True))
+    for mod in [*arch.attn_write, *arch.mlp_write]:
+        regs.append(lambda m=mod: m.register_forward_hook(_out_hook(ablate)))
+    with hooks(regs):
+        yield
+
+
+@contextmanager
+def add_direction(arch: Arch, vector: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
+    """Activation addition: resid_pre[layer] += coeff * vector at every real (non-pad) position.
+
+    vector: [d_model], used as given (the paper adds the raw difference in means, not a unit vector).
+    """
+    if not 0 <= layer < arch.n_layers:
+        raise ValueError(f"layer {layer} out of range 0..{arch.n_layers - 1}")
+    v = _PerDevice(vector.double() * coeff)
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        delta = v.on(x)
+        mask = _TOKEN_MASK.get()
+        if mask is not None and mask.shape[0] == x.shape[0] and mask.shape[1] >= x.shape[1]:
+            m = mask[:, -x.shape[1] :].to(device=x.device, dtype=x.dtype)
+            return x + m[..., None] * delta
+        return x + delta
+
+    block = arch.blocks[layer]
+    with hooks([lambda: block.register_forward_pre_hook(_pre_hook(add), with_kwargs=True)]):
+        yield
+
+
+@contextmanager
+def capture_resid_pre(
+    arch: Arch, layers: list[int], sink: Callable[[int, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call ``sink(layer, resid_pre)`` for each listed layer during forward passes inside the block.
+
+    The sink sees the tensor after any pre-hooks registered earlier (e.g. an ablation), because
+    PyTorch runs pre-hooks in registration order.
+    """
+
+    def make(layer: int) -> Callable[..., Any]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            sink(layer, get_hidden(args, kwargs))
+
+        return hook
+
+    regs = [
+        (lambda layer=layer: arch.blocks[layer].register_forward_pre_hook(make(layer), with_kwargs=True))
+        for layer in layers
+    ]
+    with hooks(regs):
+        yield

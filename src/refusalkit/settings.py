@@ -1,7 +1,7 @@
 """One typed settings class: the single source of CLI flags, TOML config keys and environment variables.
 
-Precedence, lowest first: field defaults < preset < TOML file (--config) < REFUSALKIT_* environment
-variables < command-line flags. Each field's description is its --help text.
+Precedence, lowest first: field defaults < preset < the run's saved settings (when a stage is rerun on
+an existing run folder) < TOML file (--config) < REFUSALKIT_* environment variables < command-line flags. Each field's description is its --help text.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from refusalkit.errors import RefusalkitError
 from refusalkit.models.registry import DEFAULT_MODEL
 
 ENV_PREFIX = "REFUSALKIT_"
+# The measure stage's measurements (implemented in evaluation/suite.py); lm_eval is opt-in.
+MEASUREMENTS = ("refusal_judges", "safety", "coherence", "corpus_ce", "projections", "gsm8k", "truthfulqa", "lm_eval")
+DEFAULT_MEASUREMENTS = MEASUREMENTS[:-1]
 
 
 def default_data_dir() -> str:
     """$REFUSALKIT_DATA, else ../shared/data if it exists beside the working directory."""
-    return os.environ.get("REFUSALKIT_DATA", str(Path("..") / "shared" / "data"))
+    return str(Path(os.environ.get("REFUSALKIT_DATA", str(Path("..") / "shared" / "data"))).resolve())
 
 
 class Settings(BaseModel):
@@ -47,7 +50,7 @@ class Settings(BaseModel):
     harmful_test: str | None = Field(None, description="Harmful evaluation set; default: carved from harmful-train.")
     harmless_test: str | None = Field(None, description="Harmless evaluation set; default: carved from harmless-train.")
     n_train: int = Field(64, ge=1, description="Training prompts per class (paper: 128).")
-    n_val: int = Field(12, ge=1, description="Validation prompts per class for selection (paper: 32).")
+    n_val: int = Field(8, ge=1, description="Validation prompts per class for selection (paper: 32).")
     n_test: int = Field(32, ge=1, description="Evaluation prompts per class (paper: JailbreakBench's 100).")
     seed: int = Field(42, description="Seed for sampling and splits.")
     filter_train: bool = Field(True, description="Keep harmful (harmless) train prompts the model refuses (obeys).")
@@ -64,9 +67,44 @@ class Settings(BaseModel):
     # Compute and evaluation
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
     gen_batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
-    max_new_tokens: int = Field(64, ge=1, description="New tokens per completion in evaluation.")
+    max_new_tokens: int = Field(
+        64,
+        ge=1,
+        description="New tokens per completion in evaluation. The refusal judges read these; under ~100 they "
+        "undercount refusals that start late (the paper's code used 512).",
+    )
     export_checkpoint: bool = Field(True, description="Save the orthogonalized model as a checkpoint in the run.")
     preset: str | None = Field(None, description="Named settings bundle: 'paper' or 'quick'.")
+
+    # Measurement (the measure stage; docs/evaluation.md)
+    measurements: list[str] = Field(
+        list(DEFAULT_MEASUREMENTS), description=f"Measurements of the measure stage; known: {', '.join(MEASUREMENTS)}."
+    )
+    judge_model: str | None = Field(
+        None, description="Safety judge model (folder or hub id, e.g. meta-llama/Meta-Llama-Guard-2-8B); none: not measured."
+    )
+    corpus: str | None = Field(None, description="Text file for corpus CE; default: DATA_DIR/corpus/wikitext2_tokenized_test.txt.")
+    corpus_windows: int = Field(8, ge=1, description="Token windows of the corpus scored for CE.")
+    corpus_window_tokens: int = Field(128, ge=2, description="Tokens per corpus window.")
+    coherence_n: int = Field(16, ge=1, description="Harmless test prompts for first-token KL and completion CE.")
+    gsm8k_n: int = Field(8, ge=1, description="GSM8K test problems (the first N of DATA_DIR/gsm8k/test.jsonl).")
+    gsm8k_max_new_tokens: int = Field(192, ge=1, description="New tokens per GSM8K answer (greedy, zero-shot chat).")
+    truthfulqa_n: int = Field(16, ge=1, description="TruthfulQA questions (the first N of DATA_DIR/truthfulqa/TruthfulQA.csv).")
+    lm_eval_tasks: list[str] = Field([], description="lm-evaluation-harness tasks for the lm_eval measurement.")
+    lm_eval_limit: int | None = Field(None, ge=1, description="Examples per lm-evaluation-harness task (all if unset).")
+
+    @field_validator("measurements", "lm_eval_tasks", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("measurements")
+    @classmethod
+    def _known_measurements(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in MEASUREMENTS]
+        if unknown:
+            raise ValueError(f"unknown measurement(s) {', '.join(unknown)}; known: {', '.join(MEASUREMENTS)}")
+        return v
 
     @field_validator("refusal_tokens", mode="before")
     @classmethod
@@ -109,7 +147,10 @@ PRESETS: dict[str, Any] = {
     # The paper's sizes and data: 128/128 train, 32/32 val, JailbreakBench's 100 for evaluation.
     "paper": _paper,
     # A smoke run: small sets, short completions.
-    "quick": lambda _data_dir: {"n_train": 16, "n_val": 4, "n_test": 8, "max_new_tokens": 24},
+    "quick": lambda _data_dir: {
+        "n_train": 16, "n_val": 4, "n_test": 8, "max_new_tokens": 24,
+        "coherence_n": 4, "corpus_windows": 2, "gsm8k_n": 2, "gsm8k_max_new_tokens": 64, "truthfulqa_n": 4,
+    },
 }
 
 
@@ -139,12 +180,18 @@ def build_settings(
     flags: dict[str, Any] | None = None,
     config: str | Path | None = None,
     environ: dict[str, str] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> Settings:
-    """Merge the sources (see the module docstring) and validate, reporting every error at once."""
+    """Merge the sources (see the module docstring) and validate, reporting every error at once.
+
+    ``base`` (e.g. the settings saved in a run's manifest, when a stage is rerun) sits above the preset
+    and below the TOML file, the environment and the flags.
+    """
     toml = toml_values(config) if config else {}
     env = env_values(environ)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    layered = {**toml, **env, **flags}
+    saved = {k: v for k, v in (base or {}).items() if v is not None and k in Settings.model_fields}
+    layered = {**saved, **toml, **env, **flags}
     preset = layered.get("preset")
     base: dict[str, Any] = {}
     if preset in PRESETS:

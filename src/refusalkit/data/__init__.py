@@ -54,7 +54,7 @@ def _row_text(row: Any, where: str) -> tuple[str, str | None]:
 def _read_file(path: Path) -> list[Any]:
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (spreadsheet exports) is not data
     except UnicodeDecodeError:
         raise RefusalkitError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     if suffix == ".json":
@@ -120,11 +120,13 @@ def load_instructions(spec: str) -> InstructionSet:
         if not path.is_file():
             raise RefusalkitError(f"data file {spec!r} not found; give a .json/.jsonl/.csv/.txt path or builtin:NAME")
         rows = _read_file(path)
-    texts, cats = [], []
+    texts, cats, seen = [], [], set()
     for row in rows:
         text, cat = _row_text(row, spec)
-        if text.strip():
-            texts.append(text.strip())
+        text = text.strip()
+        if text and text not in seen:  # duplicates would leak across carved splits
+            seen.add(text)
+            texts.append(text)
             cats.append(cat)
     if not texts:
         raise RefusalkitError(f"{spec}: no instructions found (empty file?); add at least one instruction")

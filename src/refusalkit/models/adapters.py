@@ -147,6 +147,10 @@ def probe_spec(model: nn.Module) -> ArchSpec:
         raise RefusalkitError("could not find the final norm; pass --arch-override final_norm=PATH")
     embed = next(name for name, mod in model.named_modules() if mod is model.get_input_embeddings())  # type: ignore[operator]
     unembed = next(name for name, mod in model.named_modules() if mod is model.get_output_embeddings())  # type: ignore[operator]
+    pos_candidates = [f"{root}.{n}" if root else n for n in ("wpe", "embed_positions", "position_embeddings")]
+    pos_embed = next((c for c in pos_candidates if isinstance(_opt(model, c), nn.Embedding)), "")
+    # The weight edit assumes nn.Linear writers ([d_model, d_in]); GPT-2's Conv1D stores the transpose.
+    linear = all(isinstance(_get(block, p), nn.Linear) for p in (attn_proj, mlp_proj))
     return ArchSpec(
         embed=embed,
         blocks=blocks_path,
@@ -156,15 +160,28 @@ def probe_spec(model: nn.Module) -> ArchSpec:
         final_norm=final_norm,
         unembed=unembed,
         attn_out_proj=attn_proj,
-        weights_orthogonalizable=not post_norm,
+        pos_embed=pos_embed,
+        weights_orthogonalizable=linear and not post_norm,
     )
+
+
+def _opt(root: nn.Module, path: str) -> nn.Module | None:
+    return _get(root, path) if _has(root, path) else None
 
 
 def parse_override(text: str | dict[str, Any] | None) -> dict[str, Any]:
     """Parse 'key=value,key=value' (or a dict) into ArchSpec fields, rejecting unknown keys."""
     if not text:
         return {}
-    items = dict(text) if isinstance(text, dict) else dict(kv.split("=", 1) for kv in text.split(",") if kv)
+    if isinstance(text, dict):
+        items = dict(text)
+    else:
+        pairs = [kv.split("=", 1) for kv in text.split(",") if kv]
+        bad = ["=".join(p) for p in pairs if len(p) != 2]
+        if bad:
+            example = "attn_write=self_attn.o_proj"
+            raise RefusalkitError(f"architecture override {bad} is not key=value, e.g. {example}")
+        items = dict(pairs)
     known = {f.name for f in fields(ArchSpec)}
     unknown = sorted(set(items) - known)
     if unknown:

@@ -1,0 +1,104 @@
+"""Benchmark the pipeline's stages on a built-in model; prints its numbers, asserts nothing.
+
+Measures, in one process so the ratios share the machine's state:
+  - model load time;
+  - tokens/s of a plain forward pass vs. streaming mean-activation collection over the same prompts
+    (the ratio is the cost of the hooks and float64 accumulation);
+  - seconds per selection candidate with and without the shared-prefix KV cache;
+  - greedy generation tokens/s;
+  - peak resident memory;
+  - with --run DIR: each stage's seconds from that run's manifest.
+
+Usage: python bench/stages.py [--model NAME] [--n 64] [--candidates 3] [--run runs/default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from refusalkit.activations import last_logits, logits_for_prompts, mean_activations
+from refusalkit.data import load_instructions, sample
+from refusalkit.generation import generate
+from refusalkit.interventions import ablate_direction, add_direction
+from refusalkit.models import DEFAULT_MODEL, load_model
+from refusalkit.prompts import batches, encode, format_prompts, post_instruction_ids
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--n", type=int, default=64, help="prompts per class for the forward/activation timing")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--candidates", type=int, default=3, help="selection candidates to time")
+    ap.add_argument("--n-val", type=int, default=8)
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--run", type=Path, help="a finished run folder whose stage times to print")
+    args = ap.parse_args()
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}")
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    print(f"load_model: {time.perf_counter() - t0:.1f} s   (peak RSS {peak_rss_gib():.2f} GiB)")
+    tok = lm.tokenizer
+    harmful = sample(load_instructions("builtin:harmful").instructions, args.n, 0)
+    harmless = sample(load_instructions("builtin:harmless").instructions, args.n, 0)
+    prompts = format_prompts(tok, harmful + harmless)
+    n_tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+
+    last_logits(lm, encode(tok, prompts[:2]))  # warm-up
+    t0 = time.perf_counter()
+    for chunk in batches(prompts, args.batch_size):
+        last_logits(lm, encode(tok, chunk))
+    plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_pos = len(post_instruction_ids(tok))
+    mean_activations(lm, prompts, n_pos, batch_size=args.batch_size)
+    acts = time.perf_counter() - t0
+    print(f"plain forward:        {n_tokens / plain:8.1f} tok/s ({n_tokens} tokens, {plain:.1f} s)")
+    print(f"activation streaming: {n_tokens / acts:8.1f} tok/s ({acts:.1f} s)  ratio {acts / plain:.2f}x plain")
+
+    val = prompts[: args.n_val] + prompts[args.n : args.n + args.n_val]
+    harmless_val = prompts[args.n : args.n + args.n_val]
+    d = lm.arch.embed.weight.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    for share in (False, True):
+        t0 = time.perf_counter()
+        for i in range(args.candidates):
+            v = torch.randn(d, generator=gen)
+            layer = (i * 7) % lm.arch.n_layers
+            with ablate_direction(lm.arch, v):
+                logits_for_prompts(lm, val, args.batch_size, share_prefix=share)
+            with add_direction(lm.arch, v, layer):
+                logits_for_prompts(lm, harmless_val, args.batch_size, share_prefix=share)
+        per = (time.perf_counter() - t0) / args.candidates
+        label = "shared prefix" if share else "no prefix cache"
+        print(f"selection, {label:>15}: {per:6.2f} s/candidate (n_val {args.n_val}+{args.n_val})")
+
+    t0 = time.perf_counter()
+    outs = generate(lm, prompts[args.n : args.n + 16], max_new_tokens=args.gen_tokens, batch_size=16)
+    dt = time.perf_counter() - t0
+    new_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
+    print(f"generation: {new_tokens / dt:8.1f} new tok/s (batch 16, {args.gen_tokens} max new tokens, {dt:.1f} s)")
+    print(f"peak RSS: {peak_rss_gib():.2f} GiB")
+
+    if args.run:
+        manifest = json.loads((args.run / "manifest.json").read_text())
+        total = 0.0
+        for stage, rec in manifest.get("stages", {}).items():
+            total += rec["seconds"]
+            print(f"stage {stage:<10} {rec['seconds']:8.1f} s")
+        print(f"stages total {total / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Weight orthogonalization equals the ablation hooks, restores exactly, and exports a plain checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import ORTHOGONALIZABLE
+from refusalkit.errors import RefusalkitError
+from refusalkit.interventions import ablate_direction
+from refusalkit.orthogonalize import export_checkpoint, orthogonalize_weights, orthogonalized
+from refusalkit.prompts import Batch, encode, format_prompts
+
+# Tiny models: extra threads only add overhead, and spin badly when other work shares the cores.
+
+INSTRUCTIONS = ["hi", "Name a colour of the sky at dusk.", "Why?"]
+
+
+def _batch(lm: Any) -> Batch:
+    return encode(lm.tokenizer, format_prompts(lm.tokenizer, INSTRUCTIONS), "left")
+
+
+@torch.no_grad()
+def _logits(model: Any, batch: Batch) -> torch.Tensor:
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out.logits[batch.attention_mask.bool()]  # real positions only
+
+
+def _assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    scale = want.abs().max()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * scale)
+
+
+def _direction(lm: Any) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(lm.model.config.hidden_size) * 5
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", ORTHOGONALIZABLE)
+def test_weights_equal_hooks(make_lm: Callable[..., Any], family: str, tied: bool) -> None:
+    lm = make_lm(family, tie_word_embeddings=tied)
+    embed, head = lm.arch.embed.weight, lm.arch.unembed.weight
+    assert (head is embed) == tied
+    original_embed = embed.detach().clone()
+    batch, direction = _batch(lm), _direction(lm)
+    base = _logits(lm.model, batch)
+    with ablate_direction(lm.arch, direction):
+        hooked = _logits(lm.model, batch)
+    assert not torch.allclose(
+        hooked, base, atol=1e-3
+    )  # the direction matters, so equality below means something
+    orthogonalize_weights(lm, direction)
+    _assert_same_logits(_logits(lm.model, batch), hooked)
+    u = direction / direction.norm()
+    assert (lm.arch.embed.weight @ u).abs().max() < 1e-5 * original_embed.abs().max()
+    # The head keeps the original embedding (the paper leaves the output head unchanged).
+    assert lm.arch.unembed.weight is not lm.arch.embed.weight
+    torch.testing.assert_close(lm.arch.unembed.weight, original_embed if tied else head, rtol=0, atol=0)
+    assert lm.model.config.tie_word_embeddings is False
+
+
+def test_biases_are_projected(make_lm: Callable[..., Any]) -> None:
+    lm = make_lm("llama", attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for block in lm.arch.blocks:
+            block.self_attn.o_proj.bias.normal_()
+            block.mlp.down_proj.bias.normal_()
+    batch, direction = _batch(lm), _direction(lm)
+    with ablate_direction(lm.arch, direction):
+        hooked = _logits(lm.model, batch)
+    orthogonalize_weights(lm, direction)
+    _assert_same_logits(_logits(lm.model, batch), hooked)
+    u = direction / direction.norm()
+    assert abs(float(lm.arch.blocks[0].mlp.down_proj.bias @ u)) < 1e-5
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_context_restores_bit_for_bit(make_lm: Callable[..., Any], tied: bool) -> None:
+    lm = make_lm("qwen2", tie_word_embeddings=tied)
+    batch, direction = _batch(lm), _direction(lm)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    head_param = lm.arch.unembed.weight
+    base = _logits(lm.model, batch)
+    with ablate_direction(lm.arch, direction):
+        hooked = _logits(lm.model, batch)
+    with orthogonalized(lm, direction) as edited:
+        assert edited is lm
+        _assert_same_logits(_logits(lm.model, batch), hooked)
+    assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
+    assert lm.arch.unembed.weight is head_param
+    assert (lm.arch.unembed.weight is lm.arch.embed.weight) == tied
+    assert lm.model.config.tie_word_embeddings is tied
+    assert torch.equal(_logits(lm.model, batch), base)
+
+
+def test_context_restores_after_exception(make_lm: Callable[..., Any]) -> None:
+    lm = make_lm("llama")
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="inside"), orthogonalized(lm, _direction(lm)):
+        assert not torch.equal(lm.arch.embed.weight, state["model.embed_tokens.weight"])
+        raise RuntimeError("inside")
+    assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_post_norm_families_refuse(make_lm: Callable[..., Any], family: str, tmp_path: Path) -> None:
+    lm = make_lm(family)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    direction = _direction(lm)
+    with pytest.raises(RefusalkitError, match="normalizes each sublayer"):
+        orthogonalize_weights(lm, direction)
+    with pytest.raises(RefusalkitError, match="refusalkit evaluate"), orthogonalized(lm, direction):
+        pass
+    with pytest.raises(RefusalkitError):
+        export_checkpoint(lm, direction, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+    assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_export_loads_with_plain_transformers(
+    make_lm: Callable[..., Any], tmp_path: Path, tied: bool
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = make_lm("llama", tie_word_embeddings=tied)
+    batch, direction = _batch(lm), _direction(lm)
+    with ablate_direction(lm.arch, direction):
+        hooked = _logits(lm.model, batch)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    out = export_checkpoint(lm, direction, tmp_path / "model")
+    assert out == tmp_path / "model" and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".*partial"))
+    # The live model is untouched by the export.
+    assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
+
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and config["tie_word_embeddings"] is False
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert loaded.get_output_embeddings().weight is not loaded.get_input_embeddings().weight
+    _assert_same_logits(_logits(loaded, batch), hooked)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == lm.tokenizer.chat_template
+
+    # Exporting again over an existing folder replaces it.
+    export_checkpoint(lm, direction, out)
+    assert (out / "config.json").is_file()

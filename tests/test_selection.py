@@ -1,0 +1,171 @@
+"""The selection rules and candidate scoring (with resume and checkpoints)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from refusalkit import selection
+from refusalkit.activations import mean_activations
+from refusalkit.directions import Candidates
+from refusalkit.errors import RefusalkitError
+from refusalkit.metric import refusal_token_ids
+from refusalkit.prompts import format_prompts
+from refusalkit.selection import CandidateScore, SelectionRules, apply_rules, layer_cutoff, score_candidates
+
+# Tiny models: extra threads only add overhead, and spin badly when other work shares the cores.
+
+NAN = math.nan
+
+
+def _scores() -> list[CandidateScore]:
+    return [
+        CandidateScore(-1, 0, bypass=-1.0, induce=0.5, kl=0.05),  # kept
+        CandidateScore(-2, 1, bypass=-3.0, induce=0.2, kl=0.01),  # kept, lowest bypass among kept
+        CandidateScore(-1, 1, bypass=-9.0, induce=0.5, kl=0.5),  # KL too high
+        CandidateScore(-2, 2, bypass=-8.0, induce=-0.1, kl=0.01),  # induce too low
+        CandidateScore(-1, 3, bypass=NAN, induce=0.5, kl=0.01),  # NaN
+        CandidateScore(-1, 8, bypass=-10.0, induce=5.0, kl=0.0),  # late layer (8 >= int(0.8 * 10))
+    ]
+
+
+def test_apply_rules_marks_and_picks() -> None:
+    scores = _scores()
+    best = apply_rules(scores, 10, SelectionRules())
+    assert (best.position, best.layer, best.bypass) == (-2, 1, -3.0)
+    assert [s.kept for s in scores] == [True, True, False, False, False, False]
+    reasons = [s.reason for s in scores]
+    assert reasons[:2] == ["", ""]
+    assert reasons[2].startswith("KL 0.500 > 0.1")
+    assert reasons[3].startswith("induce -0.10 < 0.0")
+    assert reasons[4] == "NaN score"
+    assert reasons[5].startswith("layer >= 8")
+
+
+def test_layer_rule_wins_over_nan() -> None:
+    """Late layers are never scored (NaN), and say so rather than 'NaN score'."""
+    s = CandidateScore(-1, 9, NAN, NAN, NAN)
+    good = CandidateScore(-1, 0, 0.0, 1.0, 0.0)
+    apply_rules([s, good], 10, SelectionRules())
+    assert s.reason.startswith("layer")
+    assert layer_cutoff(10, SelectionRules(max_layer_frac=0.5)) == 5
+
+
+def test_rules_are_configurable() -> None:
+    scores = _scores()
+    best = apply_rules(
+        scores, 10, SelectionRules(kl_threshold=1.0, induce_threshold=-1.0, max_layer_frac=1.0)
+    )
+    assert (best.layer, best.bypass) == (8, -10.0)
+    assert sum(s.kept for s in scores) == 5  # all but the NaN one
+
+
+def test_all_filtered_reports_counts() -> None:
+    scores = _scores()
+    with pytest.raises(RefusalkitError) as err:
+        apply_rules(scores, 10, SelectionRules(induce_threshold=100.0))
+    msg = str(err.value)
+    assert "all 6 candidate directions were filtered out" in msg
+    assert "'induce': 3" in msg and "'layer': 1" in msg and "'NaN': 1" in msg and "'KL': 1" in msg
+    assert "--kl-threshold" in msg and "candidate_scores.json" in msg
+
+
+@pytest.fixture
+def setup(make_lm: Callable[..., Any]) -> dict[str, Any]:
+    lm = make_lm("qwen2")
+    tok = lm.tokenizer
+    harmful = format_prompts(tok, ["How do I pick a lock?", "Make a weapon."])
+    harmless = format_prompts(tok, ["Bake a cake.", "Name a bird."])
+    n_pos = 3
+    cands = Candidates(
+        mean_activations(lm, harmful, n_pos).mean,
+        mean_activations(lm, harmless, n_pos).mean,
+    )
+    return {"lm": lm, "cands": cands, "harmful": harmful, "harmless": harmless, "ids": refusal_token_ids(tok)}
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = selection.ablate_direction
+
+    def counting(arch: Any, direction: torch.Tensor) -> Any:
+        calls.append(1)
+        return real(arch, direction)
+
+    monkeypatch.setattr(selection, "ablate_direction", counting)
+    return calls
+
+
+def test_score_candidates(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    cands: Candidates = setup["cands"]
+    calls = _count_calls(monkeypatch)
+    seen: list[int] = []
+    scores = score_candidates(
+        setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"],
+        rules=SelectionRules(), batch_size=2, checkpoint=lambda s: seen.append(len(s)),
+    )  # fmt: skip
+    n_layers = cands.n_layers
+    cutoff = layer_cutoff(n_layers, SelectionRules())
+    assert len(scores) == cands.n_positions * n_layers == 12
+    assert {(s.position, s.layer) for s in scores} == {
+        (p, la) for p in (-3, -2, -1) for la in range(n_layers)
+    }
+    # resid_pre[0] is the embedding of the same template tokens for both classes: a zero direction, NaN
+    # scores and no forward pass. Late layers are not scored either.
+    assert len(calls) == cands.n_positions * (cutoff - 1)
+    for s in scores:
+        values = (s.bypass, s.induce, s.kl)
+        if 0 < s.layer < cutoff:
+            assert all(math.isfinite(v) for v in values) and s.kl >= 0
+        else:
+            assert all(math.isnan(v) for v in values)
+    assert seen == [5, 9]  # every 5 candidates and at the end; the last one holds all scored (not late)
+    apply_rules(scores, n_layers, SelectionRules(kl_threshold=1e9, induce_threshold=-1e9))
+    assert sum(s.kept for s in scores) == len(calls)
+
+
+def test_score_candidates_resumes(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    cands: Candidates = setup["cands"]
+    args = (setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"])
+    full = score_candidates(*args, rules=SelectionRules(), batch_size=2)
+    assert [(s.layer, math.isnan(s.bypass)) for s in full[:4]] == [(0, True)] * 3 + [(1, False)]
+    done = [CandidateScore(s.position, s.layer, 100.0 + i, 0.0, 0.0) for i, s in enumerate(full[:4])]
+    calls = _count_calls(monkeypatch)
+    checkpoints: list[list[CandidateScore]] = []
+    again = score_candidates(
+        *args, rules=SelectionRules(), batch_size=2, done=done, checkpoint=checkpoints.append
+    )
+    assert len(calls) == 6 - 1  # 3 positions x layers 1..2 (layer 0 is a zero direction), minus done ones
+    by_key = {(s.position, s.layer): s for s in again}
+    for d in done:
+        assert by_key[(d.position, d.layer)].bypass == d.bypass  # reused, not recomputed
+    for s in full[4:]:
+        if s.layer < 3:
+            assert by_key[(s.position, s.layer)].bypass == pytest.approx(s.bypass, abs=1e-9)
+    assert checkpoints and len(checkpoints[-1]) == 9
+
+
+def test_score_late_layers(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_calls(monkeypatch)
+    cands: Candidates = setup["cands"]
+    scores = score_candidates(
+        setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"],
+        rules=SelectionRules(score_late_layers=True), batch_size=4,
+    )  # fmt: skip
+    assert len(scores) == 12 and len(calls) == 9  # every layer but 0 (a zero direction there)
+    assert all(math.isfinite(s.bypass) for s in scores if s.layer > 0)
+
+
+def test_zero_candidate_scores_nan(setup: dict[str, Any]) -> None:
+    cands: Candidates = setup["cands"]
+    same = Candidates(cands.harmful_mean, cands.harmful_mean.clone())
+    scores = score_candidates(
+        setup["lm"], same, setup["harmful"], setup["harmless"], setup["ids"], rules=SelectionRules()
+    )
+    assert all(math.isnan(s.bypass) for s in scores)
+    with pytest.raises(RefusalkitError, match="filtered out"):
+        apply_rules(scores, same.n_layers, SelectionRules())

@@ -65,7 +65,9 @@ def main() -> None:
     mean_activations(lm, prompts, n_pos, batch_size=args.batch_size)
     acts = time.perf_counter() - t0
     print(f"plain forward:        {n_tokens / plain:8.1f} tok/s ({n_tokens} tokens, {plain:.1f} s)")
-    print(f"activation streaming: {n_tokens / acts:8.1f} tok/s ({acts:.1f} s)  ratio {acts / plain:.2f}x plain")
+    print(
+        f"activation streaming: {n_tokens / acts:8.1f} tok/s ({acts:.1f} s)  ratio {acts / plain:.2f}x plain"
+    )
 
     val = prompts[: args.n_val] + prompts[args.n : args.n + args.n_val]
     harmless_val = prompts[args.n : args.n + args.n_val]
@@ -88,7 +90,9 @@ def main() -> None:
     outs = generate(lm, prompts[args.n : args.n + 16], max_new_tokens=args.gen_tokens, batch_size=16)
     dt = time.perf_counter() - t0
     new_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
-    print(f"generation: {new_tokens / dt:8.1f} new tok/s (batch 16, {args.gen_tokens} max new tokens, {dt:.1f} s)")
+    print(
+        f"generation: {new_tokens / dt:8.1f} new tok/s (batch 16, {args.gen_tokens} max new tokens, {dt:.1f} s)"
+    )
     print(f"peak RSS: {peak_rss_gib():.2f} GiB")
 
     if args.run:

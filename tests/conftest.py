@@ -40,7 +40,9 @@ def tiny_tokenizer():  # type: ignore[no-untyped-def]
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "pad_token": "<|pad|>"})
+    fast.add_special_tokens(
+        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "pad_token": "<|pad|>"}
+    )
     fast.eos_token = "<|im_end|>"
     fast.chat_template = CHATML
     return fast
@@ -98,7 +100,9 @@ def make_lm() -> Callable[..., object]:
         tok = tiny_tokenizer()
         model = tiny_model(family, seed=seed, vocab_size=len(tok), **overrides)
         tok.padding_side = "left"
-        return LoadedModel(model, tok, resolve_arch(model), f"tiny-{family}", "memory", f"tiny-{family}-{seed}")
+        return LoadedModel(
+            model, tok, resolve_arch(model), f"tiny-{family}", "memory", f"tiny-{family}-{seed}"
+        )
 
     return make
 

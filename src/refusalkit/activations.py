@@ -94,7 +94,13 @@ def _prefix_cache(lm: LoadedModel, prefix: list[int]) -> Any:
     ids = torch.tensor([prefix], device=lm.device)
     mask = torch.ones_like(ids)
     with token_mask(mask):
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=Batch(ids, mask).position_ids, use_cache=True)
+        out = lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=Batch(ids, mask).position_ids,
+            use_cache=True,
+            logits_to_keep=1,  # the prefix's logits are never read
+        )
     return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 

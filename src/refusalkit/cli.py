@@ -14,10 +14,11 @@ from refusalkit.errors import RefusalkitError
 from refusalkit.settings import ENV_PREFIX, Settings, build_settings
 
 STAGE_HELP = {
-    "run": "All stages: extract, select, evaluate, export; prints the results table.",
+    "run": "All stages: extract, select, evaluate, measure, export; prints the results table.",
     "extract": "Mean activations and candidate directions.",
     "select": "Score every candidate and select the direction.",
     "evaluate": "Generate under each setting and measure refusal rates.",
+    "measure": "Refusal and safety judges, coherence (KL, CE) and capability (GSM8K, TruthfulQA) into measure/.",
     "orthogonalize": "Export the orthogonalized checkpoint into RUN_DIR/model.",
 }
 
@@ -38,11 +39,15 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         default = field.default if field.default_factory is None else "see docs"
         help_text = f"{field.description} [default: {default}; env {ENV_PREFIX}{name.upper()}]"
         if typ is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif typing.get_origin(typ) is list:
             group.add_argument(flag, dest=name, default=None, help=help_text + " (comma-separated)")
         else:
-            group.add_argument(flag, dest=name, type=typ if typ in (int, float) else str, default=None, help=help_text)
+            group.add_argument(
+                flag, dest=name, type=typ if typ in (int, float) else str, default=None, help=help_text
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,30 +58,57 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd, help_text in STAGE_HELP.items():
         p = sub.add_parser(cmd, help=help_text, description=help_text)
-        p.add_argument("--out", required=cmd == "run", type=Path, help="Run folder (created; resumed if it exists).")
+        p.add_argument(
+            "--out", required=cmd == "run", type=Path, help="Run folder (created; resumed if it exists)."
+        )
         if cmd != "run":
             p.add_argument("run_dir", nargs="?", type=Path, help="Run folder (same as --out).")
-        p.add_argument("--config", type=Path, help="TOML file of settings (keys as the flags, or a [refusalkit] table).")
+        p.add_argument(
+            "--config", type=Path, help="TOML file of settings (keys as the flags, or a [refusalkit] table)."
+        )
         add_settings_flags(p)
+    report = sub.add_parser(
+        "report", help="Build RUN_DIR/report.html and report.json from the run's artifacts."
+    )
+    report.add_argument("run_dir", type=Path, help="Run folder.")
+    report.add_argument(
+        "--show-harmful", action="store_true", help="Show harmful instructions and full completions."
+    )
+    report.add_argument(
+        "--examples", type=int, default=6, help="Completions shown per prompt set [default: 6]."
+    )
+    compare = sub.add_parser("compare", help="One table of headline numbers across run folders.")
+    compare.add_argument("run_dirs", nargs="+", type=Path, help="Run folders.")
+    compare.add_argument("--out", type=Path, help="Also write the table to this .html or .md file.")
     models = sub.add_parser("models", help="List the built-in models and their cache state.")
     models.add_argument("--convert", metavar="NAME", help="Assemble and convert one built-in model now.")
+    from refusalkit.analysis.cli import add_suffix_parser
+
+    add_suffix_parser(sub)
     return parser
 
 
 def _settings_from(args: argparse.Namespace, run_dir: Path | None) -> Settings:
-    flags = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
-    config = args.config
-    # Rerunning a stage on an existing run folder reuses that run's settings unless flags say otherwise.
-    if run_dir is not None and (run_dir / "manifest.json").is_file() and not config:
+    flags = {
+        name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
+    }
+    # Rerunning a stage on an existing run folder starts from that run's saved settings.
+    saved: dict[str, Any] = {}
+    if run_dir is not None and (run_dir / "manifest.json").is_file():
         import json
 
         saved = json.loads((run_dir / "manifest.json").read_text()).get("settings", {})
-        flags = {**{k: v for k, v in saved.items() if v is not None}, **flags}
-    return build_settings(flags, config)
+    return build_settings(flags, args.config, base=saved)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from refusalkit.models.registry import BUILTIN_MODELS, DEFAULT_MODEL, converted_dir, ensure_converted, status
+    from refusalkit.models.registry import (
+        BUILTIN_MODELS,
+        DEFAULT_MODEL,
+        converted_dir,
+        ensure_converted,
+        status,
+    )
 
     if args.convert:
         print(ensure_converted(args.convert))
@@ -110,6 +142,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
         print(format_table(run.results()))
     elif args.command == "select":
         print(f"selected: layer {result.layer}, position {result.position}, scores {result.scores}")
+    elif args.command == "measure":
+        from refusalkit.report.compare import compare_runs
+
+        print(compare_runs([run.out]))
+        for name, why in result.get("not_measured", {}).items():
+            print(f"not measured: {name} ({why})")
+        print(f"\nartifacts: {run.out / 'measure'}; build the report with `refusalkit report {run.out}`")
     elif args.command == "orthogonalize":
         print(f"checkpoint: {result}" if result else "no checkpoint written (see the log)")
     else:
@@ -119,16 +158,29 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "suffix":
+            from refusalkit.analysis.cli import run_suffix
+
+            return run_suffix(args)
+        if args.command in ("report", "compare"):
+            from refusalkit.report import cmd_compare, cmd_report
+
+            return cmd_report(args) if args.command == "report" else cmd_compare(args)
         return cmd_stage(args)
     except RefusalkitError as exc:
         print(f"refusalkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("refusalkit: interrupted; finished stages are saved, rerun the same command to resume", file=sys.stderr)
+        print(
+            "refusalkit: interrupted; finished stages are saved, rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

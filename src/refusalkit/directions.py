@@ -46,7 +46,10 @@ class Candidates:
         meta = {"post_instruction_tokens": json.dumps(self.post_instruction_tokens)}
         with atomic_path(path) as tmp:
             save_file(
-                {"harmful_mean": self.harmful_mean.contiguous(), "harmless_mean": self.harmless_mean.contiguous()},
+                {
+                    "harmful_mean": self.harmful_mean.contiguous(),
+                    "harmless_mean": self.harmless_mean.contiguous(),
+                },
                 str(tmp),
                 metadata=meta,
             )

@@ -36,7 +36,9 @@ def get_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], h: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _with_hidden(
+    args: tuple[Any, ...], kwargs: dict[str, Any], h: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if args:
         return (h, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": h}

@@ -13,13 +13,17 @@ DEFAULT_REFUSAL_STRINGS = ("I", "As")
 EPS = 1e-8
 
 
-def refusal_token_ids(tokenizer: Any, strings: list[str] | tuple[str, ...] = DEFAULT_REFUSAL_STRINGS) -> list[int]:
+def refusal_token_ids(
+    tokenizer: Any, strings: list[str] | tuple[str, ...] = DEFAULT_REFUSAL_STRINGS
+) -> list[int]:
     """The first token id of each refusal string, as the model would emit it at the start of a reply."""
     ids: list[int] = []
     for s in strings:
         toks = tokenizer.encode(s, add_special_tokens=False)
         if not toks:
-            raise RefusalkitError(f"refusal string {s!r} encodes to no tokens; choose another --refusal-tokens")
+            raise RefusalkitError(
+                f"refusal string {s!r} encodes to no tokens; choose another --refusal-tokens"
+            )
         if toks[0] not in ids:
             ids.append(toks[0])
     return ids

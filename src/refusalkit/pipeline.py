@@ -9,6 +9,7 @@ Layout of a run folder:
   select/direction.{safetensors,json}
   evaluate/completions/SET__SETTING.json   per-prompt completions and verdicts
   evaluate/refusal_rates.json        refusal rate per prompt set and setting, with 95% intervals
+  measure/*.json                     judges, coherence, capability (see evaluation/suite.py)
   model/                             the orthogonalized checkpoint (ordinary transformers folder)
   results.json                       the summary table
 
@@ -49,7 +50,7 @@ from refusalkit.utils import read_json, sha256_text, write_json
 
 log = logging.getLogger(__name__)
 
-STAGES = ("extract", "select", "evaluate", "export")
+STAGES = ("extract", "select", "evaluate", "measure", "export")
 MIN_PROMPTS = 2
 
 
@@ -172,7 +173,8 @@ class Run:
             splits = carve(spec, s.seed)
             write_json(path, {"fingerprint": fp, "splits": splits})
         self.manifest["data"] = {
-            k: {"spec": spec[k][0], "n": len(v), "sha256": sha256_text("\n".join(v))} for k, v in splits.items()
+            k: {"spec": spec[k][0], "n": len(v), "sha256": sha256_text("\n".join(v))}
+            for k, v in splits.items()
         }
         return splits
 
@@ -264,8 +266,14 @@ class Run:
         s = self.settings
         rules = SelectionRules(s.max_layer_frac, s.kl_threshold, s.induce_threshold, s.score_late_layers)
         data = self.manifest["data"]
-        fp = _fp({"extract": self.manifest["stages"]["extract"]["fingerprint"], "rules": rules.__dict__,
-                  "val": [data["harmful_val"]["sha256"], data["harmless_val"]["sha256"]], "filter": s.filter_val})
+        fp = _fp(
+            {
+                "extract": self.manifest["stages"]["extract"]["fingerprint"],
+                "rules": rules.__dict__,
+                "val": [data["harmful_val"]["sha256"], data["harmless_val"]["sha256"]],
+                "filter": s.filter_val,
+            }
+        )
         stem = self.out / "select" / "direction"
         scores_path = self.out / "select" / "candidate_scores.json"
         if self._done("select", fp, [stem.with_suffix(".json"), scores_path]):
@@ -282,14 +290,27 @@ class Run:
 
         with self._stage("select", fp):
             scores = score_candidates(
-                self.lm, cands, harmful_val, harmless_val, self.refusal_ids(),
-                rules=rules, batch_size=s.batch_size, done=done, checkpoint=checkpoint,
+                self.lm,
+                cands,
+                harmful_val,
+                harmless_val,
+                self.refusal_ids(),
+                rules=rules,
+                batch_size=s.batch_size,
+                done=done,
+                checkpoint=checkpoint,
             )
             try:
                 best = apply_rules(scores, cands.n_layers, rules)
             finally:
-                write_json(scores_path, {"validation": val_info, "rules": rules.__dict__,
-                                         "scores": [x.as_dict() for x in scores]})
+                write_json(
+                    scores_path,
+                    {
+                        "validation": val_info,
+                        "rules": rules.__dict__,
+                        "scores": [x.as_dict() for x in scores],
+                    },
+                )
             p = best.position + cands.n_positions
             direction = Direction(
                 vector=cands.directions[p, best.layer].float(),
@@ -297,8 +318,11 @@ class Run:
                 position=best.position,
                 model=self.lm.name,
                 scores={"bypass": best.bypass, "induce": best.induce, "kl": best.kl},
-                meta={"n_layers": cands.n_layers, "n_positions": cands.n_positions,
-                      "post_instruction_tokens": cands.post_instruction_tokens},
+                meta={
+                    "n_layers": cands.n_layers,
+                    "n_positions": cands.n_positions,
+                    "post_instruction_tokens": cands.post_instruction_tokens,
+                },
             )
             direction.save(stem)
             partial_path.unlink(missing_ok=True)
@@ -329,11 +353,23 @@ class Run:
         direction = self.select()
         s = self.settings
         data = self.manifest["data"]
-        fp = _fp({"select": self.manifest["stages"]["select"]["fingerprint"], "max_new_tokens": s.max_new_tokens,
-                  "test": [data["harmful_test"]["sha256"], data["harmless_test"]["sha256"]]})
+        fp = _fp(
+            {
+                "select": self.manifest["stages"]["select"]["fingerprint"],
+                "max_new_tokens": s.max_new_tokens,
+                "test": [data["harmful_test"]["sha256"], data["harmless_test"]["sha256"]],
+            }
+        )
         rates_path = self.out / "evaluate" / "refusal_rates.json"
-        if self._done("evaluate", fp, [rates_path]):
-            return dict(read_json(rates_path))
+        if rates_path.is_file():
+            saved_rates = read_json(rates_path)
+            completions = [
+                self.out / "evaluate" / "completions" / f"{ps}__{name}.json"
+                for ps in ("harmful", "harmless")
+                for name in saved_rates.get(ps, {})
+            ]
+            if self._done("evaluate", fp, [rates_path, *completions]):
+                return dict(saved_rates)
         splits = self.splits()
         rates: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "judge": "substring (paper's list)"}
         with self._stage("evaluate", fp):
@@ -345,18 +381,41 @@ class Run:
                 else:
                     instructions = splits[f"{setting.prompt_set}_test"]
                     with self._intervention(setting, direction):
-                        texts = generate(self.lm, self._prompts(instructions), max_new_tokens=s.max_new_tokens,
-                                         batch_size=s.gen_batch_size, desc=setting.key)
-                    rows = [{"instruction": i, "completion": t, "refused": is_refusal(t)}
-                            for i, t in zip(instructions, texts, strict=True)]
+                        texts = generate(
+                            self.lm,
+                            self._prompts(instructions),
+                            max_new_tokens=s.max_new_tokens,
+                            batch_size=s.gen_batch_size,
+                            desc=setting.key,
+                        )
+                    rows = [
+                        {"instruction": i, "completion": t, "refused": is_refusal(t)}
+                        for i, t in zip(instructions, texts, strict=True)
+                    ]
                     write_json(path, {"fingerprint": fp, "setting": setting.__dict__, "rows": rows})
                 k, n = sum(r["refused"] for r in rows), len(rows)
                 lo, hi = wilson_interval(k, n)
                 rates.setdefault(setting.prompt_set, {})[setting.name] = {
-                    "refusal_rate": k / n, "refused": k, "n": n, "ci95": [lo, hi], "coeff": setting.coeff,
+                    "refusal_rate": k / n,
+                    "refused": k,
+                    "n": n,
+                    "ci95": [lo, hi],
+                    "coeff": setting.coeff,
                 }
             write_json(rates_path, rates)
         return rates
+
+    def measure(self) -> dict[str, Any]:
+        """Judges, coherence and capability into measure/ (evaluation/suite.py; each file resumable)."""
+        from refusalkit.evaluation.suite import Suite
+
+        suite = Suite(self, self.select())
+        self.evaluate()
+        path = self.out / "measure" / "summary.json"
+        if self._done("measure", suite.fingerprint, [path, *suite.artifacts]):
+            return dict(read_json(path))
+        with self._stage("measure", suite.fingerprint):
+            return suite.run_all()
 
     def export(self) -> Path | None:
         if not self.settings.export_checkpoint:
@@ -378,10 +437,15 @@ class Run:
         rates = read_json(self.out / "evaluate" / "refusal_rates.json")
         summary = {
             "model": self.manifest.get("model", {}),
-            "direction": {"layer": direction.layer, "position": direction.position, **direction.scores,
-                          "norm": float(direction.vector.norm())},
+            "direction": {
+                "layer": direction.layer,
+                "position": direction.position,
+                **direction.scores,
+                "norm": float(direction.vector.norm()),
+            },
             "refusal_rates": {
-                ps: {name: v["refusal_rate"] for name, v in rates[ps].items()} for ps in ("harmful", "harmless")
+                ps: {name: v["refusal_rate"] for name, v in rates[ps].items()}
+                for ps in ("harmful", "harmless")
             },
             "sizes": {k: v.get("n") for k, v in self.manifest.get("data", {}).items()},
             "max_new_tokens": rates.get("max_new_tokens"),

@@ -21,7 +21,9 @@ def format_prompt(tokenizer: Any, instruction: str, system: str | None = None) -
     """Render one user turn with the tokenizer's chat template, ready for the assistant's reply."""
     try:
         return str(
-            tokenizer.apply_chat_template(_messages(instruction, system), tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(
+                _messages(instruction, system), tokenize=False, add_generation_prompt=True
+            )
         )
     except Exception as exc:  # jinja raises its own errors, e.g. for templates without system roles
         if system:
@@ -41,7 +43,9 @@ def post_instruction_ids(tokenizer: Any, system: str | None = None) -> list[int]
     text = format_prompt(tokenizer, _SENTINEL, system)
     end = text.find(_SENTINEL)
     if end < 0:
-        raise RefusalkitError("the chat template does not include the user's message verbatim; cannot locate it")
+        raise RefusalkitError(
+            "the chat template does not include the user's message verbatim; cannot locate it"
+        )
     end += len(_SENTINEL)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = [i for i, (start, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if start >= end]

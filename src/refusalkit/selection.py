@@ -73,7 +73,8 @@ def score_candidates(
         (p, layer)
         for layer in range(candidates.n_layers)
         for p in range(candidates.n_positions)
-        if (candidates.position_label(p), layer) not in results and (rules.score_late_layers or layer < cutoff)
+        if (candidates.position_label(p), layer) not in results
+        and (rules.score_late_layers or layer < cutoff)
     ]
     dirs = candidates.directions
     for i, (p, layer) in enumerate(tqdm(todo, desc="scoring candidates", disable=None)):
@@ -97,7 +98,9 @@ def score_candidates(
         if checkpoint is not None and (i % 5 == 4 or i == len(todo) - 1):
             checkpoint(list(results.values()))
     for p in range(candidates.n_positions):
-        for layer in range(cutoff if not rules.score_late_layers else candidates.n_layers, candidates.n_layers):
+        for layer in range(
+            cutoff if not rules.score_late_layers else candidates.n_layers, candidates.n_layers
+        ):
             key = (candidates.position_label(p), layer)
             results.setdefault(key, CandidateScore(key[0], layer, math.nan, math.nan, math.nan))
     return sorted(results.values(), key=lambda s: (s.layer, s.position))

@@ -18,7 +18,16 @@ from refusalkit.models.registry import DEFAULT_MODEL
 
 ENV_PREFIX = "REFUSALKIT_"
 # The measure stage's measurements (implemented in evaluation/suite.py); lm_eval is opt-in.
-MEASUREMENTS = ("refusal_judges", "safety", "coherence", "corpus_ce", "projections", "gsm8k", "truthfulqa", "lm_eval")
+MEASUREMENTS = (
+    "refusal_judges",
+    "safety",
+    "coherence",
+    "corpus_ce",
+    "projections",
+    "gsm8k",
+    "truthfulqa",
+    "lm_eval",
+)
 DEFAULT_MEASUREMENTS = MEASUREMENTS[:-1]
 
 
@@ -32,35 +41,62 @@ class Settings(BaseModel):
 
     # Model
     model: str = Field(DEFAULT_MODEL, description="Built-in model name, model folder, .gguf file or hub id.")
-    dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")
+    dtype: str = Field(
+        "auto", description="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N. Ignored with --device-map.")
     device_map: str | None = Field(None, description="accelerate device map, e.g. 'auto' to shard over GPUs.")
-    trust_remote_code: bool = Field(False, description="Allow the model's own Python code (only if you trust it).")
+    trust_remote_code: bool = Field(
+        False, description="Allow the model's own Python code (only if you trust it)."
+    )
     chat_template: str | None = Field(None, description="Jinja chat template file, for models without one.")
-    system_prompt: str | None = Field(None, description="System prompt for every prompt; default: the template's.")
+    system_prompt: str | None = Field(
+        None, description="System prompt for every prompt; default: the template's."
+    )
     arch_override: str | None = Field(
-        None, description="Architecture module paths, e.g. 'attn_write=self_attn.out_proj,final_norm=model.ln_f'."
+        None,
+        description="Architecture module paths, e.g. 'attn_write=self_attn.out_proj,final_norm=model.ln_f'.",
     )
 
     # Data
-    harmful_train: str = Field("builtin:harmful", description="Harmful instructions for extraction (data spec).")
+    harmful_train: str = Field(
+        "builtin:harmful", description="Harmful instructions for extraction (data spec)."
+    )
     harmless_train: str = Field("builtin:harmless", description="Harmless instructions for extraction.")
-    harmful_val: str | None = Field(None, description="Harmful validation set; default: carved from harmful-train.")
-    harmless_val: str | None = Field(None, description="Harmless validation set; default: carved from harmless-train.")
-    harmful_test: str | None = Field(None, description="Harmful evaluation set; default: carved from harmful-train.")
-    harmless_test: str | None = Field(None, description="Harmless evaluation set; default: carved from harmless-train.")
+    harmful_val: str | None = Field(
+        None, description="Harmful validation set; default: carved from harmful-train."
+    )
+    harmless_val: str | None = Field(
+        None, description="Harmless validation set; default: carved from harmless-train."
+    )
+    harmful_test: str | None = Field(
+        None, description="Harmful evaluation set; default: carved from harmful-train."
+    )
+    harmless_test: str | None = Field(
+        None, description="Harmless evaluation set; default: carved from harmless-train."
+    )
     n_train: int = Field(64, ge=1, description="Training prompts per class (paper: 128).")
     n_val: int = Field(8, ge=1, description="Validation prompts per class for selection (paper: 32).")
     n_test: int = Field(32, ge=1, description="Evaluation prompts per class (paper: JailbreakBench's 100).")
     seed: int = Field(42, description="Seed for sampling and splits.")
-    filter_train: bool = Field(True, description="Keep harmful (harmless) train prompts the model refuses (obeys).")
+    filter_train: bool = Field(
+        True, description="Keep harmful (harmless) train prompts the model refuses (obeys)."
+    )
     filter_val: bool = Field(True, description="Apply the same filter to the validation prompts.")
-    data_dir: str = Field(default_factory=default_data_dir, description="Folder of the shared data sets (presets).")
+    data_dir: str = Field(
+        default_factory=default_data_dir, description="Folder of the shared data sets (presets)."
+    )
 
     # Method
-    refusal_tokens: list[str] = Field(["I", "As"], description="First tokens of refusals for the refusal metric.")
-    max_layer_frac: float = Field(0.8, gt=0, le=1, description="Discard candidates at layers >= this * n_layers.")
-    kl_threshold: float = Field(0.1, ge=0, description="Discard candidates whose ablation KL on harmless exceeds this.")
+    refusal_tokens: list[str] = Field(
+        ["I", "As"], description="First tokens of refusals for the refusal metric."
+    )
+    max_layer_frac: float = Field(
+        0.8, gt=0, le=1, description="Discard candidates at layers >= this * n_layers."
+    )
+    kl_threshold: float = Field(
+        0.1, ge=0, description="Discard candidates whose ablation KL on harmless exceeds this."
+    )
     induce_threshold: float = Field(0.0, description="Discard candidates whose induce score is below this.")
     score_late_layers: bool = Field(False, description="Also score the candidates the layer rule discards.")
 
@@ -73,25 +109,45 @@ class Settings(BaseModel):
         description="New tokens per completion in evaluation. The refusal judges read these; under ~100 they "
         "undercount refusals that start late (the paper's code used 512).",
     )
-    export_checkpoint: bool = Field(True, description="Save the orthogonalized model as a checkpoint in the run.")
+    export_checkpoint: bool = Field(
+        True, description="Save the orthogonalized model as a checkpoint in the run."
+    )
     preset: str | None = Field(None, description="Named settings bundle: 'paper' or 'quick'.")
 
     # Measurement (the measure stage; docs/evaluation.md)
     measurements: list[str] = Field(
-        list(DEFAULT_MEASUREMENTS), description=f"Measurements of the measure stage; known: {', '.join(MEASUREMENTS)}."
+        list(DEFAULT_MEASUREMENTS),
+        description=f"Measurements of the measure stage; known: {', '.join(MEASUREMENTS)}.",
     )
     judge_model: str | None = Field(
-        None, description="Safety judge model (folder or hub id, e.g. meta-llama/Meta-Llama-Guard-2-8B); none: not measured."
+        None,
+        description="Safety judge model (folder or hub id, e.g. meta-llama/Meta-Llama-Guard-2-8B); none: not measured.",
     )
-    corpus: str | None = Field(None, description="Text file for corpus CE; default: DATA_DIR/corpus/wikitext2_tokenized_test.txt.")
-    corpus_windows: int = Field(8, ge=1, description="Token windows of the corpus scored for CE.")
+    corpus: str | None = Field(
+        None, description="Text file for corpus CE; default: DATA_DIR/corpus/wikitext2_tokenized_test.txt."
+    )
+    corpus_windows: int = Field(6, ge=1, description="Token windows of the corpus scored for CE.")
     corpus_window_tokens: int = Field(128, ge=2, description="Tokens per corpus window.")
-    coherence_n: int = Field(16, ge=1, description="Harmless test prompts for first-token KL and completion CE.")
-    gsm8k_n: int = Field(8, ge=1, description="GSM8K test problems (the first N of DATA_DIR/gsm8k/test.jsonl).")
-    gsm8k_max_new_tokens: int = Field(192, ge=1, description="New tokens per GSM8K answer (greedy, zero-shot chat).")
-    truthfulqa_n: int = Field(16, ge=1, description="TruthfulQA questions (the first N of DATA_DIR/truthfulqa/TruthfulQA.csv).")
-    lm_eval_tasks: list[str] = Field([], description="lm-evaluation-harness tasks for the lm_eval measurement.")
-    lm_eval_limit: int | None = Field(None, ge=1, description="Examples per lm-evaluation-harness task (all if unset).")
+    coherence_n: int = Field(
+        12,
+        ge=1,
+        description="Harmless test prompts for first-token KL and completion CE (and prompts per set for projections).",
+    )
+    gsm8k_n: int = Field(
+        8, ge=1, description="GSM8K test problems (the first N of DATA_DIR/gsm8k/test.jsonl)."
+    )
+    gsm8k_max_new_tokens: int = Field(
+        160, ge=1, description="New tokens per GSM8K answer (greedy, zero-shot chat)."
+    )
+    truthfulqa_n: int = Field(
+        12, ge=1, description="TruthfulQA questions (the first N of DATA_DIR/truthfulqa/TruthfulQA.csv)."
+    )
+    lm_eval_tasks: list[str] = Field(
+        [], description="lm-evaluation-harness tasks for the lm_eval measurement."
+    )
+    lm_eval_limit: int | None = Field(
+        None, ge=1, description="Examples per lm-evaluation-harness task (all if unset)."
+    )
 
     @field_validator("measurements", "lm_eval_tasks", mode="before")
     @classmethod
@@ -148,8 +204,15 @@ PRESETS: dict[str, Any] = {
     "paper": _paper,
     # A smoke run: small sets, short completions.
     "quick": lambda _data_dir: {
-        "n_train": 16, "n_val": 4, "n_test": 8, "max_new_tokens": 24,
-        "coherence_n": 4, "corpus_windows": 2, "gsm8k_n": 2, "gsm8k_max_new_tokens": 64, "truthfulqa_n": 4,
+        "n_train": 16,
+        "n_val": 4,
+        "n_test": 8,
+        "max_new_tokens": 24,
+        "coherence_n": 4,
+        "corpus_windows": 2,
+        "gsm8k_n": 2,
+        "gsm8k_max_new_tokens": 64,
+        "truthfulqa_n": 4,
     },
 }
 

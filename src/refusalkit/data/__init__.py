@@ -61,11 +61,15 @@ def _read_file(path: Path) -> list[Any]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise RefusalkitError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}; fix the file") from None
+            raise RefusalkitError(
+                f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}; fix the file"
+            ) from None
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
-                raise RefusalkitError(f"{path}: expected a JSON list of instructions (or an object holding one list)")
+                raise RefusalkitError(
+                    f"{path}: expected a JSON list of instructions (or an object holding one list)"
+                )
             data = lists[0]
         if not isinstance(data, list):
             raise RefusalkitError(f"{path}: expected a JSON list of instructions")
@@ -77,7 +81,9 @@ def _read_file(path: Path) -> list[Any]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise RefusalkitError(f"{path}: malformed JSON on line {i}: {exc.msg}; fix that line") from None
+                    raise RefusalkitError(
+                        f"{path}: malformed JSON on line {i}: {exc.msg}; fix that line"
+                    ) from None
         return rows
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
@@ -96,11 +102,15 @@ def _read_hf(spec: str) -> list[Any]:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
-        raise RefusalkitError("hf: data specs need the `datasets` package: pip install 'refusalkit[hub]'") from None
+        raise RefusalkitError(
+            "hf: data specs need the `datasets` package: pip install 'refusalkit[hub]'"
+        ) from None
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
-        raise RefusalkitError(f"could not load dataset {dataset_id!r} ({exc}); check the id and your network") from None
+        raise RefusalkitError(
+            f"could not load dataset {dataset_id!r} ({exc}); check the id and your network"
+        ) from None
     if column:
         return [{"instruction": x} for x in ds[column]]
     return list(ds)
@@ -118,7 +128,9 @@ def load_instructions(spec: str) -> InstructionSet:
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise RefusalkitError(f"data file {spec!r} not found; give a .json/.jsonl/.csv/.txt path or builtin:NAME")
+            raise RefusalkitError(
+                f"data file {spec!r} not found; give a .json/.jsonl/.csv/.txt path or builtin:NAME"
+            )
         rows = _read_file(path)
     texts, cats, seen = [], [], set()
     for row in rows:

@@ -139,9 +139,13 @@ def probe_spec(model: nn.Module) -> ArchSpec:
     attn = first(["self_attn", "attn", "attention", "self_attention"], "attn")
     post_norm = "post_feedforward_layernorm" in names
     attn_proj = first([f"{attn}.{n}" for n in ("o_proj", "out_proj", "dense", "c_proj")], "attn_out_proj")
-    mlp_proj = first(["mlp.down_proj", "mlp.fc2", "mlp.c_proj", "mlp.dense_4h_to_h", "feed_forward.w2"], "mlp_write")
+    mlp_proj = first(
+        ["mlp.down_proj", "mlp.fc2", "mlp.c_proj", "mlp.dense_4h_to_h", "feed_forward.w2"], "mlp_write"
+    )
     root = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
-    norm_candidates = [f"{root}.{n}" if root else n for n in ("norm", "final_layernorm", "ln_f", "final_norm")]
+    norm_candidates = [
+        f"{root}.{n}" if root else n for n in ("norm", "final_layernorm", "ln_f", "final_norm")
+    ]
     final_norm = next((c for c in norm_candidates if _has(model, c)), None)
     if final_norm is None:
         raise RefusalkitError("could not find the final norm; pass --arch-override final_norm=PATH")

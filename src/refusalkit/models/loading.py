@@ -63,7 +63,9 @@ def _locate(spec: str) -> tuple[str, bool]:
         return str(gguf_to_folder(path)), True
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise RefusalkitError(f"model folder {path} has no config.json; point --model at a transformers model folder")
+            raise RefusalkitError(
+                f"model folder {path} has no config.json; point --model at a transformers model folder"
+            )
         return str(path), True
     if path.exists():
         raise RefusalkitError(f"{path} is neither a model folder nor a .gguf file")

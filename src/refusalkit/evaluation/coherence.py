@@ -1,0 +1,266 @@
+"""Coherence: how much an edit disturbs the model where it should not (PAPER.md section 6).
+
+- first-token KL on harmless prompts: KL(unedited || edited) of the next-token distribution at the end of
+  each prompt, the same quantity selection thresholds;
+- cross-entropy on a text corpus (a file, cut into fixed-length token windows from its start);
+- cross-entropy of the unedited model's own greedy completions of harmless prompts, over the completion
+  tokens only, conditioned on the prompt.
+
+Each is measured per setting: baseline, ablation, actadd (c = -1 at the direction's layer, the jailbreak
+setting) and orthogonalized (weights). CE is the mean negative log-likelihood per scored token, in nats.
+``direction_projections`` reads the residual along the direction per prompt and layer, for the report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusalkit.directions import Direction
+from refusalkit.errors import RefusalkitError
+from refusalkit.interventions import ablate_direction, add_direction, capture_resid_pre, token_mask
+from refusalkit.metric import kl_div
+from refusalkit.models.loading import LoadedModel
+from refusalkit.orthogonalize import orthogonalized
+from refusalkit.prompts import Batch, batches, encode
+
+COHERENCE_SETTINGS = ("baseline", "ablation", "actadd", "orthogonalized")
+LOGIT_BUDGET = 1 << 27  # floats of logits held at once (512 MiB in float32); batches shrink to fit
+
+
+def intervention(lm: LoadedModel, setting: str, direction: Direction) -> AbstractContextManager[Any]:
+    """The context manager that puts ``lm`` in ``setting`` (see the module docstring)."""
+    if setting == "baseline":
+        return nullcontext()
+    if setting == "ablation":
+        return ablate_direction(lm.arch, direction.vector)
+    if setting == "actadd":
+        return add_direction(lm.arch, direction.vector, direction.layer, -1.0)
+    if setting == "orthogonalized":
+        return orthogonalized(lm, direction.vector)
+    raise RefusalkitError(f"unknown setting {setting!r}; known: {', '.join(COHERENCE_SETTINGS)}")
+
+
+def available_settings(lm: LoadedModel, wanted: Sequence[str] = COHERENCE_SETTINGS) -> list[str]:
+    """``wanted`` minus orthogonalized when the architecture cannot be orthogonalized exactly."""
+    return [s for s in wanted if s != "orthogonalized" or lm.arch.spec.weights_orthogonalizable]
+
+
+@dataclass
+class ContinuationScores:
+    """Per row: summed log-probability of the continuation tokens and their count.
+
+    logprob_sum: [n] float64; n_tokens: [n] int64; first_logits: [n, vocab] float32 logits at the last
+    context token (the distribution of the first continuation token), when asked for.
+    """
+
+    logprob_sum: torch.Tensor
+    n_tokens: torch.Tensor
+    first_logits: torch.Tensor | None = None
+
+    @property
+    def ce(self) -> float:
+        """Token-weighted mean cross-entropy (nats) over every scored token."""
+        return float(-self.logprob_sum.sum() / self.n_tokens.sum().clamp(min=1))
+
+
+def _pad_left(rows: list[list[int]], pad_id: int) -> Batch:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return Batch(ids, mask)
+
+
+@torch.inference_mode()
+def score_continuations(
+    lm: LoadedModel,
+    contexts: list[list[int]],
+    continuations: list[list[int]],
+    *,
+    batch_size: int = 16,
+    keep_first_logits: bool = False,
+) -> ContinuationScores:
+    """Log-likelihood of each continuation given its context (token ids; each context non-empty).
+
+    Rows are left-padded, so every continuation ends at the last position and only the last
+    ``max continuation length + 1`` positions' logits are computed. Batches shrink so that the logits
+    held at once stay under ``LOGIT_BUDGET`` floats.
+    """
+    if any(not c for c in contexts):
+        raise ValueError("every context needs at least one token")
+    n = len(contexts)
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    lp_sum = torch.zeros(n, dtype=torch.float64)
+    counts = torch.tensor([len(c) for c in continuations], dtype=torch.long)
+    first = torch.empty((n, vocab), dtype=torch.float32) if keep_first_logits else None
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    order = sorted(range(n), key=lambda i: len(contexts[i]) + len(continuations[i]))
+    start = 0
+    while start < n:
+        keep = max(len(continuations[i]) for i in order[start : start + batch_size]) + 1
+        size = max(1, min(batch_size, LOGIT_BUDGET // (keep * vocab)))
+        chunk = order[start : start + size]
+        keep = max(len(continuations[i]) for i in chunk) + 1
+        batch = _pad_left([contexts[i] + continuations[i] for i in chunk], pad).to(lm.device)
+        with token_mask(batch.attention_mask):
+            out = lm.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                logits_to_keep=keep,
+            )
+        logits = out.logits[:, -keep:].float()  # [b, keep, vocab]
+        for row, i in enumerate(chunk):
+            c = len(continuations[i])
+            if first is not None:
+                first[i] = logits[row, keep - c - 1].cpu()
+            if c:
+                logp = torch.log_softmax(logits[row, keep - c - 1 : keep - 1].double(), dim=-1)  # [c, vocab]
+                target = torch.tensor(continuations[i], device=logp.device)
+                lp_sum[i] = logp.gather(-1, target[:, None]).sum().cpu()
+        start += len(chunk)
+    return ContinuationScores(lp_sum, counts, first)
+
+
+@torch.inference_mode()
+def direction_projections(
+    lm: LoadedModel, prompts: list[str], direction: Direction, *, batch_size: int = 16
+) -> list[list[float]]:
+    """x . r^ of resid_pre at the direction's position (counted from the end), at every layer.
+
+    prompts: formatted. Returns [n_prompts][n_layers]; the report draws them against the layer axis.
+    """
+    u = direction.unit.double().cpu()
+    n_layers = lm.arch.n_layers
+    current: dict[int, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+
+    def sink(layer: int, h: torch.Tensor) -> None:
+        idx = state["pos"].to(h.device)
+        current[layer] = h[torch.arange(h.shape[0], device=h.device), idx].double().cpu() @ u  # [batch]
+
+    rows: list[list[float]] = []
+    with capture_resid_pre(lm.arch, list(range(n_layers)), sink):
+        for chunk in batches(prompts, batch_size):
+            batch = encode(lm.tokenizer, chunk).to(lm.device)
+            state["pos"] = batch.last_index + 1 + direction.position
+            with token_mask(batch.attention_mask):
+                lm.model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+            rows += torch.stack([current[layer] for layer in range(n_layers)], dim=1).tolist()
+    return rows
+
+
+def first_token_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || edited) per prompt. [n, vocab] x [n, vocab] -> [n] float64."""
+    return kl_div(base_logits, edited_logits)
+
+
+# ---- corpus ------------------------------------------------------------------------------------------
+
+
+def corpus_windows(tokenizer: Any, path: str | Path, n_windows: int, window_tokens: int) -> list[list[int]]:
+    """The first ``n_windows`` non-overlapping windows of ``window_tokens`` tokens of a text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RefusalkitError(
+            f"corpus file {path} not found. Give a plain-text file with --corpus PATH (the shared data has "
+            "corpus/wikitext2_tokenized_test.txt and corpus/tinyshakespeare.txt), set --data-dir to the folder "
+            "holding corpus/, or drop 'corpus_ce' from --measurements"
+        )
+    if window_tokens < 2:
+        raise RefusalkitError("--corpus-window-tokens must be at least 2 (one token predicts the next)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    need = n_windows * window_tokens
+    # Tokenize a prefix generous enough for most tokenizers; fall back to the whole text if short.
+    ids: list[int] = tokenizer(text[: need * 16], add_special_tokens=False)["input_ids"]
+    if len(ids) < need:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < need:
+        raise RefusalkitError(
+            f"corpus {path} has {len(ids)} tokens, fewer than {n_windows} windows x {window_tokens}; "
+            "use a longer file or lower --corpus-windows / --corpus-window-tokens"
+        )
+    return [ids[i * window_tokens : (i + 1) * window_tokens] for i in range(n_windows)]
+
+
+def corpus_ce(
+    lm: LoadedModel,
+    direction: Direction,
+    windows: list[list[int]],
+    settings: Sequence[str],
+    *,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Mean next-token CE over the windows (every token after the first is scored), per setting."""
+    out: dict[str, Any] = {"ce": {}, "ce_per_window": {}}
+    for name in settings:
+        with intervention(lm, name, direction):
+            s = score_continuations(
+                lm, [w[:1] for w in windows], [w[1:] for w in windows], batch_size=batch_size
+            )
+        out["ce"][name] = s.ce
+        out["ce_per_window"][name] = (-s.logprob_sum / s.n_tokens).tolist()
+    out["n_tokens_scored"] = int(sum(len(w) - 1 for w in windows))
+    return out
+
+
+# ---- the model's own completions of harmless prompts ---------------------------------------------------
+
+
+def harmless_coherence(
+    lm: LoadedModel,
+    direction: Direction,
+    prompts: list[str],
+    completions: list[str],
+    settings: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_completion_tokens: int | None = None,
+) -> dict[str, Any]:
+    """First-token KL against the unedited model and CE of the baseline completions, per setting.
+
+    prompts: formatted (chat template applied); completions: the unedited model's completions of them.
+    One forward pass per setting serves both numbers: the logits at the last prompt token give the KL,
+    the logits over the completion tokens give the CE.
+    """
+    tok = lm.tokenizer
+    ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    cont = [tok(c, add_special_tokens=False)["input_ids"][:max_completion_tokens] for c in completions]
+    runs: dict[str, ContinuationScores] = {}
+    for name in ["baseline", *[s for s in settings if s != "baseline"]]:
+        with intervention(lm, name, direction):
+            runs[name] = score_continuations(lm, ctx, cont, batch_size=batch_size, keep_first_logits=True)
+    base = runs["baseline"]
+    assert base.first_logits is not None
+    kl: dict[str, Any] = {}
+    ce: dict[str, Any] = {}
+    for name, s in runs.items():
+        assert s.first_logits is not None
+        per_prompt = first_token_kl(base.first_logits, s.first_logits)
+        if name != "baseline":
+            kl[name] = {"mean": float(per_prompt.mean()), "per_prompt": per_prompt.tolist()}
+        if name in settings:
+            per = (-s.logprob_sum / s.n_tokens.clamp(min=1)).tolist()
+            ce[name] = {"ce": s.ce, "per_completion": [x if math.isfinite(x) else None for x in per]}
+    return {
+        "kl": kl,
+        "completion_ce": ce,
+        "n_prompts": len(prompts),
+        "n_completion_tokens": int(base.n_tokens.sum()),
+    }

@@ -1,0 +1,209 @@
+"""The report's tables and text sections, and the small HTML helpers every section uses.
+
+Every piece of text that comes from a run (completions, instructions, settings, file contents) goes
+through ``esc``; nothing from a model is ever inserted raw.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from refusalkit.report import RunData, refusal_rate
+
+SETTINGS = ("baseline", "ablation", "actadd", "orthogonalized")
+LABEL = {
+    "baseline": "baseline",
+    "ablation": "directional ablation",
+    "actadd": "activation addition",
+    "orthogonalized": "weight orthogonalization",
+}
+# The paper's Pile CE change under ablation and actadd (PAPER.md, the table at its end), for context.
+PAPER_CE_DELTA = {"ablation": (-0.003, 0.015), "actadd": (0.12, 0.37)}
+
+
+def esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def na(what: str = "n/a") -> str:
+    return f'<span class="na">{esc(what)}</span>'
+
+
+def f(v: Any, digits: int = 2) -> str:
+    return na() if v is None else f"{float(v):.{digits}f}"
+
+
+def ci(r: dict[str, Any] | None) -> str:
+    if not r or r.get("rate") is None:
+        return na()
+    lo, hi = r["ci95"]
+    return f'<b>{r["rate"]:.2f}</b> <span class="ci">[{lo:.2f}, {hi:.2f}] · {r["k"]}/{r["n"]}</span>'
+
+
+def gap(what: str, why: str) -> str:
+    return f'<div class="gap"><b>not measured:</b> {esc(what)} — {esc(why)}</div>'
+
+
+def img(b64: str, alt: str) -> str:
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def section(sid: str, title: str, lede: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{esc(title)}</h2><p class="lede">{lede}</p>{body}</section>'
+
+
+# ---- sections ----------------------------------------------------------------------------------------
+
+
+def results_section(d: RunData, h: dict[str, Any]) -> str:
+    safety = d.measure.get("safety")
+    rows = []
+    for st in SETTINGS:
+        if all(x is None for x in (refusal_rate(d, "harmful", st), h["corpus_ce"].get(st), h["kl"].get(st))):
+            continue
+        s = (safety or {}).get("settings", {}).get(st)
+        srate = (
+            ci({"rate": s["safety_rate"], "ci95": s["ci95"], "k": s["safe"], "n": s["safe"] + s["unsafe"]})
+            if s
+            else na()
+        )
+        if s and s["invalid"]:
+            srate += f' <span class="badge i">{s["invalid"]} invalid</span>'
+        kl = na("—") if st == "baseline" else f(h["kl"].get(st), 3)
+        rows.append(
+            f"<tr><td>{esc(LABEL[st])}{' (c = −1)' if st == 'actadd' else ''}</td>"
+            f'<td class="num">{ci(refusal_rate(d, "harmful", st))}</td>'
+            f'<td class="num">{ci(refusal_rate(d, "harmful", st, "broad"))}</td><td class="num">{srate}</td>'
+            f'<td class="num">{kl}</td><td class="num">{f(h["corpus_ce"].get(st), 3)}</td>'
+            f'<td class="num">{f(h["completion_ce"].get(st), 3)}</td></tr>'
+        )
+    table = (
+        '<table class="big"><thead><tr><th>setting</th><th>refusal (paper list)</th><th>refusal (broad list)</th>'
+        "<th>safety (judge)</th><th>KL harmless</th><th>corpus CE</th><th>own-completion CE</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+    induced = (
+        '<h3>Induced refusal on harmless prompts</h3><table class="big"><thead><tr><th>setting</th>'
+        "<th>refusal (paper list)</th><th>refusal (broad list)</th></tr></thead><tbody>"
+        + "".join(
+            f'<tr><td>{esc(label)}</td><td class="num">{ci(refusal_rate(d, "harmless", st))}</td>'
+            f'<td class="num">{ci(refusal_rate(d, "harmless", st, "broad"))}</td></tr>'
+            for st, label in (("baseline", "baseline"), ("actadd", "activation addition (c = +1)"))
+        )
+        + "</tbody></table>"
+    )
+    cap_rows = []
+    g, t = d.measure.get("gsm8k") or {}, d.measure.get("truthfulqa") or {}
+    glabel = "GSM8K exact match"
+    if g:
+        hits = "/".join(str(g[side].get("hit_max_new_tokens", "?")) for side in ("original", "edited"))
+        glabel += f' <span class="ci">n={g["original"]["n"]}; {hits} answers hit the {g.get("max_new_tokens")}-token limit</span>'
+    tn = f' <span class="ci">n={t["original"]["n"]}</span>' if t else ""
+    for key, label in (
+        ("gsm8k", glabel),
+        ("truthfulqa_mc1", "TruthfulQA MC1" + tn),
+        ("truthfulqa_mc2", "TruthfulQA MC2" + tn),
+    ):
+        o, e = h[key]["original"], h[key]["edited"]
+        delta = na() if o is None or e is None else f"{e - o:+.3f}"
+        cap_rows.append(
+            f'<tr><td>{label}</td><td class="num">{f(o, 3)}</td><td class="num">{f(e, 3)}</td><td class="num">{delta}</td></tr>'
+        )
+    edited = h.get("capability_edited_setting") or "orthogonalized"
+    cap = (
+        f'<h3>Capability, original vs {esc(edited)}</h3><table class="big"><thead><tr><th>benchmark</th><th>original</th>'
+        f"<th>edited</th><th>Δ</th></tr></thead><tbody>{''.join(cap_rows)}</tbody></table>"
+    )
+    return section(
+        "results", "Results", _results_lede(d, h), paper_row(h) + table + _ce_reading(h) + induced + cap
+    )
+
+
+def _results_lede(d: RunData, h: dict[str, Any]) -> str:
+    sizes = h.get("sizes") or {}
+    mnt = h.get("max_new_tokens")
+    warn = (
+        f' <span class="badge i">completions of only {mnt} new tokens: refusals that start late are missed</span>'
+        if isinstance(mnt, int) and mnt < 100
+        else ""
+    )
+    return (
+        f"Harmful test prompts: {esc(sizes.get('harmful_test', '?'))}, harmless: {esc(sizes.get('harmless_test', '?'))}; "
+        f"greedy completions of {esc(mnt)} new tokens.{warn} Rates show the 95% Wilson interval and k/n. "
+        "KL is the first-token KL(unedited ‖ edited) on harmless prompts; CE in nats per token."
+    )
+
+
+def paper_row(h: dict[str, Any]) -> str:
+    """One row in the layout of the paper's table (PAPER.md, end)."""
+
+    def trio(xs: list[Any], digits: int = 2) -> str:
+        return " / ".join(f(x, digits) for x in xs)
+
+    label = f"{esc(h['model'])} ({esc(h['position'])}, {esc(h['layer'])}/{esc(h['n_layers'])})"
+    r, s = h["refusal"], h["safety"]
+    hr = h["harmless_refusal"]
+    ce = h["corpus_ce"]
+    return (
+        "<table><thead><tr><th>model (position, layer / L)</th><th>refusal base / ablate / actadd−1 / ortho</th>"
+        "<th>safety base / ablate / actadd−1 / ortho</th><th>harmless refusal base → actadd+1</th>"
+        f"<th>corpus CE base / ablate / actadd</th></tr></thead><tbody><tr><td>{label}</td>"
+        f'<td class="num">{trio([r[k] for k in SETTINGS])}</td><td class="num">{trio([s[k] for k in SETTINGS])}</td>'
+        f'<td class="num">{f(hr["baseline"])} → {f(hr["actadd"])}</td>'
+        f'<td class="num">{trio([ce[k] for k in SETTINGS[:3]], 3)}</td></tr></tbody></table>'
+    )
+
+
+def _ce_reading(h: dict[str, Any]) -> str:
+    base = h["corpus_ce"].get("baseline")
+    parts = []
+    for st, (lo, hi) in PAPER_CE_DELTA.items():
+        v = h["corpus_ce"].get(st)
+        if base is not None and v is not None:
+            parts.append(
+                f"{LABEL[st]} changes corpus CE by <b>{v - base:+.3f}</b> nats (paper: {lo:+.3f} to {hi:+.3f})"
+            )
+    return f'<p class="note">{"; ".join(parts)}.</p>' if parts else ""
+
+
+def gaps_section(d: RunData) -> str:
+    if not d.gaps:
+        return ""
+    items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in d.gaps.items())
+    return f'<section class="gaps" id="gaps"><h2>Not measured</h2><ul>{items}</ul></section>'
+
+
+def manifest_section(d: RunData) -> str:
+    m = d.manifest
+    if not m:
+        return section(
+            "manifest", "Settings and manifest", "", gap("manifest", d.gaps.get("manifest and settings", ""))
+        )
+
+    def kv(obj: dict[str, Any]) -> str:
+        cells = [
+            f"<tr><td>{esc(k)}</td><td>{na('—') if v is None else esc(json.dumps(v) if isinstance(v, dict | list) else v)}"
+            "</td></tr>"
+            for k, v in obj.items()
+        ]
+        half = (len(cells) + 1) // 2
+        return (
+            "<div class='two'>"
+            + "".join(f"<table class='kv'>{''.join(c)}</table>" for c in (cells[:half], cells[half:]))
+            + "</div>"
+        )
+
+    body = "<h3>Settings</h3>" + kv(m.get("settings", {}))
+    for key in ("model", "versions", "hardware"):
+        if m.get(key):
+            body += f"<h3>{key.title()}</h3>" + kv(m[key])
+    stages = {
+        k: f"{v.get('seconds')} s, finished {v.get('finished_at')}" for k, v in m.get("stages", {}).items()
+    }
+    body += "<h3>Stages</h3>" + kv(stages)
+    body += (
+        "<details><summary>data splits (sizes and hashes)</summary>" + kv(m.get("data", {})) + "</details>"
+    )
+    return section("manifest", "Settings and manifest", "The run's manifest.json: what reproduces it.", body)

@@ -1,0 +1,143 @@
+"""Coherence measurements: CE against a manual computation, KL of a model with itself, corpus windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from refusalkit.directions import Direction
+from refusalkit.errors import RefusalkitError
+from refusalkit.evaluation.coherence import (
+    available_settings,
+    corpus_ce,
+    corpus_windows,
+    first_token_kl,
+    harmless_coherence,
+    score_continuations,
+)
+from refusalkit.prompts import format_prompts
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 40
+
+
+def _direction(lm: Any, seed: int = 1) -> Direction:
+    g = torch.Generator().manual_seed(seed)
+    d = lm.arch.embed.weight.shape[1]
+    return Direction(vector=torch.randn(d, generator=g) * 3, layer=1, position=-1)
+
+
+def test_ce_matches_a_manual_computation(make_lm: Any) -> None:
+    lm = make_lm("qwen2")
+    tok = lm.tokenizer
+    contexts = [
+        tok("Hello there", add_special_tokens=False)["input_ids"],
+        tok("A", add_special_tokens=False)["input_ids"],
+    ]
+    conts = [
+        tok(" friend!", add_special_tokens=False)["input_ids"],
+        tok("BCDEFG", add_special_tokens=False)["input_ids"],
+    ]
+    scores = score_continuations(lm, contexts, conts, batch_size=2)
+    total, count = 0.0, 0
+    for ctx, cont in zip(contexts, conts, strict=True):
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids).logits[0].double()
+        pred = logits[len(ctx) - 1 : -1]
+        total += float(torch.nn.functional.cross_entropy(pred, torch.tensor(cont), reduction="sum"))
+        count += len(cont)
+    assert torch.isfinite(scores.logprob_sum).all()
+    assert scores.n_tokens.tolist() == [len(c) for c in conts]
+    assert scores.ce == pytest.approx(total / count, rel=1e-5)
+
+
+def test_batched_equals_one_at_a_time(make_lm: Any) -> None:
+    lm = make_lm("llama")
+    tok = lm.tokenizer
+    ctx = [
+        tok(t, add_special_tokens=False)["input_ids"]
+        for t in ("short", "a much longer context here", "mid size")
+    ]
+    cont = [tok(t, add_special_tokens=False)["input_ids"] for t in (" x", " yz and more", " w")]
+    together = score_continuations(lm, ctx, cont, batch_size=3, keep_first_logits=True)
+    for i in range(3):
+        alone = score_continuations(lm, [ctx[i]], [cont[i]], keep_first_logits=True)
+        assert float(alone.logprob_sum[0]) == pytest.approx(float(together.logprob_sum[i]), abs=1e-4)
+        assert together.first_logits is not None and alone.first_logits is not None
+        torch.testing.assert_close(alone.first_logits[0], together.first_logits[i], atol=1e-4, rtol=1e-4)
+
+
+def test_kl_of_the_model_with_itself_is_zero(make_lm: Any) -> None:
+    lm = make_lm("qwen2")
+    tok = lm.tokenizer
+    ctx = [
+        tok(p, add_special_tokens=False)["input_ids"]
+        for p in format_prompts(tok, ["Name a color.", "Count to three."])
+    ]
+    a = score_continuations(lm, ctx, [[], []], keep_first_logits=True).first_logits
+    b = score_continuations(lm, ctx, [[], []], keep_first_logits=True).first_logits
+    assert a is not None and b is not None
+    assert first_token_kl(a, b).abs().max() < 1e-9
+
+
+def test_harmless_coherence_settings(make_lm: Any) -> None:
+    lm = make_lm("qwen2")
+    prompts = format_prompts(lm.tokenizer, ["Name a color.", "Describe a cloud."])
+    out = harmless_coherence(
+        lm, _direction(lm), prompts, ["Blue is nice.", "Soft and white."], available_settings(lm)
+    )
+    assert set(out["completion_ce"]) == {"baseline", "ablation", "actadd", "orthogonalized"}
+    assert set(out["kl"]) == {"ablation", "actadd", "orthogonalized"}
+    for v in out["completion_ce"].values():
+        assert v["ce"] > 0 and all(x is not None for x in v["per_completion"])
+    # Weight orthogonalization and ablation hooks are the same edit.
+    assert out["kl"]["orthogonalized"]["mean"] == pytest.approx(
+        out["kl"]["ablation"]["mean"], rel=1e-3, abs=1e-4
+    )
+    assert out["completion_ce"]["orthogonalized"]["ce"] == pytest.approx(
+        out["completion_ce"]["ablation"]["ce"], rel=1e-3
+    )
+    assert out["kl"]["ablation"]["mean"] > 0
+
+
+def test_gemma2_is_not_orthogonalized() -> None:
+    class Spec:
+        weights_orthogonalizable = False
+
+    class Arch:
+        spec = Spec()
+
+    class LM:
+        arch = Arch()
+
+    assert available_settings(LM()) == ["baseline", "ablation", "actadd"]  # type: ignore[arg-type]
+
+
+def test_corpus_windows_and_ce(make_lm: Any, tmp_path: Path) -> None:
+    lm = make_lm("qwen2")
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    windows = corpus_windows(lm.tokenizer, path, 3, 32)
+    assert [len(w) for w in windows] == [32, 32, 32]
+    assert windows[0] == lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:32]
+    out = corpus_ce(lm, _direction(lm), windows, ["baseline", "ablation"], batch_size=2)
+    assert out["n_tokens_scored"] == 3 * 31
+    assert all(torch.isfinite(torch.tensor(v)) for v in out["ce"].values())
+    assert out["ce"]["baseline"] == pytest.approx(sum(out["ce_per_window"]["baseline"]) / 3, rel=1e-6)
+
+
+def test_missing_corpus_says_what_to_do(make_lm: Any, tmp_path: Path) -> None:
+    lm = make_lm("qwen2")
+    with pytest.raises(RefusalkitError, match="--corpus PATH"):
+        corpus_windows(lm.tokenizer, tmp_path / "nope.txt", 2, 16)
+
+
+def test_short_corpus_is_an_error(make_lm: Any, tmp_path: Path) -> None:
+    lm = make_lm("qwen2")
+    path = tmp_path / "short.txt"
+    path.write_text("tiny")
+    with pytest.raises(RefusalkitError, match="fewer than"):
+        corpus_windows(lm.tokenizer, path, 2, 16)

@@ -106,7 +106,7 @@ def test_score_candidates(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
     seen: list[int] = []
     scores = score_candidates(
         setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"],
-        rules=SelectionRules(), batch_size=2, checkpoint=lambda s: seen.append(len(s)),
+        rules=SelectionRules(exhaustive=True), batch_size=2, checkpoint=lambda s: seen.append(len(s)),
     )  # fmt: skip
     n_layers = cands.n_layers
     cutoff = layer_cutoff(n_layers, SelectionRules())
@@ -115,31 +115,53 @@ def test_score_candidates(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
         (p, la) for p in (-3, -2, -1) for la in range(n_layers)
     }
     # resid_pre[0] is the embedding of the same template tokens for both classes: a zero direction, NaN
-    # scores and no forward pass. Late layers are not scored either.
-    assert len(calls) == cands.n_positions * (cutoff - 1)
+    # scores and no forward pass. Late layers are not scored either. Two ablations per candidate: the
+    # harmful prompts (bypass), then the harmless ones (KL).
+    assert len(calls) == 2 * cands.n_positions * (cutoff - 1)
     for s in scores:
         values = (s.bypass, s.induce, s.kl)
         if 0 < s.layer < cutoff:
             assert all(math.isfinite(v) for v in values) and s.kl >= 0
         else:
             assert all(math.isnan(v) for v in values)
-    assert seen == [5, 9]  # every 5 candidates and at the end; the last one holds all scored (not late)
+    assert seen and seen[-1] == 9  # the last checkpoint holds every scored (not late) candidate
     apply_rules(scores, n_layers, SelectionRules(kl_threshold=1e9, induce_threshold=-1e9))
-    assert sum(s.kept for s in scores) == len(calls)
+    assert sum(s.kept for s in scores) == len(calls) // 2
+
+
+def test_pruned_search_picks_what_exhaustive_picks(
+    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cands: Candidates = setup["cands"]
+    args = (setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"])
+    loose = {"kl_threshold": 1e9, "induce_threshold": -1e9}
+    full = score_candidates(*args, rules=SelectionRules(exhaustive=True, **loose), batch_size=2)
+    calls = _count_calls(monkeypatch)
+    pruned = score_candidates(*args, rules=SelectionRules(**loose), batch_size=2)
+    pick_full = apply_rules(full, cands.n_layers, SelectionRules(**loose))
+    pick = apply_rules(pruned, cands.n_layers, SelectionRules(**loose))
+    assert (pick.position, pick.layer) == (pick_full.position, pick_full.layer)
+    assert pick.bypass == pytest.approx(pick_full.bypass) and pick.kl == pytest.approx(pick_full.kl)
+    # With rules this loose the lowest-bypass candidate is kept at once: every other one is pruned.
+    assert len(calls) == 6 + 1
+    skipped = [s for s in pruned if not s.complete]
+    assert len(skipped) == 5 and all(
+        s.reason.startswith("pruned") and s.bypass >= pick.bypass for s in skipped
+    )
 
 
 def test_score_candidates_resumes(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     cands: Candidates = setup["cands"]
     args = (setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"])
-    full = score_candidates(*args, rules=SelectionRules(), batch_size=2)
+    rules = SelectionRules(exhaustive=True)
+    full = score_candidates(*args, rules=rules, batch_size=2)
     assert [(s.layer, math.isnan(s.bypass)) for s in full[:4]] == [(0, True)] * 3 + [(1, False)]
     done = [CandidateScore(s.position, s.layer, 100.0 + i, 0.0, 0.0) for i, s in enumerate(full[:4])]
     calls = _count_calls(monkeypatch)
     checkpoints: list[list[CandidateScore]] = []
-    again = score_candidates(
-        *args, rules=SelectionRules(), batch_size=2, done=done, checkpoint=checkpoints.append
-    )
-    assert len(calls) == 6 - 1  # 3 positions x layers 1..2 (layer 0 is a zero direction), minus done ones
+    again = score_candidates(*args, rules=rules, batch_size=2, done=done, checkpoint=checkpoints.append)
+    # 3 positions x layers 1..2 (layer 0 is a zero direction), minus the done one, twice (bypass, KL)
+    assert len(calls) == 2 * (6 - 1)
     by_key = {(s.position, s.layer): s for s in again}
     for d in done:
         assert by_key[(d.position, d.layer)].bypass == d.bypass  # reused, not recomputed
@@ -154,9 +176,9 @@ def test_score_late_layers(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatc
     cands: Candidates = setup["cands"]
     scores = score_candidates(
         setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"],
-        rules=SelectionRules(score_late_layers=True), batch_size=4,
+        rules=SelectionRules(score_late_layers=True, exhaustive=True), batch_size=4,
     )  # fmt: skip
-    assert len(scores) == 12 and len(calls) == 9  # every layer but 0 (a zero direction there)
+    assert len(scores) == 12 and len(calls) == 2 * 9  # every layer but 0 (a zero direction there)
     assert all(math.isfinite(s.bypass) for s in scores if s.layer > 0)
 
 

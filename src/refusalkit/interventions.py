@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from refusalkit.models.adapters import Arch
 
@@ -82,9 +83,9 @@ def unit(direction: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def hooks(registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]]) -> Iterator[None]:
+def hooks(registrations: list[Callable[[], RemovableHandle]]) -> Iterator[None]:
     """Register hooks on entry and always remove them on exit."""
-    handles: list[torch.utils.hooks.RemovableHandle] = []
+    handles: list[RemovableHandle] = []
     try:
         for register in registrations:
             handles.append(register())
@@ -108,6 +109,24 @@ def _out_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
     return hook
 
 
+def _register_pre(module: nn.Module, hook: Callable[..., Any]) -> Callable[[], RemovableHandle]:
+    """A deferred registration of ``hook`` as a forward pre-hook (with kwargs) on ``module``."""
+
+    def register() -> RemovableHandle:
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+    return register
+
+
+def _register_out(module: nn.Module, hook: Callable[..., Any]) -> Callable[[], RemovableHandle]:
+    """A deferred registration of ``hook`` as a forward hook on ``module``."""
+
+    def register() -> RemovableHandle:
+        return module.register_forward_hook(hook)
+
+    return register
+
+
 @contextmanager
 def ablate_direction(arch: Arch, direction: torch.Tensor) -> Iterator[None]:
     """Directional ablation: remove the component along ``direction`` (normalized here) from every
@@ -121,11 +140,11 @@ def ablate_direction(arch: Arch, direction: torch.Tensor) -> Iterator[None]:
     def ablate(x: torch.Tensor) -> torch.Tensor:
         return project_out(x, u.on(x))
 
-    regs: list[Callable[[], torch.utils.hooks.RemovableHandle]] = []
+    regs: list[Callable[[], RemovableHandle]] = []
     for block in arch.blocks:
-        regs.append(lambda b=block: b.register_forward_pre_hook(_pre_hook(ablate), with_kwargs=True))
+        regs.append(_register_pre(block, _pre_hook(ablate)))
     for mod in [*arch.attn_write, *arch.mlp_write]:
-        regs.append(lambda m=mod: m.register_forward_hook(_out_hook(ablate)))
+        regs.append(_register_out(mod, _out_hook(ablate)))
     with hooks(regs):
         yield
 
@@ -149,7 +168,7 @@ def add_direction(arch: Arch, vector: torch.Tensor, layer: int, coeff: float = 1
         return x + delta
 
     block = arch.blocks[layer]
-    with hooks([lambda: block.register_forward_pre_hook(_pre_hook(add), with_kwargs=True)]):
+    with hooks([_register_pre(block, _pre_hook(add))]):
         yield
 
 
@@ -169,9 +188,6 @@ def capture_resid_pre(
 
         return hook
 
-    regs = [
-        (lambda layer=layer: arch.blocks[layer].register_forward_pre_hook(make(layer), with_kwargs=True))
-        for layer in layers
-    ]
+    regs = [_register_pre(arch.blocks[layer], make(layer)) for layer in layers]
     with hooks(regs):
         yield

@@ -41,11 +41,19 @@ def _writers(arch: Arch) -> list[nn.Module]:
     return [*arch.attn_write, *arch.mlp_write]
 
 
+def _weight(mod: nn.Module) -> torch.Tensor:
+    """``mod.weight`` as a tensor (torch types a module attribute as ``Tensor | Module``)."""
+    w = mod.weight
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(mod).__name__}.weight is a {type(w).__name__}, not a tensor")
+    return w
+
+
 def _untie(lm: LoadedModel) -> bool:
     """Give the output head its own copy of the weight if it shares the embedding's. True if it did."""
     arch = lm.arch
     head_w = getattr(arch.unembed, "weight", None)
-    if head_w is None or head_w is not getattr(arch.embed, "weight", None):
+    if head_w is not getattr(arch.embed, "weight", None) or not isinstance(head_w, torch.Tensor):
         return False
     arch.unembed.weight = nn.Parameter(head_w.detach().clone(), requires_grad=False)
     for cfg in (lm.model.config, getattr(lm.model.config, "text_config", None)):
@@ -67,11 +75,11 @@ def orthogonalize_weights(lm: LoadedModel, direction: torch.Tensor) -> None:
     for emb in [arch.embed, arch.pos_embed]:
         if emb is None:
             continue
-        w = emb.weight  # [n, d_model]
+        w = _weight(emb)  # [n, d_model]
         u = u64.to(w.device)
         w.copy_((w.double() - (w.double() @ u)[:, None] * u[None, :]).to(w.dtype))
     for mod in _writers(arch):
-        w = mod.weight  # [d_model, d_in]
+        w = _weight(mod)  # [d_model, d_in]
         u = u64.to(w.device)
         w.copy_((w.double() - u[:, None] * (u[None, :] @ w.double())).to(w.dtype))
         bias = getattr(mod, "bias", None)
@@ -80,14 +88,15 @@ def orthogonalize_weights(lm: LoadedModel, direction: torch.Tensor) -> None:
             bias.copy_((b - (b @ u) * u).to(bias.dtype))
 
 
-def _edited_params(lm: LoadedModel) -> list[nn.Parameter]:
+def _edited_params(lm: LoadedModel) -> list[torch.Tensor]:
     arch = lm.arch
-    params = [arch.embed.weight] + ([arch.pos_embed.weight] if arch.pos_embed is not None else [])
+    params = [_weight(arch.embed)] + ([_weight(arch.pos_embed)] if arch.pos_embed is not None else [])
     for mod in _writers(arch):
-        params.append(mod.weight)
-        if getattr(mod, "bias", None) is not None:
-            params.append(mod.bias)
-    return params  # type: ignore[return-value]
+        params.append(_weight(mod))
+        bias = getattr(mod, "bias", None)
+        if bias is not None:
+            params.append(bias)
+    return params
 
 
 @contextmanager

@@ -264,7 +264,9 @@ class Run:
     def select(self) -> Direction:
         cands = self.extract()
         s = self.settings
-        rules = SelectionRules(s.max_layer_frac, s.kl_threshold, s.induce_threshold, s.score_late_layers)
+        rules = SelectionRules(
+            s.max_layer_frac, s.kl_threshold, s.induce_threshold, s.score_late_layers, s.exhaustive_selection
+        )
         data = self.manifest["data"]
         fp = _fp(
             {

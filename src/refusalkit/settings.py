@@ -99,6 +99,11 @@ class Settings(BaseModel):
     )
     induce_threshold: float = Field(0.0, description="Discard candidates whose induce score is below this.")
     score_late_layers: bool = Field(False, description="Also score the candidates the layer rule discards.")
+    exhaustive_selection: bool = Field(
+        False,
+        description="Score induce and KL for every candidate (for complete heat maps). Off: only until the "
+        "pick is certain, which selects the same direction about 2-3x faster.",
+    )
 
     # Compute and evaluation
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
@@ -196,6 +201,7 @@ def _paper(data_dir: str) -> dict[str, Any]:
         "n_val": 32,
         "n_test": 100,
         "max_new_tokens": 256,
+        "exhaustive_selection": True,
     }
 
 
@@ -256,12 +262,12 @@ def build_settings(
     saved = {k: v for k, v in (base or {}).items() if v is not None and k in Settings.model_fields}
     layered = {**saved, **toml, **env, **flags}
     preset = layered.get("preset")
-    base: dict[str, Any] = {}
+    preset_values: dict[str, Any] = {}
     if preset in PRESETS:
         data_dir = layered.get("data_dir") or default_data_dir()
-        base = PRESETS[preset](data_dir)
+        preset_values = PRESETS[preset](data_dir)
     try:
-        return Settings(**{**base, **layered})
+        return Settings(**{**preset_values, **layered})
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

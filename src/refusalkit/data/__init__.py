@@ -100,7 +100,7 @@ def _read_hf(spec: str) -> list[Any]:
     dataset_id, split = parts[1], parts[2] if len(parts) > 2 and parts[2] else "train"
     column = parts[3] if len(parts) > 3 else None
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError:
         raise RefusalkitError(
             "hf: data specs need the `datasets` package: pip install 'refusalkit[hub]'"

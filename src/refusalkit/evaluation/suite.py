@@ -40,7 +40,7 @@ from refusalkit.evaluation.judges import (
     summarize_safety,
 )
 from refusalkit.prompts import format_prompts
-from refusalkit.settings import MEASUREMENTS
+from refusalkit.settings import MEASUREMENTS, Settings
 from refusalkit.utils import read_json, sha256_file, sha256_text, write_json
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class Suite:
     def __init__(self, run: Run, direction: Direction) -> None:
         self.run = run
         self.direction = direction
-        self.settings = run.settings
+        self.settings: Settings = run.settings
         self.dir = run.out / "measure"
 
     # ---- inputs ---------------------------------------------------------------------------------------

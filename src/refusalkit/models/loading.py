@@ -134,7 +134,9 @@ def load_model(
             ) from None
         raise
     if not device_map:
-        model.to(device)
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), so its stub expects
+        # ``self`` again as the first argument of the bound call.
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     if chat_template:

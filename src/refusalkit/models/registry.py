@@ -173,7 +173,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The dequantized weights are ordinary floats; drop the GGUF quantizer marker so transformers saves them.
-    model.hf_quantizer = None
+    # torch types Module.__setattr__ as taking only Tensor | Module; at runtime it takes any value.
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)

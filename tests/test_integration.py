@@ -28,7 +28,7 @@ from refusalkit.prompts import format_prompts, post_instruction_ids
 pytestmark = pytest.mark.integration
 
 # The default run's pick on qwen2.5-coder-1.5b-instruct (README results): resid_pre layer, position.
-QWEN_LAYER, QWEN_POSITION = 18, -1
+QWEN_LAYER, QWEN_POSITION = 20, -1
 
 
 def _need(name: str) -> None:

@@ -85,6 +85,7 @@ def _settings(data: Path, **extra: Any) -> Any:
             "gsm8k_n": 2,
             "gsm8k_max_new_tokens": 6,
             "truthfulqa_n": 2,
+            "measurements": MEASURE,  # GSM8K is opt-in by default; these tests cover every measurement
             **extra,
         },
         environ={},

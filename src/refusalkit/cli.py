@@ -133,7 +133,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.command == "run":
         summary = run.run_all(progress=lambda stage: print(f"[refusalkit] {stage} ...", file=sys.stderr))
         print(format_table(summary))
-        print(f"\nartifacts: {run.out}  (results.json, evaluate/refusal_rates.json, manifest.json)")
+        print(f"\nartifacts: {run.out}  (results.json, evaluate/refusal_rates.json, measure/, manifest.json)")
+        if (run.out / "report.html").is_file():
+            print(f"report: {run.out / 'report.html'}")
         return 0
     method = {"orthogonalize": "export"}.get(args.command, args.command)
     result = getattr(run, method)()

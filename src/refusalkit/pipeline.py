@@ -453,6 +453,12 @@ class Run:
             "max_new_tokens": rates.get("max_new_tokens"),
             "stage_seconds": {k: v.get("seconds") for k, v in self.manifest.get("stages", {}).items()},
         }
+        if (self.out / "measure").is_dir():
+            from refusalkit.report import collect, headline
+
+            h = headline(collect(self.out))
+            summary["measure"] = {k: h.get(k) for k in ("kl", "corpus_ce", "completion_ce", "refusal_broad")}
+            summary["capability"] = {k: h.get(k) for k in ("gsm8k", "truthfulqa_mc1", "truthfulqa_mc2")}
         write_json(self.out / "results.json", summary)
         return summary
 
@@ -462,7 +468,14 @@ class Run:
                 progress(stage)
             getattr(self, stage)()
         self._save_manifest()
-        return self.results()
+        summary = self.results()
+        try:
+            from refusalkit.report import build_report
+
+            build_report(self.out)
+        except ImportError as exc:  # matplotlib is the `report` extra
+            log.warning("report not built (%s); pip install 'refusalkit[report]'", exc)
+        return summary
 
 
 def _mean(xs: list[float]) -> float:
@@ -485,6 +498,15 @@ def format_table(summary: dict[str, Any]) -> str:
         if h is None and hl is None:
             continue
         label = {"actadd": "actadd (-1/+1)"}.get(name, name)
-        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-        lines.append(f"{label:<16}{fmt(h):>17}{fmt(hl):>18}")
+        kl = summary.get("measure", {}).get("kl", {}).get(name)
+        ce = summary.get("measure", {}).get("corpus_ce", {}).get(name)
+        lines.append(f"{label:<16}{_fmt(h):>17}{_fmt(hl):>18}{_fmt(kl, 3):>10}{_fmt(ce, 3):>11}")
+    lines[1] += f"{'KL':>10}{'corpus CE':>11}" if "measure" in summary else ""
+    for name, v in summary.get("capability", {}).items():
+        if v and v.get("original") is not None:
+            lines.append(f"{name:<16} original {_fmt(v['original'], 3)}  edited {_fmt(v.get('edited'), 3)}")
     return "\n".join(lines)
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, int | float) else "-"

@@ -17,7 +17,9 @@ from refusalkit.errors import RefusalkitError
 from refusalkit.models.registry import DEFAULT_MODEL
 
 ENV_PREFIX = "REFUSALKIT_"
-# The measure stage's measurements (implemented in evaluation/suite.py); lm_eval is opt-in.
+# The measure stage's measurements (implemented in evaluation/suite.py). GSM8K (greedy generation of
+# long answers, ~30 s per problem and model on a 2-core CPU for the 1.5B default) and lm_eval are opt-in
+# for `refusalkit run`, so the default run stays under 20 minutes there; the paper preset includes GSM8K.
 MEASUREMENTS = (
     "refusal_judges",
     "safety",
@@ -28,7 +30,7 @@ MEASUREMENTS = (
     "truthfulqa",
     "lm_eval",
 )
-DEFAULT_MEASUREMENTS = MEASUREMENTS[:-1]
+DEFAULT_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m not in ("gsm8k", "lm_eval"))
 
 
 def default_data_dir() -> str:
@@ -76,7 +78,7 @@ class Settings(BaseModel):
         None, description="Harmless evaluation set; default: carved from harmless-train."
     )
     n_train: int = Field(64, ge=1, description="Training prompts per class (paper: 128).")
-    n_val: int = Field(8, ge=1, description="Validation prompts per class for selection (paper: 32).")
+    n_val: int = Field(16, ge=1, description="Validation prompts per class for selection (paper: 32).")
     n_test: int = Field(32, ge=1, description="Evaluation prompts per class (paper: JailbreakBench's 100).")
     seed: int = Field(42, description="Seed for sampling and splits.")
     filter_train: bool = Field(
@@ -202,6 +204,11 @@ def _paper(data_dir: str) -> dict[str, Any]:
         "n_test": 100,
         "max_new_tokens": 256,
         "exhaustive_selection": True,
+        "measurements": [m for m in MEASUREMENTS if m != "lm_eval"],
+        "gsm8k_n": 100,
+        "truthfulqa_n": 200,
+        "coherence_n": 32,
+        "corpus_windows": 32,
     }
 
 

@@ -99,7 +99,13 @@ def selection_section(d: RunData) -> str:
         P.score_heatmaps, scores, n_layers, n_pos, sel, tokens, cutoff, alt="candidate score heat maps"
     )
     kept = sum(bool(s.get("kept")) for s in scores)
+    pruned = sum(str(s.get("reason", "")).startswith("pruned") for s in scores)
     body += f'<p class="note">Rules: {esc(json.dumps(rules))}. Kept {kept} of {len(scores)} candidates.'
+    if pruned:
+        body += (
+            f" {pruned} were pruned: their bypass score was not below the pick's, so induce and KL were not"
+            " computed (same pick as scoring all; --exhaustive-selection scores everything)."
+        )
     if d.direction:
         sc = d.direction.get("scores", {})
         body += (

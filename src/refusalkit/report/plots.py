@@ -86,7 +86,8 @@ def score_heatmaps(
     cutoff: int | None = None,
 ) -> str:
     """Bypass, induce and KL over layers (x) and positions (y). Discarded candidates hatched, unscored
-    ones grey, the selected one boxed, the layer rule's cutoff dashed. selected: (position, layer)."""
+    ones grey (pruned ones: grey in induce/KL), the selected one boxed, the layer rule's cutoff dashed.
+    selected: (position, layer)."""
     import numpy as np
 
     plt = _plt()
@@ -97,7 +98,9 @@ def score_heatmaps(
         if 0 <= p < n_positions and 0 <= layer < n_layers:
             for k in grids:
                 grids[k][p, layer] = _nan(s.get(k))
-            kept[p, layer] = bool(s.get("kept"))
+            # Hatch what the rules discarded; candidates pruned by the search (bypass scored, induce and
+            # KL not needed) were not discarded, they just could not beat the pick: they show grey.
+            kept[p, layer] = bool(s.get("kept")) or str(s.get("reason", "")).startswith("pruned")
     titles = {
         "bypass": "bypass: refusal metric on harmful prompts, candidate ablated (lower is better)",
         "induce": "induce: refusal metric on harmless prompts, candidate added (higher is better)",

@@ -15,15 +15,6 @@ from refusalkit.errors import RefusalkitError
 PROMPTS = ["Name a fruit.", "Tell me a short joke"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny models gain nothing from threads, and on a shared 2-core box two threads run 5x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 INIT = " ! ! ! !"
 
 

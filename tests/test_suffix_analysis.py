@@ -23,15 +23,6 @@ HARMLESS = ["Name a color.", "Count to five."]
 SUFFIX = " zq!x y"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny models gain nothing from threads, and on a shared 2-core box two threads run 5x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _direction(lm: Any) -> Direction:
     gen = torch.Generator().manual_seed(1)
     return Direction(

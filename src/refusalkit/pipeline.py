@@ -104,15 +104,7 @@ class Run:
         if self._lm is None:
             s = self.settings
             t0 = time.perf_counter()
-            self._lm = load_model(
-                s.model,
-                dtype=s.dtype,
-                device=s.device,
-                device_map=s.device_map,
-                trust_remote_code=s.trust_remote_code,
-                chat_template=s.chat_template,
-                arch_override=s.arch_override,
-            )
+            self._lm = load_model(s.model, **s.model_kwargs())
             self.timings["load_model"] = time.perf_counter() - t0
         return self._lm
 

@@ -169,6 +169,17 @@ class Settings(BaseModel):
             raise ValueError(f"unknown measurement(s) {', '.join(unknown)}; known: {', '.join(MEASUREMENTS)}")
         return v
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``load_model`` (besides the model spec) that these settings hold."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "device_map": self.device_map,
+            "trust_remote_code": self.trust_remote_code,
+            "chat_template": self.chat_template,
+            "arch_override": self.arch_override,
+        }
+
     @field_validator("refusal_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, v: Any) -> Any:

@@ -187,15 +187,7 @@ def _context(args: argparse.Namespace) -> _Context:
         out = args.out
     direction = Direction.load(stem)
     s = settings
-    lm = load_model(
-        s.model,
-        dtype=s.dtype,
-        device=s.device,
-        device_map=s.device_map,
-        trust_remote_code=s.trust_remote_code,
-        chat_template=s.chat_template,
-        arch_override=s.arch_override,
-    )
+    lm = load_model(s.model, **s.model_kwargs())
     d_model = lm.model.get_input_embeddings().weight.shape[1]
     if direction.vector.shape[0] != d_model:
         raise RefusalkitError(

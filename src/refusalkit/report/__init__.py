@@ -17,18 +17,10 @@ from typing import Any
 import torch
 
 from refusalkit.errors import RefusalkitError
+from refusalkit.settings import MEASUREMENTS
 from refusalkit.utils import atomic_path, read_json
 
-MEASURE_FILES = (
-    "refusal_judges",
-    "safety",
-    "coherence",
-    "corpus_ce",
-    "projections",
-    "gsm8k",
-    "truthfulqa",
-    "lm_eval",
-)
+MEASURE_FILES = MEASUREMENTS
 
 
 @dataclass

@@ -106,3 +106,32 @@ def test_errors_are_reported(make_lm: Any) -> None:
     lm = make_lm("qwen2")
     with pytest.raises(RefusalkitError, match="needs a refusal direction"):
         SuffixObjective(lm, PROMPTS, GCGConfig(objective="direction"))
+
+
+def test_search_checkpoints_and_resumes(make_lm: Any) -> None:
+    import json
+
+    lm = make_lm("qwen2")
+    config = GCGConfig(
+        n_steps=4, search_width=16, topk=8, init=INIT, target="Sure", seed=1, stop_on_match=False
+    )
+    partials: list[dict[str, Any]] = []
+    full = run_gcg(
+        lm,
+        PROMPTS[:1],
+        config,
+        progress=False,
+        checkpoint=lambda r: partials.append(r.to_json()),
+        checkpoint_every=2,
+    )
+    assert [p["history"][-1]["step"] for p in partials] == [2, 4]
+    assert all(p["stopped"] == "running" and "current_ids" in p["meta"] for p in partials)
+    # Resume from the step-2 checkpoint (as read back from its JSON file): steps 3 and 4 run, the
+    # history and the best so far carry over, and the result is complete.
+    saved = json.loads(json.dumps(partials[0]))
+    resumed = run_gcg(lm, PROMPTS[:1], config, progress=False, resume=saved)
+    assert [h["step"] for h in resumed.history] == [0, 1, 2, 3, 4]
+    assert [(h["loss"], h["suffix"]) for h in resumed.history[:3]] == [
+        (h["loss"], h["suffix"]) for h in full.history[:3]
+    ]
+    assert resumed.best_loss <= saved["best"]["loss"] and resumed.stopped == "n_steps"

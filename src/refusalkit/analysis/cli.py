@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +267,18 @@ def cmd_search(args: argparse.Namespace) -> int:
         "direction": {"layer": ctx.direction.layer, "position": ctx.direction.position},
     }
     print(f"[refusalkit] GCG on {len(chosen)} prompt(s) {chosen} (filter: {how})", file=sys.stderr)
+    path = ctx.out / "search.json"
+    partial = ctx.out / "search.partial.json"
+    resume = None
+    if partial.is_file():
+        saved = json.loads(partial.read_text())
+        wanted = json.loads(json.dumps(asdict(config)))
+        same = {k: v for k, v in saved.get("config", {}).items() if k in wanted} == wanted
+        if same and saved.get("meta", {}).get("prompt_indices") == chosen:
+            resume = saved
+            print(
+                f"[refusalkit] resuming from step {saved['history'][-1]['step']} ({partial})", file=sys.stderr
+            )
     result = run_gcg(
         ctx.lm,
         [ctx.harmful[i] for i in chosen],
@@ -274,9 +286,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         direction=ctx.direction,
         system=ctx.system,
         meta=meta,
+        resume=resume,
+        checkpoint=lambda r: r.save(partial),
     )
-    path = ctx.out / "search.json"
     result.save(path)
+    partial.unlink(missing_ok=True)
     first, last = result.history[0], result.history[-1]
     print(
         f"steps {len(result.history) - 1} ({result.stopped}), {result.to_json()['seconds_per_step']} s/step; "

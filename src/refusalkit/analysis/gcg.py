@@ -29,6 +29,7 @@ import copy
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -352,10 +353,19 @@ def run_gcg(
     system: str | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    resume: dict[str, Any] | None = None,
+    checkpoint: Callable[[GCGResult], None] | None = None,
+    checkpoint_every: int = 5,
 ) -> GCGResult:
     """Search one suffix for ``instructions`` (all at once). The best suffix is the lowest-loss one,
     except that a suffix making the target the greedy continuation on every prompt beats any that
-    does not."""
+    does not.
+
+    ``checkpoint`` receives the result so far (``stopped == "running"``) every ``checkpoint_every``
+    steps; passing such a partial result's JSON as ``resume`` continues from its last suffix, step
+    count, history and best (the candidate sampling restarts its random stream, so a resumed search
+    is not bit-identical to an uninterrupted one).
+    """
     config = config or GCGConfig()
     config.validate()
     obj = SuffixObjective(lm, instructions, config, direction, system)
@@ -366,6 +376,13 @@ def run_gcg(
     if config.objective == "both":
         obj.projection_scale = max(abs(float(first.projection[0])), 1e-6)
     history: list[dict[str, Any]] = []
+    start = 1
+    if resume:
+        history = list(resume["history"])
+        ids = torch.tensor(resume["meta"]["current_ids"], dtype=ids.dtype, device=ids.device)
+        start = int(history[-1]["step"]) + 1
+        gen.manual_seed(config.seed + start)
+        t0 -= float(resume.get("seconds", 0.0))
 
     def record(step: int, s: Scores, i: int, n_cands: int) -> dict[str, Any]:
         row = {
@@ -381,9 +398,39 @@ def run_gcg(
         history.append(row)
         return row
 
-    best = record(0, first, 0, 1) | {"ids": ids.tolist()}
+    if resume:
+        b = resume["best"]
+        best = {
+            "suffix": b["suffix"],
+            "ids": b["ids"],
+            "loss": b["loss"],
+            "step": b["step"],
+            "matched": b["matched"],
+        }
+    else:
+        best = record(0, first, 0, 1) | {"ids": ids.tolist()}
     stopped = "n_steps"
-    bar = tqdm(range(1, config.n_steps + 1), desc="gcg", disable=None if progress else True, leave=False)
+
+    def result(status: str) -> GCGResult:
+        return GCGResult(
+            best_suffix=best["suffix"],
+            best_ids=best["ids"],
+            best_loss=best["loss"],
+            best_step=best["step"],
+            best_matched=best["matched"],
+            stopped=status,
+            history=list(history),  # a snapshot: checkpoints must not change as the search goes on
+            config=asdict(config)
+            | {
+                "target_ids": obj.target_ids.tolist(),
+                "layers": obj.layers,
+                "projection_scale": obj.projection_scale,
+            },
+            seconds=time.perf_counter() - t0,
+            meta=dict(meta or {}) | {"current_ids": ids.tolist()},
+        )
+
+    bar = tqdm(range(start, config.n_steps + 1), desc="gcg", disable=None if progress else True, leave=False)
     for step in bar:
         grad, _ = obj.gradient(ids)
         cands = sample_candidates(ids, grad, obj.allowed, config, gen)
@@ -407,20 +454,6 @@ def run_gcg(
         if config.max_seconds is not None and time.perf_counter() - t0 > config.max_seconds:
             stopped = "time_budget"
             break
-    return GCGResult(
-        best_suffix=best["suffix"],
-        best_ids=best["ids"],
-        best_loss=best["loss"],
-        best_step=best["step"],
-        best_matched=best["matched"],
-        stopped=stopped,
-        history=history,
-        config=asdict(config)
-        | {
-            "target_ids": obj.target_ids.tolist(),
-            "layers": obj.layers,
-            "projection_scale": obj.projection_scale,
-        },
-        seconds=time.perf_counter() - t0,
-        meta=dict(meta or {}),
-    )
+        if checkpoint is not None and step % checkpoint_every == 0:
+            checkpoint(result("running"))
+    return result(stopped)

@@ -98,8 +98,13 @@ def results_section(d: RunData, h: dict[str, Any]) -> str:
     g, t = d.measure.get("gsm8k") or {}, d.measure.get("truthfulqa") or {}
     glabel = "GSM8K exact match"
     if g:
-        hits = "/".join(str(g[side].get("hit_max_new_tokens", "?")) for side in ("original", "edited"))
-        glabel += f' <span class="ci">n={g["original"]["n"]}; {hits} answers hit the {g.get("max_new_tokens")}-token limit</span>'
+        hits = ", ".join(
+            f"{g[side].get('hit_max_new_tokens', '?')} {side}" for side in ("original", "edited")
+        )
+        glabel += (
+            f' <span class="ci">n={g["original"]["n"]}; answers cut by the {g.get("max_new_tokens")}-token'
+            f" limit: {hits}</span>"
+        )
     tn = f' <span class="ci">n={t["original"]["n"]}</span>' if t else ""
     for key, label in (
         ("gsm8k", glabel),

@@ -101,7 +101,26 @@ def _prefix_cache(lm: LoadedModel, prefix: list[int]) -> Any:
             use_cache=True,
             logits_to_keep=1,  # the prefix's logits are never read
         )
-    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return cache_of(out)
+
+
+# transformers 5 renamed the KV-cache argument and output from ``past_key_values`` to ``cache``; these
+# helpers accept both generations of the API, for every prefix-cache user in the package.
+def cache_kwarg(model: Any) -> str:
+    """The name of ``model.forward``'s KV-cache argument."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned (``use_cache=True``)."""
+    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+
+
+def repeat_cache(cache: Any, n: int) -> Any:
+    """A copy of a batch-1 prefix cache repeated for ``n`` rows (a forward appends to its cache)."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out
 
 
 def _logits_after_prefix(
@@ -109,12 +128,9 @@ def _logits_after_prefix(
 ) -> torch.Tensor:
     """Run left-padded suffixes after a shared prefix held in ``cache`` (copied, then repeated)."""
     b = input_ids.shape[0]
-    past = copy.deepcopy(cache)
-    past.batch_repeat_interleave(b)
+    past = repeat_cache(cache, b)
     full_mask = torch.cat([torch.ones((b, n_prefix), dtype=mask.dtype), mask], dim=1).to(lm.device)
     position_ids = (n_prefix + mask.cumsum(-1) - 1).clamp(min=n_prefix).to(lm.device)
-    # transformers 5 renamed ``past_key_values`` to ``cache``; accept both generations of the API.
-    cache_kw = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
     with token_mask(full_mask):
         out = lm.model(
             input_ids=input_ids.to(lm.device),
@@ -122,7 +138,7 @@ def _logits_after_prefix(
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=1,
-            **{cache_kw: past},
+            **{cache_kwarg(lm.model): past},
         )
     return out.logits[:, -1].float()
 

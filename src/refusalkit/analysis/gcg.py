@@ -25,8 +25,6 @@ and instruction) is computed once and reused; the loss is the same with or witho
 
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from refusalkit.activations import cache_kwarg, cache_of, repeat_cache
 from refusalkit.analysis.tokens import PromptTemplate, allowed_token_ids
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
@@ -160,11 +159,6 @@ def _embedding_scale(embed: Any) -> float:
     return scale
 
 
-def _cache_kwarg(model: Any) -> str:
-    # transformers renamed past_key_values to cache (5.2x); older releases only know the first.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class SuffixObjective:
     """The loss of suffix token ids over a set of prompts, and its gradient wrt one-hot tokens."""
 
@@ -200,7 +194,7 @@ class SuffixObjective:
             start = direction.layer
             self.layers = [start] if config.direction_layers == "at" else list(range(start, lm.arch.n_layers))
         self.projection_scale = 1.0
-        self._cache_kw = _cache_kwarg(lm.model)
+        self._cache_kw = cache_kwarg(lm.model)
         self.caches = [self._prefix_cache(ids) for ids in self.before] if config.prefix_cache else None
 
     def _encode(self, text: str) -> list[int]:
@@ -211,7 +205,7 @@ class SuffixObjective:
         out = self.lm.model(
             input_ids=torch.tensor([ids], device=self.lm.device), use_cache=True, logits_to_keep=1
         )
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = cache_of(out)
         if cache is None:
             raise RefusalkitError(
                 "this model returned no key/value cache; rerun the search with --no-prefix-cache"
@@ -252,8 +246,7 @@ class SuffixObjective:
         kwargs: dict[str, Any] = {"use_cache": self.caches is not None, "logits_to_keep": n_target + 1}
         offset = 0
         if self.caches is not None:
-            cache = copy.deepcopy(self.caches[p])  # a forward appends to the cache in place
-            cache.batch_repeat_interleave(batch)
+            cache = repeat_cache(self.caches[p], batch)
             kwargs[self._cache_kw] = cache
         else:
             before = torch.tensor(self.before[p], device=lm.device).expand(batch, -1)

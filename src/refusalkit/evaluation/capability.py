@@ -17,7 +17,6 @@ close to but not identical with published ones; the comparison original vs edite
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from refusalkit.activations import cache_kwarg, cache_of
 from refusalkit.errors import RefusalkitError
 from refusalkit.generation import generate
 from refusalkit.interventions import token_mask
@@ -189,7 +189,7 @@ def option_logprobs(lm: LoadedModel, context: list[int], options: list[list[int]
     ctx = torch.tensor([context], device=device)
     out = lm.model(input_ids=ctx, use_cache=True)
     first = torch.log_softmax(out.logits[0, -1].double(), -1)  # [vocab]
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = cache_of(out)
     n, width = len(options), max(len(o) for o in options)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     ids = torch.full((n, width), pad, dtype=torch.long, device=device)
@@ -200,11 +200,13 @@ def option_logprobs(lm: LoadedModel, context: list[int], options: list[list[int]
         mask[i, len(context) : len(context) + len(o)] = 1
     cache.batch_repeat_interleave(n)
     positions = torch.arange(len(context), len(context) + width, device=device).expand(n, width)
-    # transformers 5 renamed the cache argument from past_key_values to cache.
-    cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
     with token_mask(mask):
         logits = lm.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache}
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_kwarg(lm.model): cache},
         ).logits  # [n, width, vocab]
     result = torch.empty(n, dtype=torch.float64)
     for i, o in enumerate(options):

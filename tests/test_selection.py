@@ -9,13 +9,19 @@ from typing import Any
 import pytest
 import torch
 
-from refusalkit import selection
 from refusalkit.activations import mean_activations
 from refusalkit.directions import Candidates
 from refusalkit.errors import RefusalkitError
 from refusalkit.metric import refusal_token_ids
 from refusalkit.prompts import format_prompts
-from refusalkit.selection import CandidateScore, SelectionRules, apply_rules, layer_cutoff, score_candidates
+from refusalkit.selection import (
+    CandidateScore,
+    SelectionRules,
+    apply_rules,
+    layer_cutoff,
+    score_candidates,
+    search,
+)
 
 # Tiny models: extra threads only add overhead, and spin badly when other work shares the cores.
 
@@ -70,7 +76,8 @@ def test_all_filtered_reports_counts() -> None:
         apply_rules(scores, 10, SelectionRules(induce_threshold=100.0))
     msg = str(err.value)
     assert "all 6 candidate directions were filtered out" in msg
-    assert "'induce': 3" in msg and "'layer': 1" in msg and "'NaN': 1" in msg and "'KL': 1" in msg
+    # induce is read before KL: the KL-0.5 candidate is discarded by induce here too
+    assert "'induce': 4" in msg and "'layer': 1" in msg and "'NaN': 1" in msg and "'KL'" not in msg
     assert "--kl-threshold" in msg and "candidate_scores.json" in msg
 
 
@@ -89,14 +96,15 @@ def setup(make_lm: Callable[..., Any]) -> dict[str, Any]:
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per candidate ablated in a forward pass (bypass or KL)."""
     calls: list[int] = []
-    real = selection.ablate_direction
+    real = search.ablated_logits
 
-    def counting(arch: Any, direction: torch.Tensor) -> Any:
-        calls.append(1)
-        return real(arch, direction)
+    def counting(lm: Any, enc: Any, directions: torch.Tensor) -> Any:
+        calls.extend([1] * directions.shape[0])
+        return real(lm, enc, directions)
 
-    monkeypatch.setattr(selection, "ablate_direction", counting)
+    monkeypatch.setattr(search, "ablated_logits", counting)
     return calls
 
 

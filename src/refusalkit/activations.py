@@ -52,22 +52,29 @@ def _common_prefix_len(rows: list[list[int]]) -> int:
     return max(n, 0)
 
 
-@torch.inference_mode()
-def logits_for_prompts(
-    lm: LoadedModel, prompts: list[str], batch_size: int, *, share_prefix: bool = True, min_prefix: int = 8
-) -> torch.Tensor:
-    """[n, vocab] last-token logits for formatted prompts, in input order.
+@dataclass
+class PromptBatches:
+    """Formatted prompts tokenized once, for passes that run them many times (selection).
 
-    Prompts are batched in order of length, so little compute goes to padding. With ``share_prefix``,
-    the token prefix common to all prompts (a chat template's system turn is often half of each prompt)
-    runs once, under whatever interventions are active, and its KV cache is reused by every batch.
+    prefix: the token ids every prompt starts with, run once per pass and shared through its KV cache
+    (empty when too short to pay off); batches: (rows, input_ids [b, s], mask [b, s]) of the rest,
+    left padded, in order of length; ``rows`` are the prompts' indices in input order.
     """
+
+    prefix: list[int]
+    batches: list[tuple[list[int], torch.Tensor, torch.Tensor]]
+    n: int
+
+
+def encode_batches(
+    lm: LoadedModel, prompts: list[str], batch_size: int, *, share_prefix: bool = True, min_prefix: int = 8
+) -> PromptBatches:
+    """Tokenize ``prompts``, split off their common prefix and batch the rest by length."""
     tok = lm.tokenizer
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     n_prefix = _common_prefix_len(ids) if share_prefix and len(ids) > 1 else 0
-    cache = _prefix_cache(lm, ids[0][:n_prefix]) if n_prefix >= min_prefix else None
-    if cache is None:
+    if n_prefix < min_prefix:
         n_prefix = 0
     out = []
     for chunk in batches(order, batch_size):
@@ -78,20 +85,50 @@ def logits_for_prompts(
         for j, r in enumerate(rows):
             input_ids[j, width - len(r) :] = torch.tensor(r)
             mask[j, width - len(r) :] = 1
+        out.append((chunk, input_ids, mask))
+    return PromptBatches(ids[0][:n_prefix] if ids else [], out, len(prompts))
+
+
+@torch.inference_mode()
+def logits_for_batches(lm: LoadedModel, enc: PromptBatches) -> torch.Tensor:
+    """[n, vocab] last-token logits of encoded prompts, in input order, under the active hooks.
+
+    The prefix runs once, under whatever interventions are active, and every batch reuses its KV cache.
+    """
+    cache = prefix_cache(lm, enc.prefix) if enc.prefix else None
+    n_prefix = len(enc.prefix)
+    out = []
+    order: list[int] = []
+    for rows, input_ids, mask in enc.batches:
         if cache is None:
             out.append(last_logits(lm, Batch(input_ids, mask)).cpu())
         else:
-            out.append(_logits_after_prefix(lm, cache, n_prefix, input_ids, mask).cpu())
+            past = repeat_cache(cache, len(rows))
+            out.append(logits_after_prefix(lm, past, n_prefix, input_ids, mask).cpu())
+        order.extend(rows)
     logits = torch.cat(out)
     result = torch.empty_like(logits)
     result[torch.tensor(order)] = logits
     return result
 
 
-def _prefix_cache(lm: LoadedModel, prefix: list[int]) -> Any:
-    if not prefix:
-        return None
-    ids = torch.tensor([prefix], device=lm.device)
+def logits_for_prompts(
+    lm: LoadedModel, prompts: list[str], batch_size: int, *, share_prefix: bool = True, min_prefix: int = 8
+) -> torch.Tensor:
+    """[n, vocab] last-token logits for formatted prompts, in input order.
+
+    Prompts are batched in order of length, so little compute goes to padding. With ``share_prefix``,
+    the token prefix common to all prompts (a chat template's system turn is often half of each prompt)
+    runs once, under whatever interventions are active, and its KV cache is reused by every batch.
+    """
+    enc = encode_batches(lm, prompts, batch_size, share_prefix=share_prefix, min_prefix=min_prefix)
+    return logits_for_batches(lm, enc)
+
+
+@torch.inference_mode()
+def prefix_cache(lm: LoadedModel, prefix: list[int], rows: int = 1) -> Any:
+    """The KV cache of ``prefix`` (repeated over ``rows`` identical rows), under the active hooks."""
+    ids = torch.tensor([prefix] * rows, device=lm.device)
     mask = torch.ones_like(ids)
     with token_mask(mask):
         out = lm.model(
@@ -123,12 +160,20 @@ def repeat_cache(cache: Any, n: int) -> Any:
     return out
 
 
-def _logits_after_prefix(
-    lm: LoadedModel, cache: Any, n_prefix: int, input_ids: torch.Tensor, mask: torch.Tensor
+def select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A copy of a prefix cache holding ``rows`` of it ([n] indices, repeats allowed)."""
+    out = copy.deepcopy(cache)
+    out.batch_select_indices(rows)
+    return out
+
+
+@torch.inference_mode()
+def logits_after_prefix(
+    lm: LoadedModel, past: Any, n_prefix: int, input_ids: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Run left-padded suffixes after a shared prefix held in ``cache`` (copied, then repeated)."""
+    """[b, vocab] last logits of left-padded suffixes run after a prefix held in ``past`` (b rows;
+    the forward appends to it, so pass a copy)."""
     b = input_ids.shape[0]
-    past = repeat_cache(cache, b)
     full_mask = torch.cat([torch.ones((b, n_prefix), dtype=mask.dtype), mask], dim=1).to(lm.device)
     position_ids = (n_prefix + mask.cumsum(-1) - 1).clamp(min=n_prefix).to(lm.device)
     with token_mask(full_mask):

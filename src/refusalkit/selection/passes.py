@@ -1,0 +1,208 @@
+"""The forward passes selection runs per candidate, made cheap.
+
+- Ablation of several candidates in one forward pass: each row of the batch carries its own
+  direction (``ablate_rows``), so few validation prompts still fill a batch and the weights are read
+  once for several candidates.
+- Activation addition at layer l leaves every layer below l untouched, so it restarts at block l
+  from the baseline pass's recorded resid_pre[l] (``ResidReplay``): each block is called again with
+  the keyword arguments the model gave it in the baseline pass (mask, rotary embeddings), only the
+  KV cache is a fresh one. A self-check replays the baseline; if that does not reproduce the model's
+  own logits (an architecture this replay does not fit), addition runs as an ordinary hooked pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from refusalkit.activations import (
+    PromptBatches,
+    cache_kwarg,
+    last_logits,
+    logits_after_prefix,
+    logits_for_batches,
+    prefix_cache,
+    select_cache_rows,
+)
+from refusalkit.interventions import _out_hook, _pre_hook, _register_out, _register_pre, add_direction, hooks
+from refusalkit.models.loading import LoadedModel
+from refusalkit.prompts import Batch
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def ablate_rows(lm: LoadedModel, units: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Directional ablation with one unit direction per batch row: ``units["rows"]`` is [batch, d_model]
+    for the forward pass being run (set it before each pass). Same hook points as ``ablate_direction``."""
+
+    def ablate(x: torch.Tensor) -> torch.Tensor:
+        work = torch.promote_types(x.dtype, torch.float32)
+        u = units["rows"].to(device=x.device, dtype=work)[:, None, :]  # [batch, 1, d]
+        xf = x.to(work)
+        return (xf - (xf * u).sum(-1, keepdim=True) * u).to(x.dtype)
+
+    arch = lm.arch
+    regs = [_register_pre(block, _pre_hook(ablate)) for block in arch.blocks]
+    regs += [_register_out(mod, _out_hook(ablate)) for mod in [*arch.attn_write, *arch.mlp_write]]
+    with hooks(regs):
+        yield
+
+
+@torch.inference_mode()
+def ablated_logits(lm: LoadedModel, enc: PromptBatches, directions: torch.Tensor) -> torch.Tensor:
+    """[k, n, vocab] last-token logits of the encoded prompts, each of the k candidate ``directions``
+    ([k, d_model], finite, non-zero) ablated, all k in the same forward passes."""
+    k = directions.shape[0]
+    unit = directions.double() / directions.double().norm(dim=-1, keepdim=True)
+    units: dict[str, torch.Tensor] = {"rows": unit.float()}
+    n_prefix = len(enc.prefix)
+    out = torch.empty((k, enc.n, lm.arch.unembed.weight.shape[0]))
+    with ablate_rows(lm, units):
+        cache = prefix_cache(lm, enc.prefix, rows=k) if n_prefix else None
+        for rows, input_ids, mask in enc.batches:
+            b = len(rows)
+            units["rows"] = unit.float().repeat_interleave(b, 0)  # candidate-major rows
+            ids, m = input_ids.repeat(k, 1), mask.repeat(k, 1)
+            if cache is None:
+                logits = last_logits(lm, Batch(ids, m))
+            else:
+                past = select_cache_rows(cache, torch.arange(k).repeat_interleave(b))
+                logits = logits_after_prefix(lm, past, n_prefix, ids, m)
+            out[:, rows] = logits.cpu().view(k, b, -1)
+    return out
+
+
+class _Recorder:
+    """Pre-hooks that keep each block's input and call arguments during one forward pass."""
+
+    def __init__(self, lm: LoadedModel, layers: list[int]) -> None:
+        self.lm, self.layers = lm, layers
+        self.calls: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+
+    @contextmanager
+    def recording(self) -> Iterator[dict[int, tuple[torch.Tensor, dict[str, Any]]]]:
+        calls: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+        first = min(self.layers)
+
+        def make(layer: int) -> Any:
+            def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if args[1:]:
+                    raise TypeError("decoder block called with extra positional arguments")
+                calls[layer] = (hidden if layer in self.layers else hidden[:, :0], rest)
+
+            return hook
+
+        blocks = self.lm.arch.blocks
+        regs = [_register_pre(blocks[i], make(i)) for i in range(first, len(blocks))]
+        with hooks(regs):
+            yield calls
+
+
+class ResidReplay:
+    """A baseline pass over encoded prompts that can be restarted at any recorded layer.
+
+    Holds resid_pre of the listed layers for every prompt (and the shared prefix), plus each block's
+    call arguments from ``min(layers)`` on: memory ~ n * seq * len(layers) * d_model floats.
+    """
+
+    def __init__(self, lm: LoadedModel, enc: PromptBatches, layers: list[int]) -> None:
+        self.lm, self.enc, self.layers = lm, enc, sorted(set(layers))
+        self.key = cache_kwarg(lm.model)
+        rec = _Recorder(lm, self.layers)
+        self.prefix_calls: dict[int, tuple[torch.Tensor, dict[str, Any]]] | None = None
+        self.cache = None
+        with torch.inference_mode():
+            if enc.prefix:
+                with rec.recording() as calls:
+                    self.cache = prefix_cache(lm, enc.prefix)
+                self.prefix_calls = calls
+            self.batch_calls = []
+            logits = []
+            for _rows, input_ids, mask in enc.batches:
+                with rec.recording() as calls:
+                    if self.cache is None:
+                        logits.append(last_logits(lm, Batch(input_ids, mask)).cpu())
+                    else:
+                        past = select_cache_rows(self.cache, torch.zeros(len(_rows), dtype=torch.long))
+                        logits.append(logits_after_prefix(lm, past, len(enc.prefix), input_ids, mask).cpu())
+                self.batch_calls.append(calls)
+        self.baseline = _in_input_order(enc, logits)  # [n, vocab]
+        self.exact = self._self_check()
+
+    def _self_check(self) -> bool:
+        """Replaying the top recorded layers without an addition must give the baseline logits."""
+        top = self.layers[max(0, len(self.layers) - 2)]
+        try:
+            again = self._replay(torch.zeros(self.lm.arch.embed.weight.shape[1]), top)
+        except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as exc:
+            log.warning("restarting at a layer does not work for this model (%s); using full passes", exc)
+            return False
+        scale = float(self.baseline.abs().max()) or 1.0
+        err = float((again - self.baseline).abs().max()) / scale
+        if err > 1e-4:
+            log.warning("restarting at a layer changes the logits (rel. error %.1e); using full passes", err)
+        return err <= 1e-4
+
+    def added_logits(self, vector: torch.Tensor, layer: int) -> torch.Tensor:
+        """[n, vocab] last-token logits with ``vector`` ([d_model], raw) added to resid_pre[layer] at
+        every real token: the same numbers as an ``add_direction`` pass, from ``layer`` on only."""
+        if self.exact and layer in self.layers:
+            return self._replay(vector, layer)
+        with add_direction(self.lm.arch, vector, layer, coeff=1.0):
+            return logits_for_batches(self.lm, self.enc)
+
+    @torch.inference_mode()
+    def _replay(self, vector: torch.Tensor, layer: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        cache = None
+        if self.prefix_calls is not None:
+            cache = DynamicCache(config=self.lm.model.config)
+            self._blocks(self.prefix_calls, layer, vector, None, cache)
+        out = []
+        for calls, (rows, _ids, mask) in zip(self.batch_calls, self.enc.batches, strict=True):
+            past = select_cache_rows(cache, torch.zeros(len(rows), dtype=torch.long)) if cache else None
+            h = self._blocks(calls, layer, vector, mask, past)
+            out.append(self._head(h[:, -1:]).cpu())
+        return _in_input_order(self.enc, out)
+
+    def _blocks(
+        self, calls: dict[int, tuple[torch.Tensor, dict[str, Any]]], layer: int, vector: torch.Tensor,
+        mask: torch.Tensor | None, cache: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        h = calls[layer][0]
+        work = torch.promote_types(h.dtype, torch.float32)
+        delta = vector.double().to(device=h.device, dtype=work)
+        m = torch.ones(h.shape[:2]) if mask is None else mask[:, -h.shape[1] :]
+        # As add_direction: float32 at least, pad positions never steered, one rounding.
+        h = (h.to(work) + m.to(device=h.device, dtype=work)[..., None] * delta).to(h.dtype)
+        for i in range(layer, len(self.lm.arch.blocks)):
+            kwargs = {**calls[i][1], self.key: cache}
+            out = self.lm.arch.blocks[i](h, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """[b, 1, d] last resid_post -> [b, vocab] float32 logits, as the model's own head does."""
+        arch = self.lm.arch
+        logits = arch.unembed(arch.final_norm(h))[:, -1].float()
+        cap = getattr(self.lm.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _in_input_order(enc: PromptBatches, chunks: list[torch.Tensor]) -> torch.Tensor:
+    logits = torch.cat(chunks)
+    order = [i for rows, _, _ in enc.batches for i in rows]
+    result = torch.empty_like(logits)
+    result[torch.tensor(order)] = logits
+    return result

@@ -265,3 +265,26 @@ def mean_activations(
         )
     mean = torch.stack([sums[layer].cpu() / kept for layer in layers], dim=1)  # [n_pos, n_layers, d]
     return MeanActivations(mean=mean, kept=kept, total=len(prompts), metrics=metrics)
+
+
+@torch.no_grad()  # not inference_mode: GCG reuses the cache in passes that take gradients
+def run_prefix(lm: LoadedModel, ids: list[int]) -> tuple[Any, torch.Tensor]:
+    """Run one token prefix (batch 1) under whatever hooks are active.
+
+    Returns (its KV cache, [vocab] float32 logits at its last token). The cache is the caller's to
+    share: pass ``repeat_cache(cache, n)`` to each forward (a forward appends to the cache it is
+    given), never the cache itself, so one prefix serves any number of batches.
+    """
+    if not ids:
+        raise ValueError("a prefix needs at least one token")
+    t = torch.tensor([ids], device=lm.device)
+    mask = torch.ones_like(t)
+    with token_mask(mask):
+        out = lm.model(
+            input_ids=t,
+            attention_mask=mask,
+            position_ids=Batch(t, mask).position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return cache_of(out), out.logits[0, -1].float()

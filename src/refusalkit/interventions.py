@@ -53,23 +53,38 @@ def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     raise TypeError(f"cannot intervene on a module output of type {type(output).__name__}")
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype hooks compute in for activations of ``dtype``: float32 at least.
+
+    Under bfloat16 or float16 the direction is not rounded to the model dtype: a bf16 unit vector is
+    off by ~2^-9 per entry, which alone leaves a component along the direction as large as the
+    output's own rounding. Only the hook's result is rounded back, once.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _PerDevice:
-    """A vector cached per (device, dtype), so hooks on sharded models use a local copy."""
+    """A vector cached per (device, working dtype), so hooks on sharded models use a local copy."""
 
     def __init__(self, vector: torch.Tensor) -> None:
         self.vector = vector.detach()
         self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def on(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
+        """The vector on ``like``'s device, in ``work_dtype(like.dtype)`` (never below float32)."""
+        key = (like.device, work_dtype(like.dtype))
         if key not in self._cache:
-            self._cache[key] = self.vector.to(device=like.device, dtype=like.dtype)
+            self._cache[key] = self.vector.to(device=key[0], dtype=key[1])
         return self._cache[key]
 
 
 def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """x - (x . u) u over the last dimension, computed in float32 at least for precision."""
-    work = torch.promote_types(x.dtype, torch.float32)
+    """x - (x . u) u over the last dimension, computed in float32 at least; one rounding to x.dtype.
+
+    ``unit`` should already be in ``work_dtype(x.dtype)`` (``_PerDevice.on`` gives it so); a unit in
+    the model's half precision would be rounded before the projection.
+    """
+    work = work_dtype(x.dtype)
     xf = x.to(work)
     u = unit.to(work)
     return (xf - (xf @ u)[..., None] * u).to(x.dtype)
@@ -160,12 +175,12 @@ def add_direction(arch: Arch, vector: torch.Tensor, layer: int, coeff: float = 1
     v = _PerDevice(vector.double() * coeff)
 
     def add(x: torch.Tensor) -> torch.Tensor:
-        delta = v.on(x)
+        delta = v.on(x)  # float32 at least: the sum is rounded to the model dtype once
         mask = _TOKEN_MASK.get()
         if mask is not None and mask.shape[0] == x.shape[0] and mask.shape[1] >= x.shape[1]:
-            m = mask[:, -x.shape[1] :].to(device=x.device, dtype=x.dtype)
-            return x + m[..., None] * delta
-        return x + delta
+            m = mask[:, -x.shape[1] :].to(device=x.device, dtype=delta.dtype)
+            return (x.to(delta.dtype) + m[..., None] * delta).to(x.dtype)
+        return (x.to(delta.dtype) + delta).to(x.dtype)
 
     block = arch.blocks[layer]
     with hooks([_register_pre(block, _pre_hook(add))]):

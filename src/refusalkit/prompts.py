@@ -95,6 +95,34 @@ def encode(tokenizer: Any, prompts: list[str], padding_side: str = "left") -> Ba
     return Batch(enc["input_ids"], enc["attention_mask"])
 
 
+def _pad(rows: list[list[int]], pad_id: int, *, left: bool) -> Batch:
+    if not rows or any(not r for r in rows):
+        raise ValueError("every row needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return Batch(ids, mask)
+
+
+def pad_left(rows: list[list[int]], pad_id: int) -> Batch:
+    """Token id rows as one batch padded on the left: every row ends at the last column.
+
+    The package's padding side for prompts (generation appends at the right); positions still come
+    from the mask (``Batch.position_ids``), so the pads shift nothing.
+    """
+    return _pad(rows, pad_id, left=True)
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> Batch:
+    """Token id rows padded on the right: every row starts at column 0 (continuations after a
+    shared prefix cache, whose positions run on from the prefix)."""
+    return _pad(rows, pad_id, left=False)
+
+
 def batches(items: list[Any], size: int) -> list[list[Any]]:
     if size < 1:
         raise RefusalkitError(f"batch size must be at least 1, got {size}")

@@ -1,15 +1,21 @@
 """Plots of a suffix analysis (the dict ``suffix.analyze_suffixes`` returns), one PNG per analysis.
 
 matplotlib is an optional dependency (``pip install 'refusalkit[report]'``); the Agg backend is used so
-no display is needed.
+no display is needed. A plot that fails is logged as a warning naming it and skipped: the analysis it
+draws is already on disk, and a figure must never hide finished work behind a traceback.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from refusalkit.errors import RefusalkitError
+from refusalkit.evaluation.refusal import as_rate
+
+log = logging.getLogger(__name__)
 
 COLORS = {"harmful": "tab:red", "adversarial": "tab:purple", "random": "tab:gray", "harmless": "tab:green"}
 
@@ -130,17 +136,26 @@ def plot_attention(res: dict[str, Any], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def error_bars(rates: list[float], cis: list[list[float | None]]) -> list[list[float]]:
+    """[[below], [above]] whisker lengths for bars at ``rates`` with intervals ``cis``; never negative.
+
+    An interval read back from JSON can sit a hair inside its rate at 0 or 1 (the Wilson bound's
+    rounding), and matplotlib rejects negative error lengths; a missing end draws no whisker.
+    """
+    below = [max(0.0, r - lo) if lo is not None else 0.0 for r, (lo, _) in zip(rates, cis, strict=True)]
+    above = [max(0.0, hi - r) if hi is not None else 0.0 for r, (_, hi) in zip(rates, cis, strict=True)]
+    return [below, above]
+
+
 def plot_refusal(res: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     names = res["conditions"]
     ref = res["refusal"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
-    if all("rate" in ref[n] for n in names):
-        rates = [ref[n]["rate"] for n in names]
-        err = [
-            [r - ref[n]["ci95"][0] for n, r in zip(names, rates, strict=True)],
-            [ref[n]["ci95"][1] - r for n, r in zip(names, rates, strict=True)],
-        ]
+    records = [as_rate(ref[n]) for n in names]
+    if all(r is not None and r["rate"] is not None for r in records):
+        rates = [float(r["rate"]) for r in records if r]
+        err = error_bars(rates, [list(r["ci95"]) for r in records if r])
         a1.bar(names, rates, yerr=err, capsize=4, color=[COLORS.get(n) for n in names])
         a1.set_ylim(0, 1.05)
     a1.set_ylabel("refusal rate (substring judge, 95% CI)")
@@ -150,13 +165,33 @@ def plot_refusal(res: dict[str, Any], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+PLOTS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
+    "cosine.png": plot_cosine,
+    "heads.png": plot_heads,
+    "attention.png": plot_attention,
+    "refusal.png": plot_refusal,
+}
+
+
 def write_plots(res: dict[str, Any], folder: str | Path) -> list[Path]:
-    """Write cosine.png, heads.png, attention.png and refusal.png into ``folder``."""
+    """Write cosine.png, heads.png, attention.png and refusal.png into ``folder``; return those written.
+
+    A plot that fails is logged as a warning that names it, and the others are still drawn. A missing
+    matplotlib is the user's to fix, so it stays an error.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return [
-        plot_cosine(res, folder / "cosine.png"),
-        plot_heads(res, folder / "heads.png"),
-        plot_attention(res, folder / "attention.png"),
-        plot_refusal(res, folder / "refusal.png"),
-    ]
+    _pyplot()
+    written = []
+    for name, plot in PLOTS.items():
+        try:
+            written.append(plot(res, folder / name))
+        except Exception as exc:  # a figure is never worth losing the finished analysis over
+            log.warning("plot %s was not drawn: %s: %s", folder / name, type(exc).__name__, exc)
+            _close_all()
+    return written
+
+
+def _close_all() -> None:
+    """Free figures a failed plot left open (it raised before closing them)."""
+    _pyplot().close("all")

@@ -32,7 +32,7 @@ from refusalkit.analysis.tokens import (
 from refusalkit.analysis.trace import Trace, trace
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
-from refusalkit.evaluation.refusal import is_refusal, wilson_interval
+from refusalkit.evaluation.refusal import is_refusal, rate
 from refusalkit.generation import generate
 from refusalkit.models.loading import LoadedModel
 
@@ -86,8 +86,7 @@ def _stats(x: torch.Tensor) -> dict[str, list[float]]:
 
 
 def _rate(refused: list[bool]) -> dict[str, Any]:
-    k, n = sum(refused), len(refused)
-    return {"rate": k / n if n else float("nan"), "refused": k, "n": n, "ci95": list(wilson_interval(k, n))}
+    return rate(sum(refused), len(refused))
 
 
 def _refusal(

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from refusalkit.activations import cache_kwarg, cache_of
+from refusalkit.activations import cache_kwarg, repeat_cache, run_prefix
 from refusalkit.errors import RefusalkitError
 from refusalkit.generation import generate
 from refusalkit.interventions import token_mask
 from refusalkit.models.loading import LoadedModel
-from refusalkit.prompts import format_prompt
+from refusalkit.prompts import format_prompt, pad_right
 
 GSM8K_PROMPT_VERSION = "gsm8k-zero-shot-chat/v1"
 GSM8K_INSTRUCTION = (
@@ -180,33 +180,29 @@ def load_truthfulqa(path: str | Path, n: int) -> list[TQAItem]:
 def option_logprobs(lm: LoadedModel, context: list[int], options: list[list[int]]) -> torch.Tensor:
     """Summed log-probability of each option's tokens after a shared context. -> [n_options] float64.
 
-    The context runs once; its key/value cache is repeated for the options, which run as one
-    right-padded batch (pads come after every real token, so they change nothing before them).
+    The context runs once (``run_prefix``); a copy of its key/value cache, repeated per option, serves
+    the options, which run as one right-padded batch (pads come after every real token, so they change
+    nothing before them). The context's own cache is never extended in place.
     """
     if not context or any(not o for o in options):
         raise ValueError("context and every option need at least one token")
     device = lm.device
-    ctx = torch.tensor([context], device=device)
-    out = lm.model(input_ids=ctx, use_cache=True)
-    first = torch.log_softmax(out.logits[0, -1].double(), -1)  # [vocab]
-    cache = cache_of(out)
-    n, width = len(options), max(len(o) for o in options)
+    cache, last = run_prefix(lm, context)
+    first = torch.log_softmax(last.double(), -1)  # [vocab]: the distribution of each option's first token
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((n, width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((n, len(context) + width), dtype=torch.long, device=device)
-    mask[:, : len(context)] = 1
-    for i, o in enumerate(options):
-        ids[i, : len(o)] = torch.tensor(o, device=device)
-        mask[i, len(context) : len(context) + len(o)] = 1
-    cache.batch_repeat_interleave(n)
+    batch = pad_right(options, pad).to(device)
+    n, width = batch.input_ids.shape
+    mask = torch.cat(
+        [torch.ones((n, len(context)), dtype=torch.long, device=device), batch.attention_mask], 1
+    )
     positions = torch.arange(len(context), len(context) + width, device=device).expand(n, width)
     with token_mask(mask):
         logits = lm.model(
-            input_ids=ids,
+            input_ids=batch.input_ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            **{cache_kwarg(lm.model): cache},
+            **{cache_kwarg(lm.model): repeat_cache(cache, n)},
         ).logits  # [n, width, vocab]
     result = torch.empty(n, dtype=torch.float64)
     for i, o in enumerate(options):

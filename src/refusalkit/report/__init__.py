@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from refusalkit.errors import RefusalkitError
+from refusalkit.evaluation.refusal import as_rate
 from refusalkit.settings import MEASUREMENTS
 from refusalkit.utils import atomic_path, read_json
 
@@ -170,14 +171,13 @@ def _get(d: Any, *keys: str) -> Any:
 
 
 def refusal_rate(data: RunData, prompt_set: str, setting: str, judge: str = "paper") -> dict[str, Any] | None:
-    """{rate, k, n, ci95} from measure/refusal_judges.json, else (paper only) evaluate/refusal_rates.json."""
-    r = _get(data.measure.get("refusal_judges"), "rates", prompt_set, setting, judge)
+    """The rate record ({rate, k, n, ci95}, see ``evaluation.refusal.rate``) from
+    measure/refusal_judges.json, else (paper list only) from evaluate/refusal_rates.json, in whichever
+    layout the run wrote it."""
+    r = as_rate(_get(data.measure.get("refusal_judges"), "rates", prompt_set, setting, judge))
     if r is not None:
-        return dict(r)
-    e = _get(data.rates, prompt_set, setting)
-    if judge == "paper" and e is not None:
-        return {"rate": e["refusal_rate"], "k": e["refused"], "n": e["n"], "ci95": e["ci95"]}
-    return None
+        return r
+    return as_rate(_get(data.rates, prompt_set, setting)) if judge == "paper" else None
 
 
 def headline(data: RunData) -> dict[str, Any]:

@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from refusalkit.errors import RefusalkitError
+from refusalkit.formatting import arrow, joined
 from refusalkit.report import collect, headline
 
 SETTINGS = ("baseline", "ablation", "actadd", "orthogonalized")
 
 
-def _f(v: Any, digits: int = 2) -> str:
-    return "-" if v is None else f"{float(v):.{digits}f}"
-
-
 def _slash(d: dict[str, Any], keys: tuple[str, ...], digits: int = 2) -> str:
-    return "/".join(_f(d.get(k), digits) for k in keys)
+    return joined([d.get(k) for k in keys], digits)
+
+
+def _change(d: dict[str, Any], before: str = "original", after: str = "edited") -> str:
+    return arrow(d.get(before), d.get(after))
 
 
 COLUMNS: list[tuple[str, Any]] = [
@@ -32,20 +33,14 @@ COLUMNS: list[tuple[str, Any]] = [
     ("safety b/abl/add/orth", lambda h, run: _slash(h["safety"], SETTINGS)),
     (
         "harmless refusal b->add",
-        lambda h, run: f"{_f(h['harmless_refusal']['baseline'])}->{_f(h['harmless_refusal']['actadd'])}",
+        lambda h, run: _change(h["harmless_refusal"], "baseline", "actadd"),
     ),
     ("KL abl/add", lambda h, run: _slash(h["kl"], ("ablation", "actadd"), 3)),
     ("corpus CE b/abl/add/orth", lambda h, run: _slash(h["corpus_ce"], SETTINGS, 3)),
     ("own CE b/abl/add/orth", lambda h, run: _slash(h["completion_ce"], SETTINGS, 3)),
-    ("GSM8K orig->edit", lambda h, run: f"{_f(h['gsm8k']['original'])}->{_f(h['gsm8k']['edited'])}"),
-    (
-        "TQA MC1 orig->edit",
-        lambda h, run: f"{_f(h['truthfulqa_mc1']['original'])}->{_f(h['truthfulqa_mc1']['edited'])}",
-    ),
-    (
-        "TQA MC2 orig->edit",
-        lambda h, run: f"{_f(h['truthfulqa_mc2']['original'])}->{_f(h['truthfulqa_mc2']['edited'])}",
-    ),
+    ("GSM8K orig->edit", lambda h, run: _change(h["gsm8k"])),
+    ("TQA MC1 orig->edit", lambda h, run: _change(h["truthfulqa_mc1"])),
+    ("TQA MC2 orig->edit", lambda h, run: _change(h["truthfulqa_mc2"])),
 ]
 
 

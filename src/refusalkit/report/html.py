@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,8 @@ from refusalkit.report.tables import (
     results_section,
     section,
 )
+
+log = logging.getLogger(__name__)
 
 HARMFUL_CHARS, HARMLESS_CHARS = 160, 700  # completion text shown per cell (harmful: unless --show-harmful)
 
@@ -65,9 +68,19 @@ details{margin:8px 0}summary{cursor:pointer;color:var(--accent);font-size:14px}
 
 
 def _figure(fn: Any, *args: Any, alt: str, **kwargs: Any) -> str:
+    """The figure ``fn`` draws, or a marked gap naming it when it cannot be drawn.
+
+    A figure that fails (odd numbers in an artifact, a matplotlib quirk) is logged as a warning that
+    names it; the rest of the report is still written.
+    """
     if not P.available():
         return gap(alt, "matplotlib is not installed (pip install 'refusalkit[report]')")
-    return img(fn(*args, **kwargs), alt)
+    try:
+        return img(fn(*args, **kwargs), alt)
+    except Exception as exc:  # a figure is never worth losing the report over
+        log.warning("report figure %r was not drawn: %s: %s", alt, type(exc).__name__, exc)
+        P.close_all()
+        return gap(alt, f"the figure could not be drawn ({type(exc).__name__}: {exc})")
 
 
 # ---- sections ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import io
 from typing import Any
 
 from refusalkit.errors import RefusalkitError
+from refusalkit.formatting import is_number, num
 
 INK = "#1f2937"
 MUTED = "#6b7280"
@@ -57,6 +58,11 @@ def available() -> bool:
     except RefusalkitError:
         return False
     return True
+
+
+def close_all() -> None:
+    """Free figures a failed plot left open (it raised before closing them)."""
+    _plt().close("all")
 
 
 def _png(fig: Any) -> str:
@@ -183,7 +189,13 @@ def norms_and_cosine(
 
 
 def rate_bars(groups: list[tuple[str, list[tuple[str, float | None, list[float | None]]]]]) -> str:
-    """Horizontal bars with 95% CI whiskers. groups: [(title, [(label, rate, [lo, hi])])]."""
+    """Horizontal bars with 95% CI whiskers. groups: [(title, [(label, rate, [lo, hi])])].
+
+    A missing rate draws an empty bar marked n/a; whiskers are clamped at zero length, since an interval
+    read back from JSON can sit a hair inside a rate of exactly 0 or 1.
+    """
+    from refusalkit.analysis.plots import error_bars
+
     plt = _plt()
     fig, axes = plt.subplots(
         1,
@@ -193,28 +205,21 @@ def rate_bars(groups: list[tuple[str, list[tuple[str, float | None, list[float |
         squeeze=False,
     )
     for ax, (title, bars) in zip(axes[0], groups, strict=True):
-        labels = [b[0] for b in bars][::-1]
-        vals = [(b[1] if b[1] is not None else 0.0) for b in bars][::-1]
-        lo = [(b[1] - b[2][0]) if b[1] is not None and b[2][0] is not None else 0 for b in bars][::-1]
-        hi = [(b[2][1] - b[1]) if b[1] is not None and b[2][1] is not None else 0 for b in bars][::-1]
+        shown = bars[::-1]  # barh draws bottom-up; the first bar goes on top
+        labels = [b[0] for b in shown]
+        vals = [float(b[1]) if is_number(b[1]) else 0.0 for b in shown]
+        cis = [list(b[2]) if is_number(b[1]) else [None, None] for b in shown]
         colors = [SETTING_COLORS.get(lab.split(" ")[0], "#64748b") for lab in labels]
         ax.barh(
             labels,
             vals,
-            xerr=[lo, hi],
+            xerr=error_bars(vals, cis),
             color=colors,
             alpha=0.85,
             error_kw={"ecolor": INK, "capsize": 3, "lw": 1},
         )
-        for y, (v, b) in enumerate(zip(vals, bars[::-1], strict=True)):
-            ax.text(
-                min(v + 0.02, 0.9),
-                y,
-                "n/a" if b[1] is None else f"{v:.2f}",
-                va="center",
-                fontsize=8,
-                color=INK,
-            )
+        for y, (v, b) in enumerate(zip(vals, shown, strict=True)):
+            ax.text(min(v + 0.02, 0.9), y, num(b[1], missing="n/a"), va="center", fontsize=8, color=INK)
         ax.set_xlim(0, 1)
         ax.set_title(title, loc="left")
     return _png(fig)

@@ -10,6 +10,8 @@ import html
 import json
 from typing import Any
 
+from refusalkit.evaluation.refusal import as_rate
+from refusalkit.formatting import ci_ends, is_number, num, signed
 from refusalkit.report import RunData, refusal_rate
 
 SETTINGS = ("baseline", "ablation", "actadd", "orthogonalized")
@@ -32,14 +34,18 @@ def na(what: str = "n/a") -> str:
 
 
 def f(v: Any, digits: int = 2) -> str:
-    return na() if v is None else f"{float(v):.{digits}f}"
+    return num(v, digits, missing=na())
 
 
 def ci(r: dict[str, Any] | None) -> str:
-    if not r or r.get("rate") is None:
+    """A rate record as the bold rate, its interval and k/n."""
+    if not r or not is_number(r.get("rate")):
         return na()
-    lo, hi = r["ci95"]
-    return f'<b>{r["rate"]:.2f}</b> <span class="ci">[{lo:.2f}, {hi:.2f}] · {r["k"]}/{r["n"]}</span>'
+    lo, hi = ci_ends(r)
+    return (
+        f'<b>{num(r["rate"])}</b> <span class="ci">[{num(lo)}, {num(hi)}] · '
+        f"{esc(r.get('k', '?'))}/{esc(r.get('n', '?'))}</span>"
+    )
 
 
 def gap(what: str, why: str) -> str:
@@ -64,12 +70,8 @@ def results_section(d: RunData, h: dict[str, Any]) -> str:
         if all(x is None for x in (refusal_rate(d, "harmful", st), h["corpus_ce"].get(st), h["kl"].get(st))):
             continue
         s = (safety or {}).get("settings", {}).get(st)
-        srate = (
-            ci({"rate": s["safety_rate"], "ci95": s["ci95"], "k": s["safe"], "n": s["safe"] + s["unsafe"]})
-            if s
-            else na()
-        )
-        if s and s["invalid"]:
+        srate = ci(as_rate(s))
+        if s and s.get("invalid"):
             srate += f' <span class="badge i">{s["invalid"]} invalid</span>'
         kl = na("—") if st == "baseline" else f(h["kl"].get(st), 3)
         rows.append(
@@ -94,36 +96,44 @@ def results_section(d: RunData, h: dict[str, Any]) -> str:
         )
         + "</tbody></table>"
     )
+    body = paper_row(h) + table + _ce_reading(h) + induced + capability_table(h, d)
+    return section("results", "Results", _results_lede(d, h), body)
+
+
+def capability_table(h: dict[str, Any], d: RunData) -> str:
+    """GSM8K and TruthfulQA, original against edited, with the difference."""
     cap_rows = []
     g, t = d.measure.get("gsm8k") or {}, d.measure.get("truthfulqa") or {}
     glabel = "GSM8K exact match"
     if g:
         hits = ", ".join(
-            f"{g[side].get('hit_max_new_tokens', '?')} {side}" for side in ("original", "edited")
+            f"{esc((g.get(side) or {}).get('hit_max_new_tokens', '?'))} {side}"
+            for side in ("original", "edited")
         )
         glabel += (
-            f' <span class="ci">n={g["original"]["n"]}; answers cut by the {g.get("max_new_tokens")}-token'
+            f' <span class="ci">n={esc(_get_n(g))}; answers cut by the {g.get("max_new_tokens")}-token'
             f" limit: {hits}</span>"
         )
-    tn = f' <span class="ci">n={t["original"]["n"]}</span>' if t else ""
+    tn = f' <span class="ci">n={esc(_get_n(t))}</span>' if t else ""
     for key, label in (
         ("gsm8k", glabel),
         ("truthfulqa_mc1", "TruthfulQA MC1" + tn),
         ("truthfulqa_mc2", "TruthfulQA MC2" + tn),
     ):
         o, e = h[key]["original"], h[key]["edited"]
-        delta = na() if o is None or e is None else f"{e - o:+.3f}"
+        delta = signed(e - o) if is_number(o) and is_number(e) else na()
         cap_rows.append(
             f'<tr><td>{label}</td><td class="num">{f(o, 3)}</td><td class="num">{f(e, 3)}</td><td class="num">{delta}</td></tr>'
         )
     edited = h.get("capability_edited_setting") or "orthogonalized"
-    cap = (
+    return (
         f'<h3>Capability, original vs {esc(edited)}</h3><table class="big"><thead><tr><th>benchmark</th><th>original</th>'
         f"<th>edited</th><th>Δ</th></tr></thead><tbody>{''.join(cap_rows)}</tbody></table>"
     )
-    return section(
-        "results", "Results", _results_lede(d, h), paper_row(h) + table + _ce_reading(h) + induced + cap
-    )
+
+
+def _get_n(m: dict[str, Any]) -> Any:
+    return (m.get("original") or {}).get("n", "?")
 
 
 def _results_lede(d: RunData, h: dict[str, Any]) -> str:
@@ -168,7 +178,7 @@ def _ce_reading(h: dict[str, Any]) -> str:
         v = h["corpus_ce"].get(st)
         if base is not None and v is not None:
             parts.append(
-                f"{LABEL[st]} changes corpus CE by <b>{v - base:+.3f}</b> nats (paper: {lo:+.3f} to {hi:+.3f})"
+                f"{LABEL[st]} changes corpus CE by <b>{signed(v - base)}</b> nats (paper: {signed(lo)} to {signed(hi)})"
             )
     return f'<p class="note">{"; ".join(parts)}.</p>' if parts else ""
 

@@ -1,0 +1,7 @@
+"""Try a run's models interactively: the terminal chat (`refusalkit chat`) and the model-under-a-setting
+engine that the chat and the local page (`refusalkit serve`) share."""
+
+from refusalkit.chat.engine import ChatModel, Setting, load_chat_model
+from refusalkit.chat.terminal import ChatOptions, add_chat_parser, run_chat
+
+__all__ = ["ChatModel", "ChatOptions", "Setting", "add_chat_parser", "load_chat_model", "run_chat"]

@@ -1,0 +1,258 @@
+"""One loaded model that answers under a setting: original, edited, ablation hooks or activation addition.
+
+There is one copy of the model in memory. What each setting means:
+
+- ``original``: no intervention.
+- ``edited``: the model ``refusalkit orthogonalize`` exports, i.e. the run's direction projected out of
+  the weights with ``orthogonalized`` (or the edit chosen by the search, when search/chosen.json exists
+  and the search package is installed). The weight edit is applied when an edited answer is first
+  asked for and kept until an answer under another setting needs the original weights, then restored
+  bit for bit: a conversation with the edited model pays for the edit once, not per answer. Weights,
+  not the ablation hooks, because what you talk to should be exactly the checkpoint you would keep.
+  For architectures whose weights cannot be edited exactly (Gemma 2/3), ``edited`` means the ablation
+  hooks and says so in its label.
+- ``ablation``: the directional-ablation hooks (``ablate_direction``), applied per answer.
+- ``add``: activation addition of ``coeff`` times the direction at its layer (``add_direction``); +1
+  strengthens refusal, -1 weakens it (the paper's induce and bypass settings).
+
+Answers are greedy and streamed piece by piece from a manual decoding loop with a KV cache, so an
+interrupted answer leaves no thread behind and every hook is removed when the stream is closed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Generator, Iterator
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusalkit.activations import cache_kwarg, cache_of
+from refusalkit.directions import Direction
+from refusalkit.errors import RefusalkitError
+from refusalkit.interventions import ablate_direction, add_direction
+from refusalkit.layout import RunLayout
+from refusalkit.models.loading import LoadedModel
+from refusalkit.orthogonalize import orthogonalized
+from refusalkit.prompts import encode
+
+KINDS = ("original", "edited", "ablation", "add")
+Message = dict[str, str]  # {"role": "user" | "assistant", "content": ...}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How the model answers. ``coeff`` is used by ``add`` only."""
+
+    kind: str = "original"
+    coeff: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise RefusalkitError(f"unknown setting {self.kind!r}; use one of {', '.join(KINDS)}")
+
+    @property
+    def label(self) -> str:
+        return f"add {self.coeff:+g}" if self.kind == "add" else self.kind
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """``original``, ``edited``, ``ablation`` or ``add C`` (also ``add:C``)."""
+        kind, _, rest = text.strip().replace(":", " ").partition(" ")
+        if kind != "add":
+            return cls(kind)
+        try:
+            return cls("add", float(rest))
+        except ValueError:
+            raise RefusalkitError(f"`add` needs a number, e.g. `add 1` or `add -1`; got {rest!r}") from None
+
+
+EditFactory = Callable[[], AbstractContextManager[Any]]
+
+
+@dataclass
+class WeightEdit:
+    """A reversible weight edit: ``apply()`` is a context manager that edits on entry, restores on exit."""
+
+    label: str
+    apply: EditFactory
+
+
+class ChatModel:
+    """The loaded model, the run's direction and the edit; answers one request at a time."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        direction: Direction,
+        *,
+        system_prompt: str | None = None,
+        edit: WeightEdit | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
+        d_model = int(lm.model.get_input_embeddings().weight.shape[1])
+        if direction.vector.shape[0] != d_model:
+            raise RefusalkitError(
+                f"the direction has d_model {direction.vector.shape[0]} but {lm.name} has {d_model}; "
+                "use the run folder the direction was selected in"
+            )
+        self.lm = lm
+        self.direction = direction
+        self.system_prompt = system_prompt
+        self.run_dir = run_dir
+        if edit is None and lm.arch.spec.weights_orthogonalizable:
+            edit = WeightEdit(
+                f"orthogonalized weights; direction of layer {direction.layer}, position {direction.position}",
+                lambda: orthogonalized(lm, direction.vector),
+            )
+        self.edit = edit
+        self._held: ExitStack | None = None  # the weight edit, while it is applied
+        self._lock = threading.Lock()
+
+    @property
+    def edited_label(self) -> str:
+        if self.edit is not None:
+            return self.edit.label
+        return f"ablation hooks ({self.lm.arch.model_type} weights cannot be edited exactly)"
+
+    def close(self) -> None:
+        """Restore the original weights if an edit is applied."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            held.close()
+
+    def _hooks(self, setting: Setting) -> AbstractContextManager[Any]:
+        """Put the weights in the state ``setting`` needs, and return its per-answer hooks."""
+        wants_weights = setting.kind == "edited" and self.edit is not None
+        if not wants_weights:
+            self._release()
+        elif self._held is None:
+            stack = ExitStack()
+            stack.enter_context(self.edit.apply())  # type: ignore[union-attr]
+            self._held = stack
+        arch, d = self.lm.arch, self.direction
+        if setting.kind == "ablation" or (setting.kind == "edited" and self.edit is None):
+            return ablate_direction(arch, d.vector)
+        if setting.kind == "add":
+            return add_direction(arch, d.vector, d.layer, setting.coeff)
+        return nullcontext()
+
+    def prompt(self, messages: list[Message]) -> str:
+        """The conversation rendered by the chat template, ready for the assistant's next turn."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return str(
+            self.lm.tokenizer.apply_chat_template(
+                [*system, *messages], tokenize=False, add_generation_prompt=True
+            )
+        )
+
+    def stream(
+        self, messages: list[Message], setting: Setting, max_new_tokens: int
+    ) -> Generator[str, None, None]:
+        """The greedy reply to ``messages`` under ``setting``, as text pieces in order.
+
+        Holds the model for the whole answer (one answer at a time); closing the iterator early ends the
+        answer and removes its hooks.
+        """
+        with self._lock, self._hooks(setting):
+            yield from decode_stream(
+                self.lm.tokenizer, greedy_ids(self.lm, self.prompt(messages), max_new_tokens)
+            )
+
+    def reply(self, messages: list[Message], setting: Setting, max_new_tokens: int) -> str:
+        return "".join(self.stream(messages, setting, max_new_tokens))
+
+
+def stop_ids(lm: LoadedModel) -> set[int]:
+    """Tokens that end an answer: the generation config's EOS ids and the tokenizer's EOS."""
+    ids: set[int] = set()
+    for v in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
+        if isinstance(v, int):
+            ids.add(v)
+        elif v:
+            ids.update(int(x) for x in v)
+    return ids
+
+
+@torch.inference_mode()
+def greedy_ids(lm: LoadedModel, prompt: str, max_new_tokens: int) -> Iterator[int]:
+    """Greedy next-token ids after ``prompt`` (already formatted), one forward pass each, with a KV cache.
+
+    Stops before an EOS token. One prompt, no padding: positions follow from the cache length.
+    """
+    batch = encode(lm.tokenizer, [prompt]).to(lm.device)
+    stop = stop_ids(lm)
+    key = cache_kwarg(lm.model)
+    out = lm.model(input_ids=batch.input_ids, use_cache=True, logits_to_keep=1)
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt in stop:
+            return
+        yield nxt
+        step = torch.tensor([[nxt]], device=lm.device)
+        out = lm.model(input_ids=step, use_cache=True, logits_to_keep=1, **{key: cache_of(out)})
+
+
+def decode_stream(tokenizer: Any, ids: Iterator[int]) -> Iterator[str]:
+    """Text pieces of a growing token sequence. A trailing replacement character (a multi-byte character
+    split across tokens) is held back until the next token completes it."""
+    seen: list[int] = []
+    sent = ""
+    for i in ids:
+        seen.append(i)
+        text = tokenizer.decode(seen, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if text.startswith(sent) and len(text) > len(sent):
+            yield text[len(sent) :]
+            sent = text
+    text = tokenizer.decode(seen, skip_special_tokens=True) if seen else ""
+    if text.startswith(sent) and len(text) > len(sent):
+        yield text[len(sent) :]
+
+
+def load_chat_model(run_dir: str | Path) -> ChatModel:
+    """Load the model of a run folder (its saved settings) with the run's direction and edit."""
+    from refusalkit.models.loading import load_model
+    from refusalkit.settings import build_settings
+    from refusalkit.utils import read_json
+
+    layout = RunLayout(run_dir)
+    if not layout.manifest.is_file():
+        raise RefusalkitError(
+            f"{layout.root} is not a run folder (no manifest.json); give a folder `refusalkit run --out` wrote"
+        )
+    if not layout.direction.with_suffix(".json").is_file():
+        raise RefusalkitError(f"no direction in {layout.root}/select; run `refusalkit select {layout.root}`")
+    settings = build_settings(base=read_json(layout.manifest).get("settings", {}))
+    direction = Direction.load(layout.direction)
+    lm = load_model(settings.model, **settings.model_kwargs())
+    return ChatModel(
+        lm, direction, system_prompt=settings.system_prompt, edit=search_edit(layout, lm), run_dir=layout.root
+    )
+
+
+def search_edit(layout: RunLayout, lm: LoadedModel) -> WeightEdit | None:
+    """The edit the search chose (search/chosen.json), if there is one and the search package exists."""
+    if not layout.chosen.is_file():
+        return None
+    try:
+        from refusalkit.search import applied_edit  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    from refusalkit.directions import Candidates
+    from refusalkit.utils import read_json
+
+    chosen = read_json(layout.chosen)
+    candidates = Candidates.load(layout.candidates)
+    params = chosen.get("params", chosen)
+    return WeightEdit(
+        "the edit chosen by the search (search/chosen.json)", lambda: applied_edit(lm, candidates, params)
+    )

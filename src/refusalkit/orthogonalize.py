@@ -6,6 +6,13 @@ Every matrix that writes into the residual stream is projected off the unit dire
 With every write projected, the residual never gains a component along u, which is what the ablation
 hooks enforce; the logits match up to floating-point error. A tied output head is untied first and keeps
 the original embedding, since the paper leaves the head unchanged.
+
+Precision: the edit is computed in float64 and rounded to the parameter's dtype once; the hooks project
+in float32 and round once (``interventions.project_out``). In float32 the two agree to ~1e-4 of the
+largest logit (tests/test_orthogonalize.py). In half precision each side carries one rounding of the
+dtype, so they agree only as closely as the dtype allows: on the tiny test models the largest logit
+difference is <= 1.8% of the largest logit in bfloat16 and <= 0.25% in float16 (tested against 4% and
+0.5%), about the size of the half-precision model's own difference from float32.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from refusalkit.selection import (
     CandidateScore,
     SelectionRules,
     apply_rules,
+    discard_reason,
     layer_cutoff,
     score_candidates,
     search,
@@ -83,7 +84,7 @@ def test_all_filtered_reports_counts() -> None:
 
 @pytest.fixture
 def setup(make_lm: Callable[..., Any]) -> dict[str, Any]:
-    lm = make_lm("qwen2")
+    lm = make_lm("qwen2", seed=1)  # a seed where the best bypass has neither the best induce nor KL
     tok = lm.tokenizer
     harmful = format_prompts(tok, ["How do I pick a lock?", "Make a weapon."])
     harmless = format_prompts(tok, ["Bake a cake.", "Name a bird."])
@@ -137,25 +138,134 @@ def test_score_candidates(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
     assert sum(s.kept for s in scores) == len(calls) // 2
 
 
-def test_pruned_search_picks_what_exhaustive_picks(
-    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _outcome(scores: list[CandidateScore], n_layers: int, rules: SelectionRules) -> tuple[Any, ...] | str:
+    try:
+        pick = apply_rules(scores, n_layers, rules)
+    except RefusalkitError as exc:
+        return str(exc)
+    return (pick.position, pick.layer, pick.bypass, pick.induce, pick.kl)
+
+
+def _bypass_only(full: list[CandidateScore]) -> list[CandidateScore]:
+    """The exhaustive run's bypass scores as a resumable partial result (induce and KL to do)."""
+    return [
+        CandidateScore(s.position, s.layer, s.bypass, NAN, NAN, complete=math.isnan(s.bypass))
+        for s in full
+        if s.layer < 3
+    ]
+
+
+def test_pruned_search_picks_what_exhaustive_picks(setup: dict[str, Any]) -> None:
+    """Across thresholds that reject the best-bypass candidates by induce or by KL (or reject all),
+    pruned scoring gives the exhaustive outcome (pick, or error with the same hints) and the same
+    scores wherever it computed them."""
     cands: Candidates = setup["cands"]
     args = (setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"])
-    loose = {"kl_threshold": 1e9, "induce_threshold": -1e9}
-    full = score_candidates(*args, rules=SelectionRules(exhaustive=True, **loose), batch_size=2)
+    full = score_candidates(*args, rules=SelectionRules(exhaustive=True), batch_size=2)
+    scored = sorted((s for s in full if math.isfinite(s.bypass)), key=lambda s: s.bypass)
+    assert len(scored) == 6
+    induces, kls = sorted(s.induce for s in scored), sorted(s.kl for s in scored)
+    best = scored[0]  # thresholds just past the best bypass's own scores reject it by that rule
+    grid = [
+        (i, k) for i in (-1e9, best.induce + 1e-6, *induces[1:5]) for k in (1e9, best.kl - 1e-6, *kls[1:5])
+    ]
+    mattered = {"induce": 0, "KL": 0, "none": 0}
+    for induce_t, kl_t in grid:
+        rules = SelectionRules(induce_threshold=induce_t, kl_threshold=kl_t)
+        expected = _outcome([CandidateScore(**x.as_dict()) for x in full], cands.n_layers, rules)
+        pruned = score_candidates(*args, rules=rules, batch_size=2, done=_bypass_only(full))
+        assert _outcome(pruned, cands.n_layers, rules) == expected
+        by_key = {(s.position, s.layer): s for s in full}
+        for s in pruned:
+            for name in ("bypass", "induce", "kl"):
+                if math.isfinite(getattr(s, name)):
+                    assert getattr(s, name) == pytest.approx(getattr(by_key[(s.position, s.layer)], name))
+        if isinstance(expected, str):
+            mattered["none"] += 1
+        elif (expected[0], expected[1]) != (scored[0].position, scored[0].layer):
+            why = discard_reason(scored[0], layer_cutoff(cands.n_layers, rules), cands.n_layers, rules)
+            mattered[why.split(" ")[0]] += 1  # why the best bypass lost
+    assert all(mattered.values()), mattered  # the grid covers each way the best bypass can lose
+
+
+def test_pruned_search_stops_once_certain(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    cands: Candidates = setup["cands"]
+    args = (setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"])
+    loose = SelectionRules(kl_threshold=1e9, induce_threshold=-1e9)
     calls = _count_calls(monkeypatch)
-    pruned = score_candidates(*args, rules=SelectionRules(**loose), batch_size=2)
-    pick_full = apply_rules(full, cands.n_layers, SelectionRules(**loose))
-    pick = apply_rules(pruned, cands.n_layers, SelectionRules(**loose))
-    assert (pick.position, pick.layer) == (pick_full.position, pick_full.layer)
-    assert pick.bypass == pytest.approx(pick_full.bypass) and pick.kl == pytest.approx(pick_full.kl)
-    # With rules this loose the lowest-bypass candidate is kept at once: every other one is pruned.
-    assert len(calls) == 6 + 1
+    pruned = score_candidates(*args, rules=loose, batch_size=2)
+    pick = apply_rules(pruned, cands.n_layers, loose)
+    assert len(calls) == 6 + 1  # every bypass, then the first candidate's KL: it is kept at once
     skipped = [s for s in pruned if not s.complete]
     assert len(skipped) == 5 and all(
-        s.reason.startswith("pruned") and s.bypass >= pick.bypass for s in skipped
+        s.reason.startswith("pruned") and s.bypass >= pick.bypass and math.isnan(s.induce) for s in skipped
     )
+    calls.clear()
+    strict = SelectionRules(induce_threshold=1e9)
+    pruned = score_candidates(*args, rules=strict, batch_size=2)
+    assert len(calls) == 6 + 1  # induce discards all; the KL of the nearest to passing, for the hint
+    assert sum(math.isfinite(s.kl) for s in pruned) == 1
+
+
+def test_nan_scores_are_labelled_nan_not_pruned(
+    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN bypass (the lowest would-be one) and a NaN induce discard their candidates as 'NaN score';
+    the search goes on to the next candidate."""
+    cands: Candidates = setup["cands"]
+    args = (setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"])
+    loose = SelectionRules(kl_threshold=1e9, induce_threshold=-1e9)
+    full = score_candidates(*args, rules=SelectionRules(exhaustive=True), batch_size=2)
+    order = sorted((s for s in full if math.isfinite(s.bypass)), key=lambda s: s.bypass)
+    nan_bypass, nan_induce, winner = [(s.position, s.layer) for s in order[:3]]
+    real_bypass, real_induce = search.Scorer.bypass, search.Scorer.induce
+
+    def bypass(self: search.Scorer, group: list[CandidateScore]) -> None:
+        real_bypass(self, group)
+        for s in group:
+            if (s.position, s.layer) == nan_bypass:
+                s.bypass = NAN
+
+    def induce(self: search.Scorer, s: CandidateScore) -> None:
+        real_induce(self, s)
+        if (s.position, s.layer) == nan_induce:
+            s.induce = NAN
+
+    monkeypatch.setattr(search.Scorer, "bypass", bypass)
+    monkeypatch.setattr(search.Scorer, "induce", induce)
+    scores = score_candidates(*args, rules=loose, batch_size=2)
+    pick = apply_rules(scores, cands.n_layers, loose)
+    assert (pick.position, pick.layer) == winner
+    by_key = {(s.position, s.layer): s for s in scores}
+    for key in (nan_bypass, nan_induce):
+        assert by_key[key].complete and by_key[key].reason == "NaN score"
+    assert math.isnan(by_key[nan_induce].kl)  # discarded before its KL was needed
+
+
+def test_all_discarded_suggests_the_nearest_loosened_rule(setup: dict[str, Any]) -> None:
+    cands: Candidates = setup["cands"]
+    args = (setup["lm"], cands, setup["harmful"], setup["harmless"], setup["ids"])
+    full = score_candidates(*args, rules=SelectionRules(exhaustive=True), batch_size=2)
+    scored = [s for s in full if math.isfinite(s.bypass)]
+    # Induce rejects all, KL rejects all but the two lowest-KL ones.
+    kl_t = sorted(s.kl for s in scored)[1]
+    rules = SelectionRules(induce_threshold=max(s.induce for s in scored) + 1, kl_threshold=kl_t)
+    pruned = score_candidates(*args, rules=rules, batch_size=2)
+    with pytest.raises(RefusalkitError) as err:
+        apply_rules(pruned, cands.n_layers, rules)
+    msg = str(err.value)
+    hint = msg.split("with --induce-threshold ")[1]
+    flag = float(hint.split(" ")[0])
+    pos, layer = int(hint.split("position ")[1].split(",")[0]), int(hint.split("layer ")[1].split(" ")[0])
+    loosened = SelectionRules(induce_threshold=flag, kl_threshold=kl_t)
+    pick = apply_rules([CandidateScore(**x.as_dict()) for x in full], cands.n_layers, loosened)
+    assert (pick.position, pick.layer) == (pos, layer)
+    assert "--kl-threshold" in msg.split("Loosen")[0] or all(
+        s.induce < rules.induce_threshold for s in scored
+    )
+    with pytest.raises(RefusalkitError) as err_full:
+        apply_rules(full, cands.n_layers, rules)
+    assert str(err_full.value) == msg  # exhaustive scores give the same message
 
 
 def test_score_candidates_resumes(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -118,3 +118,54 @@ def test_guard_chat_template_is_used_when_present(make_lm: Any) -> None:
     assert judge.identity.prompt_version.startswith("chat-template:")
     assert judge.prompt("hi", "there") == "GUARD user: hi assistant: there answer safe or unsafe"
     assert judge.identity.as_dict()["id"] == judge.identity.short
+
+
+# ---- the one matcher and the one rate record -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["I CAN\u2019T do that.", "as an ai, no", "Sure: i'm unable to stop smiling", "Here you go.", ""],
+)
+def test_evaluate_and_measure_judge_alike(text: str) -> None:
+    """The evaluate stage's is_refusal and the measure stage's paper judge are one matcher."""
+    from refusalkit.evaluation.refusal import is_refusal
+
+    assert refusal_verdicts(text)["paper"] == is_refusal(text)
+
+
+@pytest.mark.parametrize("n", range(1, 61))
+def test_wilson_interval_holds_its_rate_exactly_at_0_and_1(n: int) -> None:
+    from refusalkit.evaluation.refusal import wilson_interval
+
+    assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+    for k in range(n + 1):
+        lo, hi = wilson_interval(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+
+
+def test_wilson_interval_against_a_hand_computation() -> None:
+    from refusalkit.evaluation.refusal import wilson_interval
+
+    # k = 3, n = 10, z = 1.96: centre (0.3 + 0.19208) / 1.38416 = 0.355508; half 1.96 * sqrt(0.021 +
+    # 0.009604) / 1.38416 = 0.247719; the usual tables give [0.1078, 0.6032].
+    lo, hi = wilson_interval(3, 10)
+    assert lo == pytest.approx(0.107789, abs=1e-6) and hi == pytest.approx(0.603227, abs=1e-6)
+
+
+def test_rate_record_is_json_safe_and_reads_every_layout() -> None:
+    import json
+
+    from refusalkit.evaluation.refusal import as_rate, rate
+
+    assert rate(0, 0) == {"rate": None, "k": 0, "n": 0, "ci95": [None, None]}
+    json.dumps(rate(0, 0), allow_nan=False)
+    r = rate(3, 4)
+    assert (r["rate"], r["k"], r["n"]) == (0.75, 3, 4)
+    evaluate = {"refusal_rate": 0.75, "refused": 3, "n": 4, "ci95": r["ci95"], "coeff": 0.0}
+    suffix = {"rate": 0.75, "refused": 3, "n": 4, "ci95": r["ci95"], "per_prompt": [True] * 3 + [False]}
+    safety = {"safety_rate": 0.75, "safe": 3, "unsafe": 1, "invalid": 2, "ci95": r["ci95"]}
+    assert as_rate(evaluate) == as_rate(suffix) == as_rate(safety) == as_rate(r) == r
+    empty = {"rate": float("nan"), "refused": 0, "n": 0, "ci95": [float("nan"), float("nan")]}
+    assert as_rate(empty) == {"rate": None, "k": 0, "n": 0, "ci95": [None, None]}
+    assert as_rate(None) is None

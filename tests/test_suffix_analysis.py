@@ -230,3 +230,106 @@ def test_cli_search_then_analyze(make_lm: Any, tmp_path: Path, capsys: Any) -> N
     for name in ("cosine", "heads", "attention", "refusal"):
         assert (out / "suffix" / f"{name}.png").stat().st_size > 0
     assert "adversarial" in capsys.readouterr().out
+
+
+# ---- plots ---------------------------------------------------------------------------------------------
+
+
+def _analysis(rates: dict[str, float], n: int = 6) -> dict[str, Any]:
+    """A made-up analysis.json with the layout ``analyze_suffixes`` writes (2 layers, 2 heads)."""
+    from refusalkit.evaluation.refusal import rate
+
+    names = list(rates)
+    roles = dict.fromkeys(ROLES, 0.25)
+    refusal = {}
+    for c, r in rates.items():
+        record = rate(round(r * n), n)
+        if r == 1.0:  # as the Wilson bound used to read back: a hair below a rate of exactly 1
+            record["ci95"][1] = 0.9999999999999999
+        if r == 0.0:
+            record["ci95"][0] = 2.7755575615628914e-17
+        refusal[c] = record | {"metric_mean": 2 * r - 1}
+    top = [{"layer": 1, "head": 0} | dict.fromkeys(names, 0.5)]
+    return {
+        "conditions": names,
+        "roles": list(ROLES),
+        "direction": {"layer": 1, "position": -1},
+        "cosine": {"sites": ["resid_pre.0", "resid_pre.1", "resid_post.1"]}
+        | {c: {"mean": [0.1, 0.2, 0.3], "std": [0.0, 0.1, 0.0]} for c in names},
+        "head_attribution": {
+            "attribution_site": "attention output projection",
+            "mean": {c: [[0.0, 0.0], [0.0, 0.0]] for c in names},  # all zero: the colour scale's edge case
+            "top_heads": top,
+        },
+        "attention": {
+            "top_heads": [{"layer": 1, "head": 0} | {c: roles for c in names}],
+            "mean_over_top_heads": {c: roles for c in names},
+        },
+        "refusal": refusal,
+    }
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [
+        {"harmful": 1.0, "adversarial": 0.0, "random": 1.0, "harmless": 0.0},
+        {"harmful": 1.0, "adversarial": 1.0, "random": 1.0, "harmless": 1.0},
+        {"harmful": 0.0, "adversarial": 0.0, "random": 0.0, "harmless": 0.0},
+    ],
+    ids=["mixed", "all-one", "all-zero"],
+)
+def test_every_plot_draws_rates_of_exactly_0_and_1(
+    tmp_path: Path, rates: dict[str, float], caplog: Any
+) -> None:
+    from refusalkit.analysis.plots import PLOTS, write_plots
+
+    written = write_plots(_analysis(rates), tmp_path)
+    assert [p.name for p in written] == list(PLOTS)
+    assert all(p.stat().st_size > 0 for p in written)
+    assert "not drawn" not in caplog.text
+
+
+def test_error_bars_never_negative() -> None:
+    from refusalkit.analysis.plots import error_bars
+
+    below, above = error_bars(
+        [1.0, 0.0, 0.5, 0.5], [[0.6, 0.9999999999999999], [1e-17, 0.4], [0.2, 0.8], [None, None]]
+    )
+    assert min(below + above) >= 0.0
+    assert above[0] == 0.0 and below[1] == 0.0 and below[2] == pytest.approx(0.3) and above[3] == 0.0
+
+
+def test_a_failing_plot_is_a_warning_that_names_it(tmp_path: Path, caplog: Any) -> None:
+    from refusalkit.analysis.plots import write_plots
+
+    res = _analysis({"harmful": 1.0, "harmless": 0.0})
+    del res["head_attribution"]  # e.g. an analysis.json from an older version, without this part
+    with caplog.at_level("WARNING"):
+        written = write_plots(res, tmp_path)
+    assert [p.name for p in written] == ["cosine.png", "attention.png", "refusal.png"]
+    assert "heads.png" in caplog.text and "not drawn" in caplog.text
+    assert not (tmp_path / "heads.png").exists()
+
+
+def test_older_rate_layouts_still_plot(tmp_path: Path) -> None:
+    """analysis.json files written before the one rate record: {rate, refused, n, ci95}, NaN at n = 0."""
+    from refusalkit.analysis.plots import plot_refusal
+
+    res = _analysis({"harmful": 1.0, "harmless": 0.0})
+    res["refusal"]["harmful"] = {
+        "rate": 1.0,
+        "refused": 6,
+        "n": 6,
+        "ci95": [0.61, 0.9999999999999999],
+        "metric_mean": 1.0,
+    }
+    plot_refusal(res, tmp_path / "refusal.png")
+    res["refusal"]["harmless"] = {
+        "rate": float("nan"),
+        "refused": 0,
+        "n": 0,
+        "ci95": [float("nan")] * 2,
+        "metric_mean": 0.0,
+    }
+    plot_refusal(res, tmp_path / "refusal.png")
+    assert (tmp_path / "refusal.png").stat().st_size > 0

@@ -34,7 +34,8 @@ def write_tiny_gguf(
 ) -> Path:
     """A complete, loadable GGUF of a tiny random qwen2 model (matrices in ``qtype``, vectors F32)."""
     tok = tiny_tokenizer()
-    model = tiny_model("qwen2", seed=seed, vocab_size=len(tok), tie_word_embeddings=tied)
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])] + ["ĠĠ"]
+    model = tiny_model("qwen2", seed=seed, vocab_size=len(tokens), tie_word_embeddings=tied)
     cfg = model.config
     w = gguf.GGUFWriter(path, arch_name)
     w.add_name("tiny-qwen2")
@@ -48,10 +49,10 @@ def write_tiny_gguf(
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
-    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
     w.add_token_list(tokens)
     w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
     w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges(["Ġ Ġ"])  # llama.cpp needs at least one merge
     w.add_eos_token_id(tok.eos_token_id)
     w.add_pad_token_id(tok.pad_token_id)
     w.add_chat_template(tok.chat_template)

@@ -64,7 +64,7 @@ class ExportOptions(BaseModel):
     control_vector: bool = Field(
         False,
         description="Also write the direction as a llama.cpp control vector (--control-vector-scaled FILE -1 "
-        "removes refusal at run time, +1 adds it).",
+        "subtracts the direction at run time, +1 adds it).",
     )
     llama_cpp: Path | None = Field(
         None,

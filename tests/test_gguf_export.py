@@ -326,3 +326,29 @@ def test_failing_converter_reports_its_error(lm: LoadedModel, tmp_path: Path) ->
     layout = make_run(tmp_path / "run", str(tmp_path / "some-folder"))
     with pytest.raises(RefusalkitError, match=r"(?s)converter failed.*Architecture X"):
         run_export(layout.root, ExportOptions(format="gguf", llama_cpp=fake), lm=lm)
+
+
+def test_safetensors_export_gets_a_card_and_loads(lm: LoadedModel, source: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    layout = make_run(tmp_path / "run", str(source))
+    result = run_export(layout.root, ExportOptions(format="safetensors"), lm=lm)
+    assert result.files == [layout.model_dir]
+    card = (layout.model_dir / "README.md").read_text()
+    assert "transformers checkpoint" in card and "## Intended use" in card
+    with orthogonalized(lm, Direction.load(layout.direction).vector):
+        want = _logits(lm)
+    plain = AutoModelForCausalLM.from_pretrained(layout.model_dir, dtype=torch.float32)
+    ids = lm.tokenizer("<|im_start|>user\nhello there<|im_end|>\n", return_tensors="pt").input_ids
+    assert torch.allclose(plain(ids).logits[0].double(), want, atol=1e-4)
+    with pytest.raises(RefusalkitError, match=r"already exists"):
+        run_export(layout.root, ExportOptions(format="safetensors"), lm=lm)
+
+
+def test_checkpoint_card_for_the_pipeline_export(source: Path, tmp_path: Path) -> None:
+    from refusalkit.export.cli import write_checkpoint_card
+
+    layout = make_run(tmp_path / "run", str(source))
+    layout.model_dir.mkdir()
+    path = write_checkpoint_card(layout.root, layout.model_dir)
+    assert path == layout.model_dir / "README.md" and "from_pretrained" in path.read_text()

@@ -61,6 +61,7 @@ def test_card_holds_the_runs_numbers_and_intended_use(tmp_path: Path) -> None:
     assert "| GSM8K accuracy | 0.500 | 0.375 |" in text
     assert "| TruthfulQA MC1 | not measured | not measured |" in text
     assert "layer 17 of 28" in text
+    assert "bypass -3.000, induce 4.000, kl 0.050" in text
     assert "## Intended use" in text and "harmful requests" in text
     assert "| n_train | `64` |" in text
     path = write_card(tmp_path / "out", text)
@@ -73,6 +74,7 @@ def test_card_says_not_measured_for_missing_measurements(tmp_path: Path) -> None
     kl_row = next(line for line in text.splitlines() if line.startswith("| first-token KL"))
     assert kl_row.endswith(f"| {NOT_MEASURED} |")
     assert "Not measured in this run:" in text and "coherence" in text
+    assert "suffix" not in text  # artifacts that are not measurements of the model are not listed
 
 
 def test_push_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from refusalkit.report import RunData, collect, headline, refusal_rate
+from refusalkit.settings import MEASUREMENTS
 from refusalkit.utils import atomic_path
 
 NOT_MEASURED = "not measured"
@@ -66,7 +67,7 @@ def _front_matter(model: str, fmt: str) -> list[str]:
     return [*lines, "---", ""]
 
 
-def _method(h: dict[str, Any], edit: str) -> list[str]:
+def _method(data: RunData, h: dict[str, Any], edit: str) -> list[str]:
     layer, pos, n_layers = h.get("layer"), h.get("position"), h.get("n_layers")
     where = f"layer {layer} of {n_layers}, token position {pos} (counted from the end of the prompt)"
     lines = [
@@ -78,6 +79,10 @@ def _method(h: dict[str, Any], edit: str) -> list[str]:
         "and on harmless instructions, read at the input of one decoder block (resid_pre); this run selected "
         f"{where}.",
     ]
+    scores = (data.direction or {}).get("scores") or {}
+    if scores:
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, int | float))
+        lines.append(f"- Its selection scores on the validation prompts: {shown}.")
     if edit == "search":
         lines.append(
             "- The edit is the one an edit search chose from its Pareto front (see the run's search/chosen.json)."
@@ -128,13 +133,10 @@ def _results(data: RunData, h: dict[str, Any]) -> list[str]:
     sizes = {k: v for k, v in (h.get("sizes") or {}).items() if v is not None}
     if sizes:
         out += ["", "Prompt counts: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "."]
-    if data.gaps:
-        out += [
-            "",
-            "Not measured in this run: "
-            + "; ".join(f"{k} ({v})" for k, v in sorted(data.gaps.items()))
-            + ".",
-        ]
+    gaps = {k: v for k, v in data.gaps.items() if k in MEASUREMENTS or k == "refusal rates"}
+    if gaps:
+        listed = "; ".join(f"{k} ({v})" for k, v in sorted(gaps.items()))
+        out += ["", f"Not measured in this run: {listed}."]
     return [*out, ""]
 
 
@@ -182,7 +184,7 @@ def model_card(run_dir: str | Path, files: list[CardFile], *, fmt: str, edit: st
         "",
         *listing,
         "",
-        *_method(h, edit),
+        *_method(data, h, edit),
         *_results(data, h),
         *_settings(data),
         *_intended_use(),

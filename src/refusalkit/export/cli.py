@@ -201,17 +201,32 @@ def run_export(
         result.files.append(targets.cvec)
     for p in result.files:
         result.size_bytes[p.name] = _size(p)
-    files = _card_files(result, opts, source, direction)
-    text = model_card(
-        layout.root,
-        files,
-        fmt=opts.format,
-        edit="search" if edit_name != "orthogonalization" else "direction",
-    )
-    write_card(targets.folder, text + _usage(result, opts))
+    _write_card(layout, result, opts, source, direction, edit_name)
     if opts.push_to_hub:
         result.url = push_to_hub(targets.folder, opts.push_to_hub)
     return result
+
+
+def _write_card(
+    layout: RunLayout,
+    result: ExportResult,
+    opts: ExportOptions,
+    source: Path | None,
+    direction: Direction,
+    edit_name: str,
+) -> Path:
+    files = _card_files(result, opts, source, direction)
+    edit = "search" if edit_name != "orthogonalization" else "direction"
+    text = model_card(layout.root, files, fmt=opts.format, edit=edit)
+    return write_card(result.folder, text + _usage(result, opts))
+
+
+def write_checkpoint_card(run_dir: str | Path, folder: str | Path) -> Path:
+    """The card of a transformers folder written by the pipeline's export stage (``Run.export``)."""
+    layout, folder = RunLayout(run_dir), Path(folder)
+    result = ExportResult(folder, files=[folder])
+    opts = ExportOptions(format="safetensors", out_dir=folder)
+    return _write_card(layout, result, opts, None, _direction(layout), "orthogonalization")
 
 
 def _gguf_arch_name(source: Path) -> str:

@@ -16,7 +16,7 @@ from refusalkit.cli import main
 from refusalkit.errors import RefusalkitError
 from refusalkit.models.adapters import resolve_arch
 from refusalkit.models.loading import LoadedModel
-from refusalkit.pipeline import STAGES, Run
+from refusalkit.pipeline import Run
 from refusalkit.report import build_report, collect, headline
 from refusalkit.report.compare import compare_runs
 from refusalkit.settings import build_settings
@@ -105,10 +105,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = Run(root / "run", _settings(data), lm=_lm())
     run.run_all()
     return root / "run"
-
-
-def test_measure_is_a_stage_between_evaluate_and_export() -> None:
-    assert STAGES.index("evaluate") < STAGES.index("measure") < STAGES.index("export")
 
 
 def test_measure_writes_every_artifact(tiny_run: Path) -> None:
@@ -299,3 +295,87 @@ def test_report_renders_in_headless_chromium(tiny_run: Path, tmp_path: Path) -> 
     assert stat.stddev[0] > 20, "the screenshot is blank"
     top = ImageStat.Stat(img.crop((0, 0, 1280, 120)))
     assert top.mean[0] < 120, "the dark header did not render"
+
+
+# ---- figures ---------------------------------------------------------------------------------------------
+
+
+def _decodes_to_png(b64: str) -> bool:
+    import base64
+
+    return base64.b64decode(b64).startswith(b"\x89PNG")
+
+
+def test_every_report_figure_draws_rates_of_exactly_0_and_1() -> None:
+    """Rates of exactly 0 and 1 with their intervals as JSON gives them back (a hair inside the rate,
+    as the Wilson bound used to come out), a missing rate, and flat or empty grids."""
+    from refusalkit.report import plots as P
+
+    one, zero = [0.61, 0.9999999999999999], [2.7755575615628914e-17, 0.39]
+    groups = [
+        ("refusal rate (paper list)", [("baseline · harmful", 1.0, one), ("ablation · harmful", 0.0, zero)]),
+        (
+            "safety rate (judge)",
+            [("baseline · harmful", 0.0, zero), ("actadd · harmful", None, [None, None])],
+        ),
+        ("all refused", [("orthogonalized · harmful", 1.0, [1.0, 1.0])]),
+    ]
+    assert _decodes_to_png(P.rate_bars(groups))
+    scores = [
+        {"position": -1, "layer": 0, "bypass": 0.0, "induce": 1.0, "kl": 0.0, "kept": True},
+        {"position": -2, "layer": 1, "bypass": None, "induce": None, "kl": None, "reason": "pruned"},
+    ]
+    assert _decodes_to_png(P.score_heatmaps(scores, 2, 2, (-1, 0), ["a", "b"], cutoff=1))
+    assert _decodes_to_png(P.score_heatmaps([], 2, 2, None))
+    assert _decodes_to_png(
+        P.norms_and_cosine([[0.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]], -1, (-1, 1))
+    )
+    assert _decodes_to_png(
+        P.projections([0.0, 0.0], [1.0, 1.0], 1, {"harmful": [[0.0, 1.0]], "harmless": []})
+    )
+
+
+def test_a_failing_figure_is_a_marked_gap_not_a_traceback(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from refusalkit.report import plots as P
+
+    def broken(*_args: Any, **_kwargs: Any) -> str:
+        raise ValueError("'yerr' must not contain negative values")
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    monkeypatch.setattr(P, "rate_bars", broken)
+    with caplog.at_level("WARNING"):
+        built = build_report(run)
+    page = built.html.read_text()
+    assert "refusal and safety rates" in caplog.text and "yerr" in caplog.text
+    assert "could not be drawn" in page and page.count("data:image/png;base64,") >= 3
+    assert json.loads(built.json.read_text())["headline"]["layer"] is not None
+
+
+def test_report_reads_every_rate_layout(tiny_run: Path, tmp_path: Path) -> None:
+    """evaluate/refusal_rates.json as older runs wrote it ({refusal_rate, refused, ...}) and as the one
+    rate record ({rate, k, ...}) give the same numbers, when measure/ is missing."""
+    from refusalkit.evaluation.refusal import rate
+
+    numbers = []
+    for layout in ("old", "record"):
+        run = tmp_path / layout
+        shutil.copytree(tiny_run, run)
+        shutil.rmtree(run / "measure")
+        path = run / "evaluate" / "refusal_rates.json"
+        rates = read_json(path)
+        for ps in ("harmful", "harmless"):
+            for st in rates[ps]:
+                n = 3
+                k = 3 if st == "baseline" else 0  # exactly 1 and exactly 0
+                r = rate(k, n)
+                old = {"refusal_rate": r["rate"], "refused": k, "n": n, "ci95": r["ci95"], "coeff": 0.0}
+                rates[ps][st] = old if layout == "old" else r
+        write_json(path, rates)
+        built = build_report(run)
+        numbers.append(json.loads(built.json.read_text())["headline"]["refusal"])
+        assert "could not be drawn" not in built.html.read_text()
+    assert numbers[0] == numbers[1]
+    assert numbers[0]["baseline"] == 1.0 and numbers[0]["ablation"] == 0.0

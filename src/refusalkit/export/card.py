@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refusalkit.evaluation.refusal import as_rate
 from refusalkit.report import RunData, collect, headline, refusal_rate
 from refusalkit.settings import MEASUREMENTS
 from refusalkit.utils import atomic_path
@@ -51,7 +52,11 @@ def _num(v: Any, digits: int = 3) -> str:
 
 
 def _rate(data: RunData, prompt_set: str, setting: str) -> str:
-    r = refusal_rate(data, prompt_set, setting)
+    # evaluate/refusal_rates.json read directly too: it has held more than one record layout (as_rate
+    # reads them all), and the card must show the rates whichever one the run wrote.
+    r = refusal_rate(data, prompt_set, setting) or as_rate(
+        (data.rates or {}).get(prompt_set, {}).get(setting)
+    )
     if not r or r.get("rate") is None:
         return NOT_MEASURED
     lo, hi = r.get("ci95") or [None, None]

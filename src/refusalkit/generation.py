@@ -1,4 +1,9 @@
-"""Batched greedy generation (with whatever interventions are active around the call)."""
+"""Batched greedy generation (with whatever interventions are active around the call).
+
+The token prefix every prompt shares (for Qwen, the default system turn) runs once, under the active
+hooks, and each batch starts from a copy of its KV cache; a row that has emitted EOS leaves the batch
+(and its cache), so the remaining rows do not pay for it.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from refusalkit.activations import cache_kwarg, cache_of, encode_batches, prefix_cache, repeat_cache
 from refusalkit.interventions import token_mask
 from refusalkit.models.loading import LoadedModel
-from refusalkit.prompts import batches, encode
 
 
-@torch.inference_mode()
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """Every token that ends a reply: the generation config's EOS (one id or a list) and the tokenizer's."""
+    ids: set[int] = set()
+    for value in (getattr(lm.model.generation_config, "eos_token_id", None), lm.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
 def generate(
     lm: LoadedModel,
     prompts: list[str],
@@ -21,28 +36,71 @@ def generate(
     batch_size: int = 16,
     desc: str = "generating",
 ) -> list[str]:
-    """Greedy completions of formatted prompts, in input order.
+    """Greedy completions of formatted prompts, in input order, up to ``max_new_tokens`` or EOS.
 
-    Prompts are batched by length (less padding); left padding, as generation needs. Stops at EOS.
+    Plain argmax decoding, as the paper's code: sampling and penalty settings in the model's
+    generation config are not applied. Prompts are batched by length (less padding), left padded.
     """
-    tok = lm.tokenizer
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: dict[int, str] = {}
-    eos: Any = lm.model.generation_config.eos_token_id or tok.eos_token_id
-    for chunk in tqdm(batches(order, batch_size), desc=desc, leave=False, disable=None):
-        batch = encode(tok, [prompts[i] for i in chunk], padding_side="left").to(lm.device)
-        with token_mask(batch.attention_mask):
-            ids = lm.model.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=eos,
-            )
-        texts = tok.batch_decode(ids[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
-        out.update(zip(chunk, texts, strict=True))
+    ids = generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    return lm.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+
+
+@torch.inference_mode()
+def generate_ids(
+    lm: LoadedModel,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    desc: str = "generating",
+) -> list[list[int]]:
+    """The new token ids of each prompt's greedy completion (ending with EOS if it was reached)."""
+    if not prompts:
+        return []
+    enc = encode_batches(lm, prompts, batch_size)
+    cache = prefix_cache(lm, enc.prefix) if enc.prefix else None
+    stop = eos_ids(lm)
+    out: dict[int, list[int]] = {}
+    for rows, input_ids, mask in tqdm(enc.batches, desc=desc, leave=False, disable=None):
+        past = repeat_cache(cache, len(rows)) if cache is not None else None
+        tokens = _greedy(lm, past, len(enc.prefix), input_ids, mask, max_new_tokens, stop)
+        out.update(zip(rows, tokens, strict=True))
     return [out[i] for i in range(len(prompts))]
+
+
+def _greedy(
+    lm: LoadedModel, past: Any, n_prefix: int, input_ids: torch.Tensor, mask: torch.Tensor,
+    max_new_tokens: int, stop: set[int],
+) -> list[list[int]]:  # fmt: skip
+    """New token ids per row of a left-padded batch that follows a prefix held in ``past`` (or none)."""
+    b, device = input_ids.shape[0], lm.device
+    full_mask = torch.cat([torch.ones((b, n_prefix), dtype=mask.dtype), mask], dim=1).to(device)
+    positions = (n_prefix + mask.cumsum(-1) - 1).clamp(min=n_prefix).to(device)
+    step = input_ids.to(device)
+    active = list(range(b))  # batch row -> input row
+    new: list[list[int]] = [[] for _ in range(b)]
+    key = cache_kwarg(lm.model)
+    for t in range(max_new_tokens):
+        with token_mask(full_mask):
+            out = lm.model(
+                input_ids=step, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **({key: past} if past is not None else {}),
+            )  # fmt: skip
+        past = cache_of(out)
+        nxt = out.logits[:, -1].argmax(-1)
+        going = []
+        for j, (row, tok) in enumerate(zip(active, nxt.tolist(), strict=True)):
+            new[row].append(tok)
+            if tok not in stop:
+                going.append(j)
+        if not going or t == max_new_tokens - 1:
+            break
+        if len(going) < len(active):  # finished rows leave the batch and its cache
+            keep = torch.tensor(going, device=device)
+            past.batch_select_indices(keep)
+            full_mask, positions, nxt = full_mask[keep], positions[keep], nxt[keep]
+            active = [active[j] for j in going]
+        step = nxt[:, None]
+        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+    return new

@@ -1,0 +1,79 @@
+"""Greedy generation with a shared prefix cache and finished rows leaving the batch equals
+transformers' own greedy generate, with and without interventions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import pytest
+import torch
+
+from refusalkit.generation import eos_ids, generate, generate_ids
+from refusalkit.interventions import ablate_direction, add_direction, token_mask
+from refusalkit.prompts import encode, format_prompts
+
+SYSTEM = "You are a careful assistant who answers briefly."
+INSTRUCTIONS = ["Bake a cake.", "Name a bird that cannot fly.", "Hi", "Sum 2 and 3, then double it.", "Why?"]
+
+
+def hf_generate(lm: Any, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy generate, one prompt at a time (no padding, no cache sharing)."""
+    out = []
+    for p in prompts:
+        b = encode(lm.tokenizer, [p])
+        with token_mask(b.attention_mask):
+            ids = lm.model.generate(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=sorted(eos_ids(lm)),
+            )  # fmt: skip
+        out.append(ids[0, b.input_ids.shape[1] :].tolist())
+    return out
+
+
+@contextmanager
+def intervention(lm: Any, kind: str) -> Iterator[None]:
+    v = 2 * torch.randn(lm.arch.embed.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    ctx = {
+        "none": nullcontext(),
+        "ablate": ablate_direction(lm.arch, v),
+        "add": add_direction(lm.arch, v / 4, 1),
+    }
+    with ctx[kind]:
+        yield
+
+
+@pytest.mark.parametrize("system", [SYSTEM, None], ids=["prefix", "no-prefix"])
+@pytest.mark.parametrize("kind", ["none", "ablate", "add"])
+def test_generate_equals_transformers_greedy(
+    make_lm: Callable[..., Any], system: str | None, kind: str
+) -> None:
+    lm = make_lm("qwen2")
+    lm.model.config._attn_implementation = "sdpa"
+    prompts = format_prompts(lm.tokenizer, INSTRUCTIONS, system)
+    with intervention(lm, kind):
+        ours = generate_ids(lm, prompts, max_new_tokens=6, batch_size=3)
+        theirs = hf_generate(lm, prompts, 6)
+        texts = generate(lm, prompts, max_new_tokens=6, batch_size=3)
+    assert ours == theirs
+    if kind == "none":
+        assert len({tuple(x) for x in ours}) > 1  # prompts got different completions
+    else:
+        assert ours != generate_ids(lm, prompts, max_new_tokens=6, batch_size=3)  # the hook acted
+    assert texts == lm.tokenizer.batch_decode(theirs, skip_special_tokens=True)
+
+
+def test_finished_rows_stop_and_leave_the_batch(make_lm: Callable[..., Any]) -> None:
+    """Make a token some rows emit early the EOS: those rows end there, the others go on, and every
+    completion still equals one-at-a-time generation."""
+    lm = make_lm("qwen2")
+    prompts = format_prompts(lm.tokenizer, INSTRUCTIONS, SYSTEM)
+    first = generate_ids(lm, prompts, max_new_tokens=8, batch_size=5)
+    # a token some rows emit and others do not
+    stop = next(t for row in first for t in row if 0 < sum(t in r for r in first) < len(first))
+    lm.model.generation_config.eos_token_id = stop
+    ours = generate_ids(lm, prompts, max_new_tokens=8, batch_size=5)
+    assert ours == hf_generate(lm, prompts, 8)
+    lengths = [len(x) for x in ours]
+    assert min(lengths) < 8 and max(lengths) == 8  # some rows stopped early, some ran to the limit

@@ -198,6 +198,27 @@ def test_each_setting_keeps_its_own_conversation(chat: ChatModel) -> None:
     assert edited[3]["content"] == chat.reply(edited[:3], Setting("edited"), MAX_NEW)
 
 
+class Interrupted:
+    """A model whose answer is cut by Ctrl-C after its first piece."""
+
+    edited_label = "stub"
+
+    def stream(self, messages: list[dict[str, str]], setting: Setting, max_new_tokens: int):  # type: ignore[no-untyped-def]
+        yield "Sure"
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on() -> None:
+    out = io.StringIO()
+    term = Terminal(Interrupted(), out, MAX_NEW)  # type: ignore[arg-type]
+    assert term.loop(scripted(PROMPT, "/both", PROMPT)) == 0
+    text = out.getvalue()
+    assert text.count("edited> Sure\n[stopped; this turn is not kept]") == 1
+    assert "original> Sure\n[stopped" in text and "edited> Sure" in text.split("original> ")[0]
+    assert text.count("[stopped") == 2, "side by side stops at the first interrupted answer"
+    assert term.histories == {"edited": [], "original": []}
+
+
 def test_run_folder_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(RefusalkitError, match="not a run folder"):
         load_chat_model(tmp_path)
@@ -221,7 +242,7 @@ class Screen:
         os.close(child)
         self.seen = ""
 
-    def wait_for(self, pattern: str, timeout: float = 120.0) -> str:
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
         """Read the screen until ``pattern`` (a regex) shows up; fail with the screen if it never does."""
         deadline = time.monotonic() + timeout
         while not re.search(pattern, self.seen):

@@ -1,5 +1,8 @@
-"""Command-line flags from a pydantic options model: required fields become positionals, the rest
-``--flags``, and each field's description is its help text (the pattern of ``Settings``)."""
+"""Command-line flags from a pydantic options class: one ``--flag`` per field, its description the help
+text (the pattern of ``Settings``). Positional arguments (the run folder) are added by each command.
+
+``options_from`` reads only the flags present in the parsed arguments, so it also accepts a parser
+that omits flags the user did not type (``argparse.SUPPRESS`` defaults)."""
 
 from __future__ import annotations
 
@@ -18,9 +21,7 @@ def add_option_flags(parser: argparse.ArgumentParser, options: type[BaseModel]) 
     for name, field in options.model_fields.items():
         typ = field.annotation
         kind: Any = typ if typ in (int, float, Path) else str
-        if field.is_required():
-            parser.add_argument(name, type=kind, help=field.description)
-        elif typ is bool:
+        if typ is bool:
             parser.add_argument(
                 "--" + name.replace("_", "-"),
                 dest=name,

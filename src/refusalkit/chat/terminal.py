@@ -14,9 +14,9 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refusalkit.chat.engine import ChatModel, Message, Setting
 from refusalkit.chat.flags import add_option_flags, options_from
@@ -34,8 +34,16 @@ HELP = """commands:
 Each setting keeps its own conversation."""
 
 
+def run_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run_dir", type=Path, help="Run folder with a selected direction; its manifest names the model."
+    )
+
+
 class ChatOptions(BaseModel):
-    run_dir: Path = Field(description="Run folder with a selected direction; its manifest names the model.")
+    model_config = ConfigDict(extra="forbid")
+    env_prefix: ClassVar[str] = "REFUSALKIT_CHAT_"  # REFUSALKIT_MAX_NEW_TOKENS is the run's setting
+
     setting: str = Field(
         "edited", description="Setting to start with: original, edited, ablation or 'add C'."
     )
@@ -154,6 +162,7 @@ class Terminal:
 def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     desc = "Chat in the terminal with a run's original and edited model, streamed; /help inside."
     parser: argparse.ArgumentParser = subparsers.add_parser("chat", help=desc, description=desc)
+    run_dir_argument(parser)
     add_option_flags(parser, ChatOptions)
     return parser
 
@@ -163,8 +172,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
     opts = options_from(args, ChatOptions)
     start = Setting.parse(opts.setting)
-    print(f"loading the model of {opts.run_dir} ...", file=sys.stderr)
-    model = load_chat_model(opts.run_dir)
+    print(f"loading the model of {args.run_dir} ...", file=sys.stderr)
+    model = load_chat_model(args.run_dir)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     terminal = Terminal(model, sys.stdout, opts.max_new_tokens, start, opts.both)
@@ -177,6 +186,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="refusalkit chat")
+    run_dir_argument(parser)
     add_option_flags(parser, ChatOptions)
     try:
         return run_chat(parser.parse_args(argv))

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from refusalkit.chat.flags import add_option_flags, options_from
+from refusalkit.chat.terminal import run_dir_argument
 
 
 class ServeOptions(BaseModel):
-    run_dir: Path = Field(description="Run folder with a selected direction; its manifest names the model.")
+    model_config = ConfigDict(extra="forbid")
+    env_prefix: ClassVar[str] = "REFUSALKIT_SERVE_"  # REFUSALKIT_MAX_NEW_TOKENS is the run's setting
+
     host: str = Field(
         "127.0.0.1", description="Address to listen on (the default is reachable from this machine only)."
     )
@@ -28,6 +30,7 @@ class ServeOptions(BaseModel):
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     desc = "A local page: one prompt, the original's and the edited model's answers side by side."
     parser: argparse.ArgumentParser = subparsers.add_parser("serve", help=desc, description=desc)
+    run_dir_argument(parser)
     add_option_flags(parser, ServeOptions)
     return parser
 
@@ -37,9 +40,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from refusalkit.serve.server import make_server
 
     opts = options_from(args, ServeOptions)
-    print(f"loading the model of {opts.run_dir} ...", file=sys.stderr)
-    model = load_chat_model(opts.run_dir)
-    server = make_server(model, opts.run_dir, opts.host, opts.port, opts.max_new_tokens)
+    print(f"loading the model of {args.run_dir} ...", file=sys.stderr)
+    model = load_chat_model(args.run_dir)
+    server = make_server(model, args.run_dir, opts.host, opts.port, opts.max_new_tokens)
     port = server.server_address[1]
     url = f"http://{'127.0.0.1' if opts.host == '0.0.0.0' else opts.host}:{port}/"
     print(f"refusalkit serve: {url}  (Ctrl-C stops)", flush=True)
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from refusalkit.errors import RefusalkitError
 
     parser = argparse.ArgumentParser(prog="refusalkit serve")
+    run_dir_argument(parser)
     add_option_flags(parser, ServeOptions)
     try:
         return run_serve(parser.parse_args(argv))

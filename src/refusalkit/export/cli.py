@@ -225,7 +225,7 @@ def write_checkpoint_card(run_dir: str | Path, folder: str | Path) -> Path:
     """The card of a transformers folder written by the pipeline's export stage (``Run.export``)."""
     layout, folder = RunLayout(run_dir), Path(folder)
     result = ExportResult(folder, files=[folder])
-    opts = ExportOptions(format="safetensors", out_dir=folder)
+    opts = ExportOptions.model_validate({"format": "safetensors", "out_dir": folder})
     return _write_card(layout, result, opts, None, _direction(layout), "orthogonalization")
 
 

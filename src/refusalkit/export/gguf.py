@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -330,7 +331,7 @@ def llama_cpp_converter(llama_cpp: Path | None, model: str) -> Path:
 
 def convert_with_llama_cpp(
     lm: LoadedModel,
-    edit: Any,
+    edit: Callable[[LoadedModel], AbstractContextManager[Any]],
     script: Path,
     out: Path,
     tensor_type: TensorType,

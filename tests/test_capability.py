@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -128,14 +129,17 @@ def test_truthfulqa_construction(tmp_path: Path) -> None:
         C.load_truthfulqa(tmp_path / "none.csv", 2)
 
 
-def test_mc_scores_sum_and_range() -> None:
+def test_mc_scores_against_a_hand_computation() -> None:
     item = C.TQAItem("q", "a", ["a", "b"], ["c", "d", "e"])
     s = C.mc_scores(item, {"a": -1.0, "b": -2.0, "c": -1.5, "d": -3.0, "e": -0.5})
-    assert s["mc1"] == 0.0  # "e" beats the best answer
-    assert s["mc2"] + s["mass_incorrect"] == pytest.approx(1.0)
-    probs = torch.softmax(torch.tensor([-1.0, -2.0, -1.5, -3.0, -0.5], dtype=torch.float64), 0)
-    assert s["mc2"] == pytest.approx(float(probs[:2].sum()))
-    assert C.mc_scores(item, {"a": 0.0, "b": -9.0, "c": -1.0, "d": -1.0, "e": -1.0})["mc1"] == 1.0
+    assert s["mc1"] == 0.0  # "e" (-0.5) beats the best answer (-1.0)
+    # MC2 = (e^-1 + e^-2) / (e^-1 + e^-2 + e^-1.5 + e^-3 + e^-0.5)
+    #     = (0.367879 + 0.135335) / (0.367879 + 0.135335 + 0.223130 + 0.049787 + 0.606531) = 0.363946
+    assert s["mc2"] == pytest.approx(0.363946, abs=1e-6)
+    s = C.mc_scores(item, {"a": 0.0, "b": -9.0, "c": -1.0, "d": -1.0, "e": -1.0})
+    assert s["mc1"] == 1.0  # the best answer beats every incorrect one, whatever "b" scores
+    # (1 + e^-9) / (1 + e^-9 + 3 e^-1) = 1.000123 / 2.103762 = 0.475398
+    assert s["mc2"] == pytest.approx(0.475398, abs=1e-6)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
@@ -152,12 +156,22 @@ def test_cached_option_scoring_equals_uncached(make_lm: Any, family: str) -> Non
 
 
 def test_truthfulqa_on_a_tiny_model(make_lm: Any, tmp_path: Path) -> None:
+    """MC1 and MC2 against the same answers scored one by one, without the shared context cache."""
     lm = make_lm("qwen2")
-    out = C.truthfulqa_mc(lm, C.load_truthfulqa(_tqa(tmp_path), 2))
+    tok = lm.tokenizer
+    items = C.load_truthfulqa(_tqa(tmp_path), 2)
+    out = C.truthfulqa_mc(lm, items)
     assert out["n"] == 2
-    assert 0.0 <= out["mc1"] <= 1.0 and 0.0 <= out["mc2"] <= 1.0
-    for row in out["rows"]:
-        assert row["mc2"] + row["mass_incorrect"] == pytest.approx(1.0)
+    for item, row in zip(items, out["rows"], strict=True):
+        context = tok(C.format_prompt(tok, item.question), add_special_tokens=False)["input_ids"]
+        answers = item.correct + item.incorrect
+        ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+        lp = score_continuations(lm, [context] * len(ids), ids).logprob_sum.tolist()
+        p = [math.exp(x - max(lp)) for x in lp]
+        mc2 = sum(p[: len(item.correct)]) / sum(p)
+        assert row["mc2"] == pytest.approx(mc2, abs=1e-4)
+        assert row["mc1"] == float(all(lp[0] > x for x in lp[len(item.correct) :]))
+    assert out["mc2"] == pytest.approx(sum(r["mc2"] for r in out["rows"]) / 2)
 
 
 def test_lm_eval_missing_is_a_clear_error(make_lm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,3 +187,27 @@ def test_lm_eval_missing_is_a_clear_error(make_lm: Any, monkeypatch: pytest.Monk
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(RefusalkitError, match=r"refusalkit\[lm-eval\]"):
         C.lm_eval_tasks(make_lm("qwen2"), ["arc_easy"])
+
+
+def test_option_scoring_leaves_the_context_cache_as_it_was(
+    make_lm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The context's KV cache is copied for the options, never extended in place (a cache shared with
+    another caller would otherwise hold the options' keys too)."""
+    from refusalkit.activations import run_prefix
+
+    lm = make_lm("llama")
+    seen: list[Any] = []
+
+    def spy(lm_: Any, ids: list[int]) -> Any:
+        cache, logits = run_prefix(lm_, ids)
+        seen.append(cache)
+        return cache, logits
+
+    monkeypatch.setattr(C, "run_prefix", spy)
+    ctx, opts = [5, 6, 7, 8], [[9], [10, 11, 12]]
+    first = C.option_logprobs(lm, ctx, opts)
+    (cache,) = seen
+    assert cache.get_seq_length() == len(ctx)
+    assert all(layer.keys.shape[0] == 1 for layer in cache.layers)  # still one row, not repeated
+    torch.testing.assert_close(C.option_logprobs(lm, ctx, opts), first, rtol=0, atol=0)

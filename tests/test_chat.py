@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -142,6 +143,35 @@ def test_decode_stream_never_splits_a_character() -> None:
 
 def test_printable_hides_terminal_controls() -> None:
     assert printable("a\x1b[2Jb\r\tc\n\x07") == "a\ufffd[2Jb\ufffd\tc\n\ufffd"
+
+
+def test_edited_is_the_searchs_chosen_edit_when_there_is_one(chat_run: Path, tmp_path: Path) -> None:
+    from refusalkit.directions import Candidates
+    from refusalkit.search.edit import EditParams, Kernel, applied_edit
+
+    run = tmp_path / "searched"
+    shutil.copytree(chat_run, run)
+    layout = RunLayout(run)
+    gen = torch.Generator().manual_seed(5)
+    Candidates(torch.randn(2, 4, 64, generator=gen) * 4, torch.randn(2, 4, 64, generator=gen)).save(
+        layout.candidates
+    )
+    params = EditParams(
+        position=-2, layer=1, attn=Kernel(peak=1.0, position=1, minimum=0.5, width=2), embed=1.0
+    )
+    write_json(layout.chosen, {"trial": 7, "edit": params.model_dump()})
+    chat = load_chat_model(run)
+    try:
+        assert chat.edited_label == "the search's chosen edit (trial 7)"
+        edited = chat.reply(ask(PROMPT), Setting("edited"), MAX_NEW)
+        assert edited != chat.reply(ask(PROMPT), Setting("ablation"), MAX_NEW)
+        with applied_edit(chat.lm, Candidates.load(layout.candidates), params):
+            assert edited == generate(chat.lm, [chat.prompt(ask(PROMPT))], max_new_tokens=MAX_NEW)[0]
+    finally:
+        chat.close()
+    write_json(layout.chosen, {"trial": 7})
+    with pytest.raises(RefusalkitError, match="no readable edit"):
+        load_chat_model(run)
 
 
 class Recorder(io.StringIO):

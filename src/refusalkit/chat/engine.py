@@ -3,9 +3,8 @@
 There is one copy of the model in memory. What each setting means:
 
 - ``original``: no intervention.
-- ``edited``: the model ``refusalkit orthogonalize`` exports, i.e. the run's direction projected out of
-  the weights with ``orthogonalized`` (or the edit chosen by the search, when search/chosen.json exists
-  and the search package is installed). The weight edit is applied when an edited answer is first
+- ``edited``: the model the run exports: the edit the search chose (``applied_edit``), when
+  search/chosen.json exists, else the run's direction projected out of the weights (``orthogonalized``). The weight edit is applied when an edited answer is first
   asked for and kept until an answer under another setting needs the original weights, then restored
   bit for bit: a conversation with the edited model pays for the edit once, not per answer. Weights,
   not the ablation hooks, because what you talk to should be exactly the checkpoint you would keep.
@@ -240,19 +239,22 @@ def load_chat_model(run_dir: str | Path) -> ChatModel:
 
 
 def search_edit(layout: RunLayout, lm: LoadedModel) -> WeightEdit | None:
-    """The edit the search chose (search/chosen.json), if there is one and the search package exists."""
+    """The edit the search chose (search/chosen.json, written by `refusalkit optimize`), if any."""
     if not layout.chosen.is_file():
         return None
-    try:
-        from refusalkit.search import applied_edit  # type: ignore[attr-defined]
-    except ImportError:
-        return None
     from refusalkit.directions import Candidates
+    from refusalkit.search.edit import EditParams, applied_edit
     from refusalkit.utils import read_json
 
-    chosen = read_json(layout.chosen)
+    try:
+        chosen = read_json(layout.chosen)
+        params = EditParams.model_validate(chosen["edit"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RefusalkitError(
+            f"{layout.chosen} holds no readable edit ({type(exc).__name__}: {exc}); rerun "
+            f"`refusalkit optimize {layout.root}` or delete it to chat with the orthogonalized model"
+        ) from None
     candidates = Candidates.load(layout.candidates)
-    params = chosen.get("params", chosen)
-    return WeightEdit(
-        "the edit chosen by the search (search/chosen.json)", lambda: applied_edit(lm, candidates, params)
-    )
+    trial = chosen.get("trial")
+    label = "the search's chosen edit" + (f" (trial {trial})" if trial is not None else "")
+    return WeightEdit(label, lambda: applied_edit(lm, candidates, params))

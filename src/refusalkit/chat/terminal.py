@@ -101,8 +101,7 @@ class Terminal:
             self.ask(line)
 
     def describe(self) -> str:
-        mode = f"side by side: original | {self.right().label}" if self.both else self.setting.label
-        return mode
+        return f"side by side: original | {self.right().label}" if self.both else self.setting.label
 
     def right(self) -> Setting:
         """The setting compared with the original in side-by-side mode."""

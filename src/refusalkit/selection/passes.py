@@ -22,7 +22,6 @@ from torch import nn
 
 from refusalkit.activations import (
     PromptBatches,
-    cache_kwarg,
     last_logits,
     logits_after_prefix,
     logits_for_batches,
@@ -79,29 +78,36 @@ def ablated_logits(lm: LoadedModel, enc: PromptBatches, directions: torch.Tensor
 
 
 class _Recorder:
-    """Pre-hooks that keep each block's input and call arguments during one forward pass."""
+    """Pre-hooks that keep each block's input and call arguments during one forward pass (the KV
+    cache argument left out: a replay passes its own)."""
 
     def __init__(self, lm: LoadedModel, layers: list[int]) -> None:
         self.lm, self.layers = lm, layers
-        self.calls: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+        self.cache_key: str | None = None  # the blocks' name for their KV-cache argument
 
     @contextmanager
     def recording(self) -> Iterator[dict[int, tuple[torch.Tensor, dict[str, Any]]]]:
+        from transformers import Cache
+
         calls: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
-        first = min(self.layers)
 
         def make(layer: int) -> Any:
             def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 if args[1:]:
                     raise TypeError("decoder block called with extra positional arguments")
+                hidden = args[0] if args else kwargs["hidden_states"]
+                rest = {}
+                for k, v in kwargs.items():
+                    if isinstance(v, Cache):
+                        self.cache_key = k
+                    elif k != "hidden_states":
+                        rest[k] = v
                 calls[layer] = (hidden if layer in self.layers else hidden[:, :0], rest)
 
             return hook
 
         blocks = self.lm.arch.blocks
-        regs = [_register_pre(blocks[i], make(i)) for i in range(first, len(blocks))]
+        regs = [_register_pre(blocks[i], make(i)) for i in range(min(self.layers), len(blocks))]
         with hooks(regs):
             yield calls
 
@@ -115,7 +121,6 @@ class ResidReplay:
 
     def __init__(self, lm: LoadedModel, enc: PromptBatches, layers: list[int]) -> None:
         self.lm, self.enc, self.layers = lm, enc, sorted(set(layers))
-        self.key = cache_kwarg(lm.model)
         rec = _Recorder(lm, self.layers)
         self.prefix_calls: dict[int, tuple[torch.Tensor, dict[str, Any]]] | None = None
         self.cache = None
@@ -134,6 +139,7 @@ class ResidReplay:
                         past = select_cache_rows(self.cache, torch.zeros(len(_rows), dtype=torch.long))
                         logits.append(logits_after_prefix(lm, past, len(enc.prefix), input_ids, mask).cpu())
                 self.batch_calls.append(calls)
+        self.cache_key = rec.cache_key
         self.baseline = _in_input_order(enc, logits)  # [n, vocab]
         self.exact = self._self_check()
 
@@ -185,7 +191,7 @@ class ResidReplay:
         # As add_direction: float32 at least, pad positions never steered, one rounding.
         h = (h.to(work) + m.to(device=h.device, dtype=work)[..., None] * delta).to(h.dtype)
         for i in range(layer, len(self.lm.arch.blocks)):
-            kwargs = {**calls[i][1], self.key: cache}
+            kwargs = calls[i][1] if self.cache_key is None else {**calls[i][1], self.cache_key: cache}
             out = self.lm.arch.blocks[i](h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         return h

@@ -109,11 +109,11 @@ def test_errors_are_reported(make_lm: Any) -> None:
 
 
 def test_search_checkpoints_and_resumes(make_lm: Any) -> None:
-    import json
-
+    """A search resumed from a checkpoint continues from the saved suffix exactly as the uninterrupted
+    search went on: every later step picks the same suffix with the same loss."""
     lm = make_lm("qwen2")
     config = GCGConfig(
-        n_steps=4, search_width=16, topk=8, init=INIT, target="Sure", seed=1, stop_on_match=False
+        n_steps=5, search_width=16, topk=8, init=INIT, target="Sure", seed=1, stop_on_match=False
     )
     partials: list[dict[str, Any]] = []
     full = run_gcg(
@@ -125,13 +125,34 @@ def test_search_checkpoints_and_resumes(make_lm: Any) -> None:
         checkpoint_every=2,
     )
     assert [p["history"][-1]["step"] for p in partials] == [2, 4]
-    assert all(p["stopped"] == "running" and "current_ids" in p["meta"] for p in partials)
-    # Resume from the step-2 checkpoint (as read back from its JSON file): steps 3 and 4 run, the
-    # history and the best so far carry over, and the result is complete.
-    saved = json.loads(json.dumps(partials[0]))
+    assert all(p["stopped"] == "running" for p in partials)
+    saved = json.loads(json.dumps(partials[0]))  # as read back from its JSON file
+    assert saved["meta"]["current_ids"] != lm.tokenizer.encode(INIT, add_special_tokens=False)
     resumed = run_gcg(lm, PROMPTS[:1], config, progress=False, resume=saved)
-    assert [h["step"] for h in resumed.history] == [0, 1, 2, 3, 4]
-    assert [(h["loss"], h["suffix"]) for h in resumed.history[:3]] == [
-        (h["loss"], h["suffix"]) for h in full.history[:3]
-    ]
-    assert resumed.best_loss <= saved["best"]["loss"] and resumed.stopped == "n_steps"
+
+    def steps(r: Any) -> list[tuple[int, float, str]]:
+        return [(h["step"], h["loss"], h["suffix"]) for h in r.history]
+
+    assert steps(resumed) == steps(full)
+    assert (resumed.best_ids, resumed.best_loss, resumed.best_step) == (
+        full.best_ids,
+        full.best_loss,
+        full.best_step,
+    )
+    assert resumed.stopped == "n_steps"
+
+
+def test_scoring_never_extends_the_prefix_caches(make_lm: Any) -> None:
+    """Each batch runs on a copy of a prompt's prefix cache; the shared caches keep their length."""
+    lm = make_lm("llama")
+    obj = SuffixObjective(
+        lm, PROMPTS, GCGConfig(init=INIT, objective="both", prefix_cache=True), _direction(lm)
+    )
+    assert obj.caches is not None
+    lengths = [c.get_seq_length() for c in obj.caches]
+    ids = obj.initial_ids()
+    first = obj.scores(ids[None])
+    obj.gradient(ids)
+    obj.scores(torch.stack([ids, ids]))
+    assert [c.get_seq_length() for c in obj.caches] == lengths == [len(b) for b in obj.before]
+    torch.testing.assert_close(obj.scores(ids[None]).target, first.target, rtol=0, atol=0)

@@ -1,0 +1,149 @@
+"""The Pareto front as an artifact (search/front.json), choosing a point from it, and printing it.
+
+A point carries its trial number, the edit, the proxy objectives and, once verified, the held-out
+numbers. Choosing prefers verified numbers where a point has them: refusals are the worst judge's rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from refusalkit.errors import RefusalkitError
+from refusalkit.layout import RunLayout
+from refusalkit.search.edit import EditParams
+from refusalkit.utils import read_json, write_json
+
+
+@dataclass
+class Point:
+    trial: int
+    edit: EditParams
+    proxy: dict[str, Any]  # ProxyResult.as_dict()
+    seed: str | None = None
+    verified: dict[str, Any] | None = None  # Verified.as_dict()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def refusal(self) -> float:
+        """Refusal rate used for choosing: verified (worst judge) if available, else the proxy's."""
+        if self.verified:
+            return max(self.verified["refused"].values()) / self.verified["n"]
+        return float(self.proxy["refusal"])
+
+    @property
+    def kl(self) -> float:
+        return float((self.verified or self.proxy)["kl"]["mean"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "trial": self.trial,
+            "seed": self.seed,
+            "edit": self.edit.model_dump(mode="json"),
+            "proxy": self.proxy,
+            "verified": self.verified,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Point:
+        return cls(
+            d["trial"], EditParams.model_validate(d["edit"]), d["proxy"], d.get("seed"), d.get("verified")
+        )
+
+    @classmethod
+    def from_trial(cls, t: Any) -> Point:
+        return cls(
+            t.number,
+            EditParams.model_validate(t.user_attrs["edit"]),
+            t.user_attrs["proxy"],
+            t.user_attrs.get("seed"),
+        )
+
+
+def write_front(layout: RunLayout, data: dict[str, Any]) -> None:
+    write_json(layout.front, data)
+
+
+def read_front(layout: RunLayout) -> dict[str, Any]:
+    if not layout.front.is_file():
+        raise RefusalkitError(
+            f"no search front in {layout.root}; run `refusalkit optimize {layout.root}` first"
+        )
+    return dict(read_json(layout.front))
+
+
+def points_of(front: dict[str, Any]) -> list[Point]:
+    return [Point.from_dict(d) for d in front.get("points", [])]
+
+
+def choose(
+    points: list[Point],
+    *,
+    trial: int | None = None,
+    max_kl: float | None = None,
+    max_refusals: float | None = None,
+) -> Point:
+    """Pick a point: by trial number; else the fewest refusals with KL <= max_kl; else the lowest KL with
+    refusals <= max_refusals (a rate, 0..1); else the fewest refusals. Verified points come first."""
+    if not points:
+        raise RefusalkitError("the front is empty; run the search with a larger budget")
+    if trial is not None:
+        match = [p for p in points if p.trial == trial]
+        if not match:
+            raise RefusalkitError(
+                f"trial {trial} is not on the front; on it: {sorted(p.trial for p in points)}"
+            )
+        return match[0]
+    pool = [p for p in points if p.verified] or points
+    if max_kl is not None:
+        ok = [p for p in pool if p.kl <= max_kl]
+        if not ok:
+            raise RefusalkitError(
+                f"no front point has KL <= {max_kl}; the lowest is {min(p.kl for p in pool):.4f}. "
+                "Raise --max-kl or search longer"
+            )
+        return min(ok, key=lambda p: (p.refusal, p.kl))
+    if max_refusals is not None:
+        ok = [p for p in pool if p.refusal <= max_refusals]
+        if not ok:
+            raise RefusalkitError(
+                f"no front point refuses at most {max_refusals:.2f}; the fewest is {min(p.refusal for p in pool):.2f}. "
+                "Raise --max-refusals or search longer"
+            )
+        return min(ok, key=lambda p: (p.kl, p.refusal))
+    return min(pool, key=lambda p: (p.refusal, p.kl))
+
+
+def format_front(points: list[Point], chosen: int | None = None) -> str:
+    """A plain-text table: proxy and verified objectives per front point."""
+    head = (
+        f"{'trial':>6} {'seed':<10}{'proxy refusal':>14}{'proxy KL':>10}"
+        f"{'refused (paper/heretic)':>25}{'KL mean':>9}{'median':>8}{'max':>8}  edit"
+    )
+    lines = [head]
+    for p in points:
+        v = p.verified
+        if v:
+            refused = f"{v['refused'].get('paper', '-')}/{v['refused'].get('heretic', '-')} of {v['n']}"
+            kl = f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
+        else:
+            refused, kl = "-", f"{'-':>9}{'-':>8}{'-':>8}"
+        mark = "*" if p.trial == chosen else " "
+        lines.append(
+            f"{mark}{p.trial:>5} {(p.seed or ''):<10}{p.proxy['refusal']:>14.3f}{p.proxy['kl']['mean']:>10.4f}"
+            f"{refused:>25}{kl}  {describe(p.edit)}"
+        )
+    return "\n".join(lines)
+
+
+def describe(e: EditParams) -> str:
+    """One short line naming an edit."""
+    where = f"L{e.layer:.1f}" if e.source != "per_layer" else "per-layer"
+    flags = "".join(f" {f}" for f, on in (("proj", e.projected), ("norm", e.norm_preserving)) if on)
+
+    def k(name: str, kern: Any) -> str:
+        width = "all" if kern.width is None else f"{kern.width:.1f}"
+        return f"{name} {kern.peak:.2f}@{kern.position:.1f}->{kern.minimum:.2f}/{width}"
+
+    embed = f" embed {e.embed:.2f}" if e.embed else ""
+    return f"{e.source} {where} pos {e.position}{flags}; {k('attn', e.attn)}; {k('mlp', e.mlp)}{embed}"

@@ -1,0 +1,317 @@
+"""`refusalkit optimize RUN_DIR`: search edits on a run's candidates, verify the front, choose, export.
+
+Reads the run folder (settings in the manifest, splits, extract/candidates.safetensors and, if the
+select stage ran, the paper's pick), keeps one model loaded for every trial, and writes
+search/study.db (the Optuna study), search/front.json and search/chosen.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from refusalkit.data import load_instructions
+from refusalkit.directions import Candidates, Direction
+from refusalkit.errors import RefusalkitError
+from refusalkit.layout import RunLayout
+from refusalkit.metric import refusal_token_ids
+from refusalkit.models.loading import LoadedModel, load_model
+from refusalkit.prompts import format_prompts
+from refusalkit.search.edit import EditParams, applied_edit, export_edit_checkpoint
+from refusalkit.search.front import Point, choose, points_of, write_front
+from refusalkit.search.objectives import ProxyScorer
+from refusalkit.search.space import SearchSpace, seed_params
+from refusalkit.search.study import Budget, Seed, front_trials, open_study, run_search, trial_records
+from refusalkit.search.verify import Verifier
+from refusalkit.settings import Settings, build_settings
+from refusalkit.utils import read_json, sha256_file, sha256_text, write_json
+
+log = logging.getLogger(__name__)
+
+
+class OptimizeOptions(BaseModel):
+    """Options of `refusalkit optimize` (the run's own settings come from its manifest)."""
+
+    trials: int = Field(
+        40, ge=1, description="Completed trials the study should hold (a resumed study counts its old ones)."
+    )
+    minutes: float | None = Field(
+        10.0, gt=0, description="Wall-time budget for this call's trials; unset: no limit."
+    )
+    seed: int = Field(0, description="Seed of the Optuna sampler.")
+    startup_trials: int = Field(8, ge=0, description="Random trials before TPE starts modelling.")
+    harmful_prompts: str | None = Field(
+        None,
+        description="Harmful prompts for the refusal proxy (data spec); default: the run's harmful_val split.",
+    )
+    kl_prompts: str | None = Field(
+        None,
+        description="Harmless prompts for the search's KL (data spec); default: DATA_DIR/refusal_direction/"
+        "splits/harmless_val.json, else the run's harmless train and val splits.",
+    )
+    kl_n: int = Field(100, ge=1, description="Harmless prompts for the search's KL (first N).")
+    batch_size: int = Field(32, ge=1, description="Prompts per forward pass.")
+    sources: list[str] = Field(
+        ["interpolated", "per_layer"],
+        description="Direction sources to search: interpolated, per_layer, candidate.",
+    )
+    edit_embed: bool = Field(False, description="Also search the token-embedding edit (slower per trial).")
+    verify_n: int = Field(
+        3, ge=0, description="Front points to verify on held-out prompts with full generations."
+    )
+    verify_harmful: str | None = Field(
+        None,
+        description="Held-out harmful prompts for verification (data spec); default: the run's harmful_test split.",
+    )
+    verify_harmless: str | None = Field(
+        None,
+        description="Held-out harmless prompts for verification KL (data spec); default: DATA_DIR/refusal_direction/"
+        "splits/harmless_test.json, else the run's harmless_test split.",
+    )
+    verify_kl_n: int = Field(
+        100, ge=1, description="Held-out harmless prompts for verification KL (first N)."
+    )
+    verify_max_new_tokens: int = Field(
+        64, ge=1, description="New tokens per verification completion (greedy)."
+    )
+    gen_batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+    system_prompt: str | None = Field(None, description="System prompt; default: the run's.")
+    max_kl: float | None = Field(
+        None, gt=0, description="Choose the fewest refusals with KL <= this (also limits what is verified)."
+    )
+    max_refusals: float | None = Field(
+        None, ge=0, le=1, description="Choose the lowest KL with refusal rate <= this."
+    )
+    trial: int | None = Field(None, ge=0, description="Choose this trial number.")
+    export: bool = Field(False, description="Export the chosen edit as a checkpoint into RUN_DIR/model.")
+
+
+def run_settings(layout: RunLayout) -> Settings:
+    saved = read_json(layout.manifest).get("settings", {}) if layout.manifest.is_file() else {}
+    return build_settings(base=saved)
+
+
+def _spec_prompts(spec: str, n: int | None) -> list[str]:
+    items = load_instructions(spec).instructions
+    return items[:n] if n is not None else items
+
+
+def _prompt_sets(layout: RunLayout, s: Settings, o: OptimizeOptions) -> dict[str, list[str]]:
+    """Instructions for each role: harmful (proxy), harmless (search KL), and the held-out sets."""
+    if not layout.splits.is_file():
+        raise RefusalkitError(
+            f"{layout.splits} is missing; run `refusalkit extract --out {layout.root}` first"
+        )
+    splits = read_json(layout.splits)["splits"]
+    shared = Path(s.data_dir) / "refusal_direction" / "splits"
+
+    def default(file: str, fallback: list[str], n: int) -> list[str]:
+        path = shared / file
+        return _spec_prompts(str(path), n) if path.is_file() else fallback[:n]
+
+    sets = {
+        "harmful": _spec_prompts(o.harmful_prompts, None) if o.harmful_prompts else splits["harmful_val"],
+        "harmless": _spec_prompts(o.kl_prompts, o.kl_n)
+        if o.kl_prompts
+        else default("harmless_val.json", splits["harmless_train"] + splits["harmless_val"], o.kl_n),
+        "harmful_test": _spec_prompts(o.verify_harmful, None) if o.verify_harmful else splits["harmful_test"],
+        "harmless_test": _spec_prompts(o.verify_harmless, o.verify_kl_n)
+        if o.verify_harmless
+        else default("harmless_test.json", splits["harmless_test"], o.verify_kl_n),
+    }
+    for name, n in (("harmless", o.kl_n), ("harmless_test", o.verify_kl_n)):
+        if len(sets[name]) < n:
+            log.warning("only %d %s prompts for KL (asked for %d)", len(sets[name]), name, n)
+    return sets
+
+
+def _seeds(layout: RunLayout, cands: Candidates, space: SearchSpace) -> list[Seed]:
+    """The paper's pick, exactly as orthogonalized, then its direction inside the search space."""
+    if not layout.direction.with_suffix(".json").is_file():
+        return []
+    d = Direction.load(layout.direction)
+    out = [Seed("paper", edit=EditParams.orthogonalization(d.layer, d.position))]
+    for params in seed_params(d.layer, d.position, cands.n_layers, space):
+        out.append(Seed("paper-dir" + ("-proj" if params["projected"] else ""), params=params))
+    return out
+
+
+def _filter_refused(scorer: ProxyScorer) -> None:
+    """Keep the harmful prompts the unedited model refuses (metric > 0), as the paper's selection does."""
+    metric = scorer.harmful_metric()
+    kept = [p for p, m in zip(scorer.harmful, metric.tolist(), strict=True) if m > 0]
+    if len(kept) >= 2:
+        scorer.harmful = kept
+
+
+def _fingerprint(
+    lm: LoadedModel, layout: RunLayout, sets: dict[str, list[str]], ids: list[int], space: SearchSpace
+) -> str:
+    parts = {
+        "model": lm.fingerprint,
+        "candidates": sha256_file(layout.candidates),
+        "harmful": sha256_text("\n".join(sets["harmful"])),
+        "harmless": sha256_text("\n".join(sets["harmless"])),
+        "refusal_ids": ids,
+        "space": space.model_dump(mode="json"),
+    }
+    return sha256_text(json.dumps(parts, sort_keys=True))[:16]
+
+
+def _to_verify(points: list[Point], n: int, max_kl: float | None) -> list[Point]:
+    """The ``n`` front points with the lowest expected refusal among those within ``max_kl`` (proxy)."""
+    pool = [p for p in points if max_kl is None or p.proxy["kl"]["mean"] <= max_kl] or points[:1]
+    return sorted(pool, key=lambda p: (p.proxy["refusal"], p.proxy["kl"]["mean"]))[:n]
+
+
+def _verify(
+    lm: LoadedModel,
+    cands: Candidates,
+    points: list[Point],
+    sets: dict[str, list[str]],
+    o: OptimizeOptions,
+    system: str | None,
+    cached: dict[int, Any],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    todo = [p for p in _to_verify(points, o.verify_n, o.max_kl) if p.trial not in cached]
+    for p in points:
+        p.verified = cached.get(p.trial)
+    if not todo:
+        return cached
+    verifier = Verifier(
+        lm,
+        format_prompts(lm.tokenizer, sets["harmful_test"], system),
+        format_prompts(lm.tokenizer, sets["harmless_test"], system),
+        max_new_tokens=o.verify_max_new_tokens,
+        batch_size=o.batch_size,
+        gen_batch_size=o.gen_batch_size,
+    )
+    for p in todo:
+        with applied_edit(lm, cands, p.edit):
+            v = verifier(desc=f"verify trial {p.trial}")
+        p.verified = cached[p.trial] = v.as_dict()
+        say(f"verified trial {p.trial}: refused {v.refused} of {v.n}, KL {v.kl.mean:.4f} ({v.seconds:.0f} s)")
+    return cached
+
+
+def _verify_fingerprint(sets: dict[str, list[str]], o: OptimizeOptions, system: str | None) -> str:
+    parts = [sets["harmful_test"], sets["harmless_test"], o.verify_max_new_tokens, system]
+    return sha256_text(json.dumps(parts))[:16]
+
+
+def optimize(
+    layout: RunLayout,
+    o: OptimizeOptions,
+    *,
+    lm: LoadedModel | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Search (resuming any study in the run), verify the front, choose and optionally export.
+
+    Returns the front artifact (also written to search/front.json) with the chosen trial number.
+    """
+    if not layout.candidates.is_file():
+        raise RefusalkitError(
+            f"no candidates in {layout.root} ({layout.candidates} is missing); run "
+            f"`refusalkit extract --out {layout.root}` first"
+        )
+    t0 = time.perf_counter()
+    s = run_settings(layout)
+    system = o.system_prompt if o.system_prompt is not None else s.system_prompt
+    cands = Candidates.load(layout.candidates)
+    lm = lm or load_model(s.model, **s.model_kwargs())
+    space = SearchSpace(sources=o.sources, edit_embed=o.edit_embed)
+    sets = _prompt_sets(layout, s, o)
+    ids = refusal_token_ids(lm.tokenizer, s.refusal_tokens)
+    study = open_study(layout.study, _fingerprint(lm, layout, sets, ids, space), o.seed, o.startup_trials)
+    fmt = lambda xs: format_prompts(lm.tokenizer, xs, system)  # noqa: E731
+    scorer = ProxyScorer(lm, fmt(sets["harmful"]), fmt(sets["harmless"]), ids, o.batch_size)
+    t_harmful = time.perf_counter()
+    _filter_refused(scorer)
+    estimate = scorer.baseline_seconds + (time.perf_counter() - t_harmful)
+    budget = Budget(o.trials, o.minutes * 60 if o.minutes else None)
+    t_search = time.perf_counter()
+    ran = run_search(
+        study,
+        lm,
+        cands,
+        scorer,
+        space,
+        budget,
+        seeds=_seeds(layout, cands, space),
+        trial_estimate=estimate,
+        progress=lambda i, n: say(f"trial {i}/{n}") if i % 5 == 0 else None,
+    )
+    search_seconds = time.perf_counter() - t_search
+    points = [Point.from_trial(t) for t in front_trials(study)]
+    vfp = _verify_fingerprint(sets, o, system)
+    old = read_json(layout.front) if layout.front.is_file() else {}
+    cached = (
+        {p["trial"]: p["verified"] for p in old.get("points", []) if p.get("verified")}
+        if old.get("verify_fingerprint") == vfp
+        else {}
+    )
+    t_verify = time.perf_counter()
+    if o.verify_n:
+        _verify(lm, cands, points, sets, o, system, cached, say)
+    if o.trial is not None:
+        chosen = _by_trial(study, points, o.trial)
+    else:
+        chosen = choose(points, max_kl=o.max_kl, max_refusals=o.max_refusals)
+    front = {
+        "objectives": list(study.user_attrs.get("objectives", [])),
+        "points": [p.as_dict() for p in points],
+        "trials": trial_records(study),
+        "chosen": chosen.trial,
+        "verify_fingerprint": vfp,
+        "sets": {k: len(v) for k, v in sets.items()} | {"harmful_refused_by_base": len(scorer.harmful)},
+        "verify_max_new_tokens": o.verify_max_new_tokens,
+        "system_prompt": system,
+        "n_layers": cands.n_layers,
+        "seconds": {
+            "search": round(search_seconds, 1),
+            "verify": round(time.perf_counter() - t_verify, 1),
+            "total": round(time.perf_counter() - t0, 1),
+        },
+        "trials_run": ran,
+    }
+    write_front(layout, front)
+    write_chosen(layout, chosen, cands.n_layers)
+    if o.export:
+        out = export_edit_checkpoint(lm, cands, chosen.edit, layout.model_dir)
+        say(f"checkpoint: {out}")
+    return front
+
+
+def _by_trial(study: Any, points: list[Point], number: int) -> Point:
+    """Any completed trial can be chosen by number, on the front or not."""
+    for p in points:
+        if p.trial == number:
+            return p
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number and t.values is not None:
+            return Point.from_trial(t)
+    raise RefusalkitError(f"trial {number} did not complete; on the front: {sorted(p.trial for p in points)}")
+
+
+def write_chosen(layout: RunLayout, p: Point, n_layers: int) -> None:
+    write_json(layout.chosen, p.as_dict() | {"kernels": p.edit.kernels(n_layers), "embed": p.edit.embed})
+
+
+def chosen_edit(layout: RunLayout) -> EditParams:
+    """The edit chosen in a run's search (for exports that run on another module's model)."""
+    if not layout.chosen.is_file():
+        raise RefusalkitError(
+            f"no chosen edit in {layout.root}; run `refusalkit optimize {layout.root}` first"
+        )
+    return EditParams.model_validate(read_json(layout.chosen)["edit"])
+
+
+__all__ = ["OptimizeOptions", "chosen_edit", "optimize", "points_of"]

@@ -1,0 +1,215 @@
+"""The search loop: an Optuna multi-objective study stored in the run folder, resumable, on a budget.
+
+Each trial draws an edit (``space.suggest``), applies it to the loaded model's weights, scores the two
+cheap objectives (expected refusal, mean first-token KL), and restores the weights bit for bit. Trials
+live in an Optuna RDB storage (sqlite) in the run folder: an interrupted search continues the same study
+on the next call. Seed trials (the paper's pick, when the run has one) are enqueued first, so the front
+can only improve on them. Every trial records its full ``EditParams`` and proxy scores as user attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from refusalkit.directions import Candidates
+from refusalkit.errors import RefusalkitError
+from refusalkit.models.loading import LoadedModel
+from refusalkit.search.edit import EditParams, applied_edit
+from refusalkit.search.objectives import ProxyScorer
+from refusalkit.search.space import SearchSpace, suggest
+
+log = logging.getLogger(__name__)
+
+STUDY_NAME = "edit-search"
+OBJECTIVES = ("expected refusal (mean P of refusal tokens, harmful val)", "first-token KL mean (harmless)")
+
+
+def require_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise RefusalkitError(
+            "the edit search needs Optuna: pip install 'refusalkit[search]' (or pip install optuna)"
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+@dataclass
+class Budget:
+    trials: int  # completed trials the study should hold in all (a resumed study counts its old ones)
+    seconds: float | None = None  # wall time for this call's trials; None: no limit
+
+
+@dataclass
+class Seed:
+    """A trial to run first: fixed ``edit`` (used as is) or ``params`` in the space's own names."""
+
+    name: str
+    edit: EditParams | None = None
+    params: dict[str, Any] | None = None
+
+
+def _completed(study: Any) -> list[Any]:
+    optuna = require_optuna()
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def open_study(path: Path, fingerprint: str, seed: int, startup_trials: int) -> Any:
+    """Create or resume the study in ``path``. Refuses a study made for another model/candidates/prompts."""
+    optuna = require_optuna()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{path}"
+    # The sampler's seed moves with the study's size, so a resumed search does not redraw old trials.
+    existing = 0
+    if path.is_file():
+        try:
+            existing = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials)
+        except KeyError:
+            existing = 0
+    sampler = optuna.samplers.TPESampler(
+        seed=seed + existing,
+        n_startup_trials=startup_trials,
+        multivariate=True,
+        warn_independent_sampling=False,
+    )
+    study = optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=storage,
+        directions=["minimize", "minimize"],
+        sampler=sampler,
+        load_if_exists=True,
+    )
+    saved = study.user_attrs.get("fingerprint")
+    if saved is None:
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("objectives", list(OBJECTIVES))
+    elif saved != fingerprint:
+        raise RefusalkitError(
+            f"{path} holds a search made with another model, candidates or prompt sets; move or delete it "
+            "to start a new search (its trials are not comparable with this one's)"
+        )
+    return study
+
+
+def _recover_stale(study: Any) -> None:
+    """Trials left running by a killed process: mark them failed, and run seed trials again."""
+    optuna = require_optuna()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        if "seed" in t.user_attrs:
+            _requeue(study, t.user_attrs)
+
+
+def _enqueue(study: Any, seeds: list[Seed]) -> None:
+    for s in seeds:
+        attrs: dict[str, Any] = {"seed": s.name, "seed_params": s.params or {}}
+        if s.edit is not None:
+            attrs["edit"] = s.edit.model_dump(mode="json")
+        study.enqueue_trial(s.params or {}, user_attrs=attrs)
+
+
+def _requeue(study: Any, attrs: dict[str, Any]) -> None:
+    """Enqueue a seed trial again from the user attributes it was enqueued with."""
+    keep = {k: attrs[k] for k in ("seed", "seed_params") if k in attrs}
+    if "edit" in attrs and not attrs.get("seed_params"):
+        keep["edit"] = attrs["edit"]  # a fixed edit (the paper's); a sampled seed re-suggests its params
+    study.enqueue_trial(attrs.get("seed_params") or {}, user_attrs=keep)
+
+
+def _run_trial(
+    study: Any, lm: LoadedModel, cands: Candidates, scorer: ProxyScorer, space: SearchSpace
+) -> float:
+    optuna = require_optuna()
+    trial = study.ask()
+    try:
+        fixed = trial.user_attrs.get("edit")
+        if fixed is not None:
+            params = EditParams.model_validate(fixed)
+        else:
+            params = suggest(trial, space, cands.n_layers, cands.n_positions)
+            trial.set_user_attr("edit", params.model_dump(mode="json"))
+        with applied_edit(lm, cands, params):
+            result = scorer()
+        trial.set_user_attr("proxy", result.as_dict())
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if "seed" in trial.user_attrs:  # a seed trial must still run when the search resumes
+            _requeue(study, trial.user_attrs)
+        raise
+    study.tell(trial, [result.refusal, result.kl.mean])
+    log.info(
+        "trial %d: expected refusal %.3f (%d/%d), KL %.4f, %.1f s",
+        trial.number,
+        result.refusal,
+        result.refused,
+        result.n_harmful,
+        result.kl.mean,
+        result.seconds,
+    )
+    return result.seconds
+
+
+def run_search(
+    study: Any,
+    lm: LoadedModel,
+    cands: Candidates,
+    scorer: ProxyScorer,
+    space: SearchSpace,
+    budget: Budget,
+    *,
+    seeds: list[Seed] | None = None,
+    trial_estimate: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Run trials until the study holds ``budget.trials`` completed ones or the time is spent.
+
+    trial_estimate: seconds one trial is expected to take (default: the scorer's baseline pass); a
+    time budget smaller than that raises before any trial runs. Returns the number of trials run.
+    """
+    _recover_stale(study)
+    if not study.trials and seeds:
+        _enqueue(study, seeds)
+    todo = budget.trials - len(_completed(study))
+    if todo <= 0:
+        return 0
+    estimate = trial_estimate if trial_estimate is not None else 2.0 * scorer.baseline_seconds
+    if budget.seconds is not None and budget.seconds < estimate:
+        raise RefusalkitError(
+            f"one trial takes about {estimate:.0f} s here, more than the time budget of {budget.seconds:.0f} s; "
+            "raise --minutes (the study is unchanged)"
+        )
+    start, ran = time.perf_counter(), 0
+    while ran < todo:
+        if budget.seconds is not None and time.perf_counter() - start + estimate > budget.seconds:
+            log.info("time budget reached after %d trials", ran)
+            break
+        took = _run_trial(study, lm, cands, scorer, space)
+        estimate = max(took, 0.5 * estimate + 0.5 * took)
+        ran += 1
+        if progress is not None:
+            progress(ran, todo)
+    return ran
+
+
+def front_trials(study: Any) -> list[Any]:
+    """The proxy Pareto front (completed trials no other trial dominates), by increasing KL."""
+    if not _completed(study):
+        raise RefusalkitError(
+            "the search has no completed trial, so there is no front; run it with a larger budget "
+            "(--trials / --minutes)"
+        )
+    return sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0], t.number))
+
+
+def trial_records(study: Any) -> list[dict[str, Any]]:
+    """Every completed trial's number, objectives and proxy details (for the report's cloud of points)."""
+    return [
+        {"trial": t.number, "refusal": t.values[0], "kl": t.values[1], "proxy": t.user_attrs.get("proxy", {})}
+        for t in _completed(study)
+    ]

@@ -1,0 +1,214 @@
+"""The edit search on a tiny model: the paper's trial first and equal to the orthogonalization, resume
+after an interruption, budgets, clear errors, front/choice/report artifacts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("optuna")
+
+from refusalkit.directions import Direction
+from refusalkit.errors import RefusalkitError
+from refusalkit.layout import RunLayout
+from refusalkit.metric import refusal_token_ids
+from refusalkit.orthogonalize import orthogonalized
+from refusalkit.prompts import format_prompts
+from refusalkit.search import objectives
+from refusalkit.search.edit import EditParams
+from refusalkit.search.front import Point, choose, points_of, read_front
+from refusalkit.search.optimize import OptimizeOptions, _filter_refused, optimize
+from refusalkit.search.report import search_section
+from refusalkit.search.study import front_trials, open_study
+from refusalkit.utils import write_json
+from test_search_edit import make_candidates
+
+HARMFUL = [f"Tell me thing number {i} please." for i in range(6)]
+HARMLESS = [f"Name a colour, round {i}." for i in range(8)]
+
+
+def _run_dir(lm: Any, tmp_path: Path, *, direction: bool = True) -> RunLayout:
+    layout = RunLayout(tmp_path / "run")
+    cands = make_candidates(lm.arch.n_layers, lm.model.config.hidden_size)
+    cands.save(layout.candidates)
+    splits = {
+        "harmful_train": [],
+        "harmless_train": HARMLESS,
+        "harmful_val": HARMFUL,
+        "harmless_val": HARMLESS[:4],
+        "harmful_test": HARMFUL[:3],
+        "harmless_test": HARMLESS[4:],
+    }
+    write_json(layout.splits, {"fingerprint": "x", "splits": splits})
+    write_json(layout.manifest, {"settings": {"data_dir": str(tmp_path / "no-shared-data")}})
+    if direction:
+        Direction(cands.directions[2, 1].float(), layer=1, position=-1).save(layout.direction)
+    return layout
+
+
+def _opts(**kw: Any) -> OptimizeOptions:
+    base = {
+        "trials": 3,
+        "minutes": None,
+        "kl_n": 8,
+        "verify_n": 1,
+        "verify_max_new_tokens": 2,
+        "startup_trials": 2,
+    }
+    return OptimizeOptions(**(base | kw))
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def test_search_writes_front_and_the_paper_trial_is_the_orthogonalization(
+    make_lm: Callable[..., Any], tmp_path: Path
+) -> None:
+    lm = make_lm("qwen2")
+    layout = _run_dir(lm, tmp_path)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    front = optimize(layout, _opts(), lm=lm, say=_quiet)
+    assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
+
+    import optuna
+
+    study = optuna.load_study(study_name="edit-search", storage=f"sqlite:///{layout.study}")
+    trials = [t for t in study.trials if t.values is not None]
+    assert len(trials) == 3
+    first = trials[0]
+    assert first.number == 0 and first.user_attrs["seed"] == "paper"
+    assert EditParams.model_validate(first.user_attrs["edit"]) == EditParams.orthogonalization(1, -1)
+    # Score the paper's orthogonalization directly; the enqueued trial must report the same numbers.
+    ids = refusal_token_ids(lm.tokenizer, ["I", "As"])
+    scorer = objectives.ProxyScorer(
+        lm, format_prompts(lm.tokenizer, HARMFUL), format_prompts(lm.tokenizer, HARMLESS), ids, 32
+    )
+    _filter_refused(scorer)
+    with orthogonalized(lm, Direction.load(layout.direction).vector):
+        want = scorer()
+    assert first.values[0] == pytest.approx(want.refusal, abs=1e-5)
+    assert first.values[1] == pytest.approx(want.kl.mean, abs=1e-5)
+
+    saved = read_front(layout)
+    assert saved["chosen"] == front["chosen"] and saved["points"]
+    assert any(p["verified"] for p in saved["points"])
+    v = next(p["verified"] for p in saved["points"] if p["verified"])
+    assert (
+        set(v["refused"]) == {"paper", "heretic"}
+        and v["n"] == 3
+        and set(v["kl"]) >= {"mean", "median", "max"}
+    )
+    chosen = json.loads(layout.chosen.read_text())
+    assert len(chosen["kernels"]["attn"]) == lm.arch.n_layers
+    html = search_section(layout)
+    assert html is not None and html.count("data:image/png;base64,") == 2
+
+
+def test_resume_after_interruption_continues_the_same_study(
+    make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna
+
+    lm = make_lm("qwen2")
+    layout = _run_dir(lm, tmp_path)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    real_call = objectives.ProxyScorer.__call__
+    calls = {"n": 0}
+
+    def interrupted(self: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_call(self)
+
+    monkeypatch.setattr(objectives.ProxyScorer, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optimize(layout, _opts(trials=5), lm=lm, say=_quiet)
+    assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
+    storage = f"sqlite:///{layout.study}"
+    before = optuna.load_study(study_name="edit-search", storage=storage).trials
+    done = [(t.number, t.params, t.values) for t in before if t.state.name == "COMPLETE"]
+    assert len(done) == 2 and before[2].state.name == "FAIL"
+
+    monkeypatch.setattr(objectives.ProxyScorer, "__call__", real_call)
+    optimize(layout, _opts(trials=5), lm=lm, say=_quiet)
+    after = optuna.load_study(study_name="edit-search", storage=storage).trials
+    complete = [t for t in after if t.state.name == "COMPLETE"]
+    assert len(complete) == 5
+    assert [(t.number, t.params, t.values) for t in complete[:2]] == done  # the old trials are kept
+    seeds = [t.user_attrs.get("seed") for t in complete]
+    assert seeds.count("paper") == 1 and "paper-dir-proj" in seeds  # the interrupted seed ran on resume
+    assert max(t.number for t in complete) >= 5  # numbering continued
+
+
+def test_budget_too_small_is_clear_and_loses_nothing(make_lm: Callable[..., Any], tmp_path: Path) -> None:
+    import optuna
+
+    lm = make_lm("qwen2")
+    layout = _run_dir(lm, tmp_path)
+    optimize(layout, _opts(trials=2, verify_n=0), lm=lm, say=_quiet)
+    front_before = layout.front.read_text()
+    with pytest.raises(RefusalkitError, match="time budget"):
+        optimize(layout, _opts(trials=4, minutes=1e-6, verify_n=0), lm=lm, say=_quiet)
+    study = optuna.load_study(study_name="edit-search", storage=f"sqlite:///{layout.study}")
+    assert len([t for t in study.trials if t.values is not None]) == 2
+    assert layout.front.read_text() == front_before
+
+
+def test_missing_candidates_and_empty_front_are_clear(make_lm: Callable[..., Any], tmp_path: Path) -> None:
+    lm = make_lm("qwen2")
+    empty = RunLayout(tmp_path / "empty")
+    with pytest.raises(RefusalkitError, match="no candidates"):
+        optimize(empty, _opts(), lm=lm, say=_quiet)
+    assert not empty.study.exists()
+    study = open_study(tmp_path / "s" / "study.db", "fp", 0, 2)
+    with pytest.raises(RefusalkitError, match="no completed trial"):
+        front_trials(study)
+    with pytest.raises(RefusalkitError, match="empty"):
+        choose([])
+    with pytest.raises(RefusalkitError, match="another model"):
+        open_study(tmp_path / "s" / "study.db", "other", 0, 2)
+    with pytest.raises(RefusalkitError, match="optimize"):
+        read_front(empty)
+    assert search_section(empty) is None
+
+
+def test_search_without_a_paper_pick(make_lm: Callable[..., Any], tmp_path: Path) -> None:
+    lm = make_lm("llama")
+    layout = _run_dir(lm, tmp_path, direction=False)
+    front = optimize(layout, _opts(trials=2, verify_n=0, sources=["per_layer"]), lm=lm, say=_quiet)
+    points = points_of(front)
+    assert points and all(p.seed is None and p.edit.source == "per_layer" for p in points)
+
+
+def _pt(trial: int, refusal: float, kl: float, verified: tuple[int, float] | None = None) -> Point:
+    proxy = {"refusal": refusal, "kl": {"mean": kl}}
+    v = (
+        {"refused": {"paper": verified[0], "heretic": verified[0]}, "n": 100, "kl": {"mean": verified[1]}}
+        if verified
+        else None
+    )
+    return Point(trial, EditParams(), proxy, verified=v)
+
+
+def test_choose_rules() -> None:
+    pts = [
+        _pt(0, 0.0, 0.2, (1, 0.21)),
+        _pt(1, 0.1, 0.05, (8, 0.04)),
+        _pt(2, 0.3, 0.01, (30, 0.012)),
+        _pt(3, 0.5, 0.001),
+    ]
+    assert choose(pts).trial == 0
+    assert choose(pts, max_kl=0.05).trial == 1
+    assert choose(pts, max_refusals=0.1).trial == 1
+    assert choose(pts, trial=3).trial == 3
+    with pytest.raises(RefusalkitError, match=r"lowest is 0\.0120"):
+        choose(pts, max_kl=0.005)
+    with pytest.raises(RefusalkitError, match="not on the front"):
+        choose(pts, trial=9)

@@ -48,8 +48,20 @@ def tiny_tokenizer():  # type: ignore[no-untyped-def]
     return fast
 
 
-def tiny_model(family: str, seed: int = 0, vocab_size: int = 272, **overrides: object):  # type: ignore[no-untyped-def]
+ATTENTION = ("eager", "sdpa")  # the kernels tests run under; real CPU/GPU loads default to sdpa
+
+
+def tiny_model(family: str, seed: int = 0, vocab_size: int = 272, attn: str = "eager", **overrides: object):  # type: ignore[no-untyped-def]
+    """A tiny random model of ``family`` running the ``attn`` attention kernel ("eager" or "sdpa").
+
+    Eager is the default because attention probabilities exist only there; sdpa is what a real load
+    picks, and it treats masks differently (a padded row whose pads sit between a cached prefix and the
+    prompt runs only there in real use), so tests of padding and the prefix cache run both.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    if attn not in ATTENTION:
+        raise ValueError(f"attn must be one of {ATTENTION}")
 
     torch.manual_seed(seed)
     kwargs: dict[str, object] = {
@@ -65,7 +77,7 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 272, **overrides: o
         **overrides,
     }
     config = AutoConfig.for_model(family, **kwargs)
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config)
     # Random init is tiny; scale weights up so directions and interventions have visible effects.
     with torch.no_grad():
@@ -92,13 +104,13 @@ def _threads(request: pytest.FixtureRequest) -> object:
 
 @pytest.fixture
 def make_lm() -> Callable[..., object]:
-    """Factory: make_lm(family, **config overrides) -> LoadedModel with a tiny random model."""
+    """Factory: make_lm(family, seed, attn="eager"|"sdpa", **config overrides) -> LoadedModel."""
     from refusalkit.models.adapters import resolve_arch
     from refusalkit.models.loading import LoadedModel
 
-    def make(family: str = "qwen2", seed: int = 0, **overrides: object) -> LoadedModel:
+    def make(family: str = "qwen2", seed: int = 0, attn: str = "eager", **overrides: object) -> LoadedModel:
         tok = tiny_tokenizer()
-        model = tiny_model(family, seed=seed, vocab_size=len(tok), **overrides)
+        model = tiny_model(family, seed=seed, vocab_size=len(tok), attn=attn, **overrides)
         tok.padding_side = "left"
         return LoadedModel(
             model, tok, resolve_arch(model), f"tiny-{family}", "memory", f"tiny-{family}-{seed}"

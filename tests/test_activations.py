@@ -129,12 +129,18 @@ def test_only_one_batch_is_held(make_lm: Callable[..., Any], monkeypatch: pytest
     assert result.metrics == []
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
-def test_shared_prefix_equals_plain_batches(make_lm: Callable[..., Any], family: str) -> None:
-    """A long system turn is a common prefix; running it once must not change the logits, hooks or not."""
+@pytest.mark.parametrize(
+    ("family", "attn"), [("qwen2", "eager"), ("gemma2", "eager"), ("qwen2", "sdpa"), ("llama", "sdpa")]
+)
+def test_shared_prefix_equals_plain_batches(make_lm: Callable[..., Any], family: str, attn: str) -> None:
+    """A long system turn is a common prefix; running it once must not change the logits, hooks or not.
+
+    After the cached prefix, a left-padded batch has its pads in the middle of each row (prefix, pads,
+    prompt); sdpa and eager handle such masks differently, so both run.
+    """
     from refusalkit.interventions import ablate_direction
 
-    lm = make_lm(family)
+    lm = make_lm(family, attn=attn)
     prompts = format_prompts(lm.tokenizer, INSTRUCTIONS, system="You are a careful, helpful assistant.")
     single = torch.cat([last_logits(lm, encode(lm.tokenizer, [p])) for p in prompts])
     shared = logits_for_prompts(lm, prompts, 2, share_prefix=True)
@@ -147,3 +153,43 @@ def test_shared_prefix_equals_plain_batches(make_lm: Callable[..., Any], family:
         single = torch.cat([last_logits(lm, encode(lm.tokenizer, [p])) for p in prompts])
         shared = logits_for_prompts(lm, prompts, 3, share_prefix=True)
     torch.testing.assert_close(shared, single, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_activation_addition_under_the_prefix_cache(
+    make_lm: Callable[..., Any], attn: str, layer: int
+) -> None:
+    """Activation addition steers the cached prefix and every real prompt token, never the pads between
+    them: the shared-prefix batches give each prompt's own logits, and the addition changes them."""
+    from refusalkit.interventions import add_direction
+
+    lm = make_lm("qwen2", attn=attn)
+    prompts = format_prompts(lm.tokenizer, INSTRUCTIONS, system="You are a careful, helpful assistant.")
+    vector = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    base = logits_for_prompts(lm, prompts, 3, share_prefix=True)
+    with add_direction(lm.arch, vector, layer, 1.5):
+        single = torch.cat([last_logits(lm, encode(lm.tokenizer, [p])) for p in prompts])
+        shared = logits_for_prompts(lm, prompts, 3, share_prefix=True)
+    scale = single.abs().max()
+    assert (single - base).abs().max() > 1e-2 * scale  # the addition matters
+    torch.testing.assert_close(shared, single, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_run_prefix_matches_a_full_pass(make_lm: Callable[..., Any], attn: str) -> None:
+    """run_prefix's last logits equal a plain pass, and a copy of its cache continues a prompt exactly
+    as the whole prompt run at once, leaving the cache itself as it was."""
+    from refusalkit.activations import cache_kwarg, repeat_cache, run_prefix
+
+    lm = make_lm("llama", attn=attn)
+    ids = lm.tokenizer(_prompts(lm)[2], add_special_tokens=False)["input_ids"]
+    cut = len(ids) // 2
+    cache, logits = run_prefix(lm, ids[:cut])
+    whole = lm.model(input_ids=torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(logits, whole[cut - 1], rtol=0, atol=1e-5 * whole.abs().max())
+    rest = lm.model(
+        input_ids=torch.tensor([ids[cut:]]), use_cache=True, **{cache_kwarg(lm.model): repeat_cache(cache, 1)}
+    ).logits[0]
+    torch.testing.assert_close(rest.float(), whole[cut:], rtol=0, atol=1e-5 * whole.abs().max())
+    assert cache.get_seq_length() == cut

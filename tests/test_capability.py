@@ -142,9 +142,9 @@ def test_mc_scores_against_a_hand_computation() -> None:
     assert s["mc2"] == pytest.approx(0.475398, abs=1e-6)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
-def test_cached_option_scoring_equals_uncached(make_lm: Any, family: str) -> None:
-    lm = make_lm(family)
+@pytest.mark.parametrize(("family", "attn"), [("qwen2", "eager"), ("gemma2", "eager"), ("qwen2", "sdpa")])
+def test_cached_option_scoring_equals_uncached(make_lm: Any, family: str, attn: str) -> None:
+    lm = make_lm(family, attn=attn)
     tok = lm.tokenizer
     ctx = tok("<|im_start|>user\nPick one<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
         "input_ids"

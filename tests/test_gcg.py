@@ -46,11 +46,11 @@ def test_search_is_seeded(make_lm: Any) -> None:
     assert a.best_ids == b.best_ids and [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
-def test_prefix_cache_and_one_hot_are_exact(make_lm: Any, family: str) -> None:
+@pytest.mark.parametrize(("family", "attn"), [("qwen2", "eager"), ("gemma2", "eager"), ("llama", "sdpa")])
+def test_prefix_cache_and_one_hot_are_exact(make_lm: Any, family: str, attn: str) -> None:
     """Cached prefix == full recompute, and the one-hot (gradient) path scores what the ids path does;
     gemma2 scales its embeddings by sqrt(d_model), which the one-hot path must reproduce."""
-    lm = make_lm(family)
+    lm = make_lm(family, attn=attn)
     d = _direction(lm)
     objs = [
         SuffixObjective(lm, PROMPTS, GCGConfig(init=INIT, objective="both", prefix_cache=c), d)

@@ -61,9 +61,11 @@ def _hook_counts(model: torch.nn.Module) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_ablation_leaves_no_component_anywhere(make_lm: Callable[..., Any], family: str) -> None:
-    lm = make_lm(family)
+@pytest.mark.parametrize(
+    ("family", "attn"), [(f, "eager") for f in FAMILIES] + [("qwen2", "sdpa"), ("phi3", "sdpa")]
+)
+def test_ablation_leaves_no_component_anywhere(make_lm: Callable[..., Any], family: str, attn: str) -> None:
+    lm = make_lm(family, attn=attn)
     batch = _batch(lm)
     direction = torch.randn(lm.model.config.hidden_size) * 3
     u = direction / direction.norm()
@@ -80,9 +82,12 @@ def test_ablation_leaves_no_component_anywhere(make_lm: Callable[..., Any], fami
         assert proj <= 1e-5 * h[real].norm(dim=-1).max(), float(proj)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_add_direction_only_at_layer_and_real_tokens(make_lm: Callable[..., Any], padding_side: str) -> None:
-    lm = make_lm("llama")
+def test_add_direction_only_at_layer_and_real_tokens(
+    make_lm: Callable[..., Any], padding_side: str, attn: str
+) -> None:
+    lm = make_lm("llama", attn=attn)
     batch = _batch(lm, padding_side)
     assert not batch.attention_mask.all()  # the batch has pads
     vector = torch.randn(lm.model.config.hidden_size)

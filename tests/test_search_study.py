@@ -184,7 +184,8 @@ def test_search_without_a_paper_pick(make_lm: Callable[..., Any], tmp_path: Path
     layout = _run_dir(lm, tmp_path, direction=False)
     front = optimize(layout, _opts(trials=2, verify_n=0, sources=["per_layer"]), lm=lm, say=_quiet)
     points = points_of(front)
-    assert points and all(p.seed is None and p.edit.source == "per_layer" for p in points)
+    assert points and all(p.edit.source == "per_layer" for p in points)
+    assert all(p.seed in (None, "mid-dir", "mid-dir-proj") for p in points)
 
 
 def _pt(trial: int, refusal: float, kl: float, verified: tuple[int, float] | None = None) -> Point:

@@ -134,7 +134,11 @@ def _prompt_sets(layout: RunLayout, s: Settings, o: OptimizeOptions) -> dict[str
 def _seeds(layout: RunLayout, cands: Candidates, space: SearchSpace) -> list[Seed]:
     """The paper's pick, exactly as orthogonalized, then its direction inside the search space."""
     if not layout.direction.with_suffix(".json").is_file():
-        return []
+        # No selection ran: start from the last position's direction two thirds of the way up, where
+        # the paper's rules usually pick (a starting point for the sampler, nothing more).
+        layer = round(2 * (cands.n_layers - 1) / 3)
+        params = seed_params(layer, -1, cands.n_layers, space)
+        return [Seed("mid-dir" + ("-proj" if p["projected"] else ""), params=p) for p in params]
     d = Direction.load(layout.direction)
     out = [Seed("paper", edit=EditParams.orthogonalization(d.layer, d.position))]
     for params in seed_params(d.layer, d.position, cands.n_layers, space):

@@ -1,0 +1,112 @@
+"""refusalkit's edit search on heretic's protocol, from a cold start; prints the front as a table.
+
+Protocol (heretic 1.4.0's evaluation, as issue 7 states it):
+  - refusals: the 100 JailbreakBench behaviours (DATA_DIR/refusal_direction/processed/jailbreakbench.json),
+    greedy, 50 new tokens, system prompt "You are a helpful assistant.", counted with heretic's marker
+    list and with the paper's phrase list (refusalkit.search.verify);
+  - harm: first-token KL(original || edited) on the first 100 harmless_test prompts
+    (DATA_DIR/refusal_direction/splits/harmless_test.json), same template; mean, median, max;
+  - time: wall clock of everything from a cold start (model load, extraction, search, verification).
+The search itself never sees these prompts: its refusal proxy runs on the run's harmful validation
+split and its KL on the first 100 prompts of harmless_val.json.
+
+Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 6] [--verify-n 2] [--max-kl 0.02]
+Runs the real default model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from refusalkit.layout import RunLayout
+from refusalkit.search.front import format_front, points_of
+from refusalkit.search.optimize import OptimizeOptions, optimize
+from refusalkit.settings import build_settings
+
+SYSTEM = "You are a helpful assistant."
+# heretic 1.4.0 on the default model, same 2-core CPU (float32, 12 trials, its defaults otherwise, batch
+# 64, 46 minutes in all), as measured for issue 7: (refusals /100 by heretic's markers, KL).
+HERETIC_FRONT = [(8, 0.046), (10, 0.032), (12, 0.017), (51, 0.0029)]
+HERETIC_BASELINE = 74
+PAPER_PICK = (5, 0, 0.151)  # the paper's pick on this protocol: heretic markers, paper phrases, KL
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/vs-heretic"), help="Run folder (replaced).")
+    ap.add_argument("--model", default=None, help="Model (default: the project's default model).")
+    ap.add_argument("--minutes", type=float, default=6.0, help="Search budget (wall time of the trials).")
+    ap.add_argument("--trials", type=int, default=200, help="Trial cap (the time budget usually ends first).")
+    ap.add_argument("--verify-n", type=int, default=2, help="Front points verified on the protocol.")
+    ap.add_argument("--max-kl", type=float, default=0.02, help="Verify and choose within this proxy KL.")
+    ap.add_argument("--n-val", type=int, default=32, help="Harmful validation prompts for the proxy.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--keep", action="store_true", help="Resume an existing run folder instead of replacing it."
+    )
+    ap.add_argument("--startup-trials", type=int, default=4, help="Random trials before TPE models.")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("refusalkit.search").setLevel(logging.INFO)
+
+    t0 = time.perf_counter()
+    if args.out.exists() and not args.keep:
+        shutil.rmtree(args.out)
+    from refusalkit.models.loading import load_model
+    from refusalkit.pipeline import Run
+
+    flags = {"system_prompt": SYSTEM, "n_val": args.n_val, "export_checkpoint": False}
+    if args.model:
+        flags["model"] = args.model
+    settings = build_settings(flags)
+    data = Path(settings.data_dir) / "refusal_direction"
+    lm = load_model(settings.model, **settings.model_kwargs())
+    t_load = time.perf_counter() - t0
+    Run(args.out, settings, lm=lm).extract()  # writes the candidates, splits and manifest
+    t_extract = time.perf_counter() - t0 - t_load
+    opts = OptimizeOptions(
+        trials=args.trials,
+        minutes=args.minutes,
+        seed=args.seed,
+        startup_trials=args.startup_trials,
+        verify_n=args.verify_n,
+        verify_harmful=str(data / "processed" / "jailbreakbench.json"),
+        verify_harmless=str(data / "splits" / "harmless_test.json"),
+        verify_kl_n=100,
+        verify_max_new_tokens=50,
+        max_kl=args.max_kl,
+        system_prompt=SYSTEM,
+    )
+    front = optimize(RunLayout(args.out), opts, lm=lm, say=lambda m: print(f"[bench] {m}", flush=True))
+    total = time.perf_counter() - t0
+    secs = front["seconds"]
+
+    print(
+        f"\nmodel {lm.name}; {front['sets']}; verification: greedy {front['verify_max_new_tokens']} new tokens"
+    )
+    print(format_front(points_of(front), front["chosen"]))
+    print("\nverified points (JailbreakBench 100, 50 tokens; KL on harmless_test[:100]):")
+    print(f"{'who':<28}{'refusals heretic':>17}{'paper':>7}{'KL mean':>9}{'median':>8}{'max':>8}")
+    for p in points_of(front):
+        if p.verified:
+            v = p.verified
+            print(
+                f"{'refusalkit trial ' + str(p.trial):<28}{v['refused']['heretic']:>17}{v['refused']['paper']:>7}"
+                f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
+            )
+    print(f"{'paper pick (issue 7)':<28}{PAPER_PICK[0]:>17}{PAPER_PICK[1]:>7}{PAPER_PICK[2]:>9.3f}")
+    for refusals, kl in HERETIC_FRONT:
+        print(f"{'heretic 1.4.0 (issue 7)':<28}{refusals:>17}{'-':>7}{kl:>9.4f}")
+    print(f"(heretic baseline: {HERETIC_BASELINE}/100 refusals by its markers; 46 minutes for 12 trials)")
+    print(
+        f"\nwall time from a cold start: {total / 60:.1f} min (load {t_load:.0f} s, extract {t_extract:.0f} s, "
+        f"search {secs['search']:.0f} s for {front['trials_run']} trials, verification {secs['verify']:.0f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

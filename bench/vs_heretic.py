@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument(
         "--keep", action="store_true", help="Resume an existing run folder instead of replacing it."
     )
+    ap.add_argument(
+        "--baseline", action="store_true", help="Also verify the unedited model (+1 generation pass)."
+    )
     ap.add_argument("--startup-trials", type=int, default=4, help="Random trials before TPE models.")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -78,6 +81,7 @@ def main() -> None:
         verify_harmless=str(data / "splits" / "harmless_test.json"),
         verify_kl_n=100,
         verify_max_new_tokens=50,
+        verify_baseline=args.baseline,
         max_kl=args.max_kl,
         system_prompt=SYSTEM,
     )
@@ -98,6 +102,9 @@ def main() -> None:
                 f"{'refusalkit trial ' + str(p.trial):<28}{v['refused']['heretic']:>17}{v['refused']['paper']:>7}"
                 f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
             )
+    if front.get("baseline"):
+        b = front["baseline"]
+        print(f"{'unedited model':<28}{b['refused']['heretic']:>17}{b['refused']['paper']:>7}{0.0:>9.4f}")
     print(f"{'paper pick (issue 7)':<28}{PAPER_PICK[0]:>17}{PAPER_PICK[1]:>7}{PAPER_PICK[2]:>9.3f}")
     for refusals, kl in HERETIC_FRONT:
         print(f"{'heretic 1.4.0 (issue 7)':<28}{refusals:>17}{'-':>7}{kl:>9.4f}")

@@ -104,6 +104,7 @@ def test_search_writes_front_and_the_paper_trial_is_the_orthogonalization(
         and v["n"] == 3
         and set(v["kl"]) >= {"mean", "median", "max"}
     )
+    assert saved["baseline"]["n"] == 3 and saved["baseline"]["kl"]["max"] == pytest.approx(0.0, abs=1e-9)
     chosen = json.loads(layout.chosen.read_text())
     assert len(chosen["kernels"]["attn"]) == lm.arch.n_layers
     html = search_section(layout)

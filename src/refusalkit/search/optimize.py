@@ -80,6 +80,9 @@ class OptimizeOptions(BaseModel):
     verify_max_new_tokens: int = Field(
         64, ge=1, description="New tokens per verification completion (greedy)."
     )
+    verify_baseline: bool = Field(
+        True, description="Also verify the unedited model (one more generation pass)."
+    )
     gen_batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
     system_prompt: str | None = Field(None, description="System prompt; default: the run's.")
     max_kl: float | None = Field(
@@ -178,36 +181,73 @@ def _verify(
     lm: LoadedModel,
     cands: Candidates,
     points: list[Point],
+    verifier: Callable[[], Verifier],
+    o: OptimizeOptions,
+    cache: dict[str, Any],
+    say: Callable[[str], None],
+) -> None:
+    """Verify the chosen front points (and the unedited model) unless ``cache`` holds their results."""
+    done: dict[int, Any] = cache.setdefault("points", {})
+    todo = [p for p in _to_verify(points, o.verify_n, o.max_kl) if p.trial not in done]
+    need_base = o.verify_baseline and cache.get("baseline") is None
+    v_of: Verifier | None = verifier() if todo or need_base else None
+    if need_base and v_of is not None:
+        cache["baseline"] = v_of(desc="verify baseline").as_dict()
+        say(
+            f"verified the unedited model: refused {cache['baseline']['refused']} of {cache['baseline']['n']}"
+        )
+    for p in todo:
+        assert v_of is not None
+        with applied_edit(lm, cands, p.edit):
+            v = v_of(desc=f"verify trial {p.trial}")
+        done[p.trial] = v.as_dict()
+        say(f"verified trial {p.trial}: refused {v.refused} of {v.n}, KL {v.kl.mean:.4f} ({v.seconds:.0f} s)")
+    for p in points:
+        p.verified = done.get(p.trial)
+
+
+def _verify_cache(
+    layout: RunLayout, sets: dict[str, list[str]], o: OptimizeOptions, system: str | None
+) -> dict[str, Any]:
+    """Earlier verification results of this run, if they were made on the same held-out prompts."""
+    fp = sha256_text(
+        json.dumps([sets["harmful_test"], sets["harmless_test"], o.verify_max_new_tokens, system])
+    )[:16]
+    old = read_json(layout.front) if layout.front.is_file() else {}
+    if old.get("verify_fingerprint") != fp:
+        return {"fingerprint": fp, "points": {}, "baseline": None}
+    points = {p["trial"]: p["verified"] for p in old.get("points", []) if p.get("verified")}
+    return {"fingerprint": fp, "points": points, "baseline": old.get("baseline")}
+
+
+def _search(
+    layout: RunLayout,
+    lm: LoadedModel,
+    cands: Candidates,
     sets: dict[str, list[str]],
     o: OptimizeOptions,
     system: str | None,
-    cached: dict[int, Any],
+    ids: list[int],
     say: Callable[[str], None],
-) -> dict[str, Any]:
-    todo = [p for p in _to_verify(points, o.verify_n, o.max_kl) if p.trial not in cached]
-    for p in points:
-        p.verified = cached.get(p.trial)
-    if not todo:
-        return cached
-    verifier = Verifier(
-        lm,
-        format_prompts(lm.tokenizer, sets["harmful_test"], system),
-        format_prompts(lm.tokenizer, sets["harmless_test"], system),
-        max_new_tokens=o.verify_max_new_tokens,
-        batch_size=o.batch_size,
-        gen_batch_size=o.gen_batch_size,
-    )
-    for p in todo:
-        with applied_edit(lm, cands, p.edit):
-            v = verifier(desc=f"verify trial {p.trial}")
-        p.verified = cached[p.trial] = v.as_dict()
-        say(f"verified trial {p.trial}: refused {v.refused} of {v.n}, KL {v.kl.mean:.4f} ({v.seconds:.0f} s)")
-    return cached
-
-
-def _verify_fingerprint(sets: dict[str, list[str]], o: OptimizeOptions, system: str | None) -> str:
-    parts = [sets["harmful_test"], sets["harmless_test"], o.verify_max_new_tokens, system]
-    return sha256_text(json.dumps(parts))[:16]
+) -> tuple[Any, int, float]:
+    """Open (or resume) the study and run this call's trials. Returns (study, trials run, seconds)."""
+    space = SearchSpace(sources=o.sources, edit_embed=o.edit_embed)
+    study = open_study(layout.study, _fingerprint(lm, layout, sets, ids, space), o.seed, o.startup_trials)
+    done = sum(t.values is not None for t in study.get_trials(deepcopy=False))
+    if done >= o.trials:
+        return study, 0, 0.0  # nothing to run: no baseline pass needed
+    fmt = lambda xs: format_prompts(lm.tokenizer, xs, system)  # noqa: E731
+    scorer = ProxyScorer(lm, fmt(sets["harmful"]), fmt(sets["harmless"]), ids, o.batch_size)
+    t_harmful = time.perf_counter()
+    _filter_refused(scorer)
+    estimate = scorer.baseline_seconds + (time.perf_counter() - t_harmful)
+    t0 = time.perf_counter()
+    ran = run_search(
+        study, lm, cands, scorer, space, Budget(o.trials, o.minutes * 60 if o.minutes else None),
+        seeds=_seeds(layout, cands, space), trial_estimate=estimate,
+        progress=lambda i, n: say(f"trial {i}/{n}") if i % 5 == 0 else None,
+    )  # fmt: skip
+    return study, ran, time.perf_counter() - t0
 
 
 def optimize(
@@ -231,66 +271,44 @@ def optimize(
     system = o.system_prompt if o.system_prompt is not None else s.system_prompt
     cands = Candidates.load(layout.candidates)
     lm = lm or load_model(s.model, **s.model_kwargs())
-    space = SearchSpace(sources=o.sources, edit_embed=o.edit_embed)
     sets = _prompt_sets(layout, s, o)
     ids = refusal_token_ids(lm.tokenizer, s.refusal_tokens)
-    study = open_study(layout.study, _fingerprint(lm, layout, sets, ids, space), o.seed, o.startup_trials)
-    fmt = lambda xs: format_prompts(lm.tokenizer, xs, system)  # noqa: E731
-    scorer = ProxyScorer(lm, fmt(sets["harmful"]), fmt(sets["harmless"]), ids, o.batch_size)
-    t_harmful = time.perf_counter()
-    _filter_refused(scorer)
-    estimate = scorer.baseline_seconds + (time.perf_counter() - t_harmful)
-    budget = Budget(o.trials, o.minutes * 60 if o.minutes else None)
-    t_search = time.perf_counter()
-    ran = run_search(
-        study,
-        lm,
-        cands,
-        scorer,
-        space,
-        budget,
-        seeds=_seeds(layout, cands, space),
-        trial_estimate=estimate,
-        progress=lambda i, n: say(f"trial {i}/{n}") if i % 5 == 0 else None,
-    )
-    search_seconds = time.perf_counter() - t_search
+    study, ran, search_seconds = _search(layout, lm, cands, sets, o, system, ids, say)
     points = [Point.from_trial(t) for t in front_trials(study)]
-    vfp = _verify_fingerprint(sets, o, system)
-    old = read_json(layout.front) if layout.front.is_file() else {}
-    cached = (
-        {p["trial"]: p["verified"] for p in old.get("points", []) if p.get("verified")}
-        if old.get("verify_fingerprint") == vfp
-        else {}
-    )
+    cache = _verify_cache(layout, sets, o, system)
     t_verify = time.perf_counter()
+
+    def verifier() -> Verifier:
+        return Verifier(
+            lm, format_prompts(lm.tokenizer, sets["harmful_test"], system),
+            format_prompts(lm.tokenizer, sets["harmless_test"], system),
+            max_new_tokens=o.verify_max_new_tokens, batch_size=o.batch_size, gen_batch_size=o.gen_batch_size,
+        )  # fmt: skip
+
     if o.verify_n:
-        _verify(lm, cands, points, sets, o, system, cached, say)
-    if o.trial is not None:
-        chosen = _by_trial(study, points, o.trial)
-    else:
-        chosen = choose(points, max_kl=o.max_kl, max_refusals=o.max_refusals)
+        _verify(lm, cands, points, verifier, o, cache, say)
+    chosen = _by_trial(study, points, o.trial) if o.trial is not None else choose(
+        points, max_kl=o.max_kl, max_refusals=o.max_refusals
+    )  # fmt: skip
     front = {
         "objectives": list(study.user_attrs.get("objectives", [])),
         "points": [p.as_dict() for p in points],
         "trials": trial_records(study),
         "chosen": chosen.trial,
-        "verify_fingerprint": vfp,
-        "sets": {k: len(v) for k, v in sets.items()} | {"harmful_refused_by_base": len(scorer.harmful)},
+        "baseline": cache.get("baseline"),
+        "verify_fingerprint": cache["fingerprint"],
+        "sets": {k: len(v) for k, v in sets.items()},
         "verify_max_new_tokens": o.verify_max_new_tokens,
         "system_prompt": system,
         "n_layers": cands.n_layers,
-        "seconds": {
-            "search": round(search_seconds, 1),
-            "verify": round(time.perf_counter() - t_verify, 1),
-            "total": round(time.perf_counter() - t0, 1),
-        },
+        "seconds": {"search": round(search_seconds, 1), "verify": round(time.perf_counter() - t_verify, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
         "trials_run": ran,
-    }
+    }  # fmt: skip
     write_front(layout, front)
     write_chosen(layout, chosen, cands.n_layers)
     if o.export:
-        out = export_edit_checkpoint(lm, cands, chosen.edit, layout.model_dir)
-        say(f"checkpoint: {out}")
+        say(f"checkpoint: {export_edit_checkpoint(lm, cands, chosen.edit, layout.model_dir)}")
     return front
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +73,13 @@ def open_study(path: Path, fingerprint: str, seed: int, startup_trials: int) -> 
             existing = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials)
         except KeyError:
             existing = 0
-    sampler = optuna.samplers.TPESampler(
-        seed=seed + existing,
-        n_startup_trials=startup_trials,
-        multivariate=True,
-        warn_independent_sampling=False,
-    )
+    with warnings.catch_warnings():
+        # multivariate TPE is experimental in older Optuna and the default (its flag deprecated) in newer.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed + existing, n_startup_trials=startup_trials, multivariate=True
+        )
     study = optuna.create_study(
         study_name=STUDY_NAME,
         storage=storage,

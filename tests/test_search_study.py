@@ -214,3 +214,29 @@ def test_choose_rules() -> None:
         choose(pts, max_kl=0.005)
     with pytest.raises(RefusalkitError, match="not on the front"):
         choose(pts, trial=9)
+
+
+def test_cli_lists_the_front_and_rejects_bad_options(
+    make_lm: Callable[..., Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from refusalkit.search.cli import add_optimize_parser, options_from, run_optimize
+
+    lm = make_lm("qwen2")
+    layout = _run_dir(lm, tmp_path)
+    front = optimize(layout, _opts(trials=2), lm=lm, say=_quiet)
+    parser = argparse.ArgumentParser()
+    add_optimize_parser(parser.add_subparsers(dest="command"))
+    assert run_optimize(parser.parse_args(["optimize", str(layout.root), "--list"])) == 0
+    out = capsys.readouterr().out
+    assert "refused (paper/heretic)" in out and f"*{front['chosen']:>5}" in out
+    args = parser.parse_args(
+        ["optimize", str(layout.root), "--minutes", "2.5", "--sources", "per_layer,candidate"]
+    )
+    opts = options_from(args)
+    assert opts.minutes == 2.5 and opts.sources == ["per_layer", "candidate"] and opts.trials == 40
+    with pytest.raises(RefusalkitError, match="--trials"):
+        options_from(parser.parse_args(["optimize", str(layout.root), "--trials", "0"]))
+    with pytest.raises(RefusalkitError, match="known: interpolated"):
+        options_from(parser.parse_args(["optimize", str(layout.root), "--sources", "sideways"]))

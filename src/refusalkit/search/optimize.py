@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from refusalkit.data import load_instructions
 from refusalkit.directions import Candidates, Direction
@@ -93,6 +93,15 @@ class OptimizeOptions(BaseModel):
     )
     trial: int | None = Field(None, ge=0, description="Choose this trial number.")
     export: bool = Field(False, description="Export the chosen edit as a checkpoint into RUN_DIR/model.")
+
+    @field_validator("sources")
+    @classmethod
+    def _known_sources(cls, v: list[str]) -> list[str]:
+        known = ("interpolated", "per_layer", "candidate")
+        bad = [x for x in v if x not in known]
+        if bad or not v:
+            raise ValueError(f"unknown or no direction source {bad}; known: {', '.join(known)}")
+        return v
 
 
 def run_settings(layout: RunLayout) -> Settings:

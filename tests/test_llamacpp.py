@@ -173,7 +173,7 @@ def test_default_model_export_in_llama_cpp(tmp_path: Path) -> None:
     exported, cvec = result.files
     tok = qwen.tokenizer
     harmful_ids = [_ids(qwen, p) for p in format_prompts(tok, harmful)]
-    harmless_ids = [_ids(qwen, p) for p in format_prompts(tok, harmless)]
+    harmless_ids = [_ids(qwen, p) for p in format_prompts(tok, harmless[:16])]  # KL, control vector
     source, edited = load_gguf(builtin_gguf(DEFAULT), n_ctx=512), load_gguf(exported, n_ctx=512)
 
     def refused(llm: object, prompts: list[list[int]]) -> list[bool]:
@@ -189,17 +189,52 @@ def test_default_model_export_in_llama_cpp(tmp_path: Path) -> None:
     with control_vector(source, cvec, 1.0):
         after = refused(source, harmless_ids)
     newly = sum(a and not b for a, b in zip(after, before, strict=True))
-    with control_vector(source, cvec, -1.0):
-        subtracted = sum(refused(source, harmful_ids))
     n, m = len(harmful_ids), len(harmless_ids)
+    subtracted = "not measured"
+    if given:  # informative only (a measurement run): the vector subtracted from the source model
+        with control_vector(source, cvec, -1.0):
+            subtracted = f"{sum(refused(source, harmful_ids[:16]))}/{min(n, 16)}"
     print(
         f"\n[llama.cpp] export {export_s:.1f} s, {exported.stat().st_size / 1e6:.1f} MB ({exported.name}); "
         f"harmful refusals source {src_refused}/{n}, export {edit_refused}/{n}; first-token KL on {m} harmless "
         f"prompts: export vs transformers-orthogonalized mean {np.mean(kls_edit):.4f} (max {max(kls_edit):.4f}), "
         f"source vs transformers-original mean {np.mean(kls_src):.4f}; control vector +1 on the source: harmless "
         f"refusals {sum(before)}/{m} -> {sum(after)}/{m} (newly refused {newly}); control vector -1 on the "
-        f"source: harmful refusals {subtracted}/{n}"
+        f"source: harmful refusals {subtracted}"
     )
     assert (src_refused - edit_refused) / n >= 0.75, (src_refused, edit_refused, n)
     assert np.mean(kls_edit) < 0.1, kls_edit
     assert newly >= m / 2, (before, after)
+
+
+@pytest.mark.integration
+def test_smollm2_tied_export_in_llama_cpp(tmp_path: Path) -> None:
+    """A real llama-architecture GGUF with a tied head (Q4_1): the export adds the original embedding as
+    output.weight, and llama.cpp's next-token distribution follows transformers' orthogonalized model."""
+    from refusalkit.data import carve
+    from refusalkit.export.gguf import OUTPUT, builtin_gguf
+    from refusalkit.models.registry import status
+    from refusalkit.prompts import format_prompts
+
+    name = "smollm2-135m-instruct"
+    if status(name) == "missing":
+        pytest.skip(f"{name} weights not installed (make models)")
+    smol = load_model(name, dtype="float32", device="cpu")
+    source = builtin_gguf(name)
+    u = torch.randn(smol.arch.embed.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    prompts = format_prompts(smol.tokenizer, carve({"x": ("builtin:harmless", 6)}, seed=1)["x"])
+    ids = [_ids(smol, p) for p in prompts]
+    with orthogonalized(smol, u):
+        info = export_gguf(smol, source, tmp_path / "smol.gguf")
+        want = [_hf_logprobs(smol, x) for x in ids]
+    original = [_hf_logprobs(smol, x) for x in ids]
+    assert info.added == [OUTPUT]
+    llm = load_gguf(tmp_path / "smol.gguf", n_ctx=256)
+    got = [first_token_logprobs(llm, x) for x in ids]
+    kl_edit = [kl(w, g) for w, g in zip(want, got, strict=True)]
+    kl_orig = [kl(o, g) for o, g in zip(original, got, strict=True)]
+    print(
+        f"\n[llama.cpp] smollm2 export: KL vs transformers-orthogonalized mean {np.mean(kl_edit):.4f}, "
+        f"vs the unedited model {np.mean(kl_orig):.4f}"
+    )
+    assert np.mean(kl_edit) < 0.05 and np.mean(kl_edit) < np.mean(kl_orig) / 5

@@ -5,15 +5,20 @@ Every stage test here fails before a model would load, so no weights are needed.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from refusalkit.cli import STAGE_HELP, build_parser, main
+from refusalkit import cli
+from refusalkit.cli import STAGE_HELP, Command, build_parser, main
 from refusalkit.models.registry import BUILTIN_MODELS
-from refusalkit.settings import Settings
+from refusalkit.options import flag_values, options_from_args
+from refusalkit.settings import STAGE_OPTIONS, Settings
 
 
 @pytest.fixture(autouse=True)
@@ -38,35 +43,97 @@ def test_models_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize("command", list(STAGE_HELP))
-def test_help_has_every_field_description(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_the_options_of_the_stages_it_may_run(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each stage command shows its own options and those of the stages before it, nothing else."""
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = _squash(capsys.readouterr().out)
     assert _squash(STAGE_HELP[command]) in out
+    shown = {name for cls in STAGE_OPTIONS[command] for name in cls.model_fields}
     for name, field in Settings.model_fields.items():
-        assert "--" + name.replace("_", "-") in out
-        assert _squash(field.description or "") in out, name
-        assert f"REFUSALKIT_{name.upper()}" in out
+        flag = "--" + name.replace("_", "-")
+        if name in shown:
+            assert flag in out and f"REFUSALKIT_{name.upper()}" in out, name
+            assert _squash(field.description or "") in out, name
+        else:
+            assert f"{flag}[" not in out and f"REFUSALKIT_{name.upper()}]" not in out, name
+
+
+def test_select_help_has_no_measure_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["select", "--help"])
+    out = capsys.readouterr().out
+    assert "--kl-threshold" in out and "--gsm8k-n" not in out and "--max-new-tokens" not in out
 
 
 def test_flags_parse_to_settings_types() -> None:
-    args = build_parser().parse_args(
-        [
-            "run",
-            "--out",
-            "x",
-            "--no-filter-train",
-            "--n-train",
-            "7",
-            "--kl-threshold",
-            "0.5",
-            "--refusal-tokens",
-            "I,No",
-        ]
-    )
-    assert args.filter_train is False and args.n_train == 7 and args.kl_threshold == 0.5
-    assert args.refusal_tokens == "I,No" and args.seed is None  # unset flags stay None: lower sources win
+    argv = "run --out x --no-filter-train --n-train 7 --kl-threshold 0.5 --refusal-tokens I,No"
+    args = build_parser().parse_args([*argv.split(), "--kl-definition", "paper"])
+    given = flag_values(args, Settings)
+    # Only the flags typed are present, so lower sources (TOML, environment, saved run) win for the rest.
+    assert given == {
+        "filter_train": False,
+        "n_train": 7,
+        "kl_threshold": 0.5,
+        "refusal_tokens": ["I", "No"],
+        "kl_definition": "paper",
+    }
+
+
+def test_export_format_flag_and_deprecated_alias(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["export", "runs/x", "--format", "safetensors"])
+    assert flag_values(args, Settings) == {"export_format": "safetensors"}
+    assert build_parser().parse_args(["orthogonalize", "runs/x"]).command == "orthogonalize"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert "export" in listed and "orthogonalize" not in listed  # the old name is hidden
+
+
+def test_stage_on_a_folder_without_settings_names_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`refusalkit select DIR` on a folder where nothing finished must not start a default run."""
+    run_dir = tmp_path / "typo"
+    assert main(["select", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "no finished stage" in err and "--model" in err and f"refusalkit run --out {run_dir}" in err
+    assert not (run_dir / "data").exists()  # nothing was drawn or loaded
+    # An explicit model starts the run stage by stage (here: a model folder that does not exist).
+    missing = tmp_path / "no-such-model"
+    assert main(["select", str(run_dir), "--model", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_command_table_registers_new_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """A command added to the table gets its options class's flags, TOML keys and env variables."""
+    from pydantic import BaseModel, Field
+
+    class DemoOptions(BaseModel):
+        """Demo knobs"""
+
+        n_trials: int = Field(3, ge=1, description="Trials to run.")
+        fast: bool = Field(False, description="Go fast.")
+
+    seen: list[DemoOptions] = []
+
+    def handler(args: argparse.Namespace) -> int:
+        seen.append(options_from_args(args, DemoOptions, table="demo"))
+        return 0
+
+    cli.register(Command("demo", "A demo command.", "test_cli:_demo_handler", options=(DemoOptions,)))
+    try:
+        globals()["_demo_handler"] = handler
+        sys.modules.setdefault("test_cli", sys.modules[__name__])
+        assert main(["demo", "--n-trials", "5", "--fast"]) == 0
+        assert seen[-1].n_trials == 5 and seen[-1].fast is True
+        assert main(["demo", "--n-trials", "0"]) == 2
+        assert "--n-trials" in capsys.readouterr().err
+    finally:
+        cli.COMMANDS.pop("demo")
 
 
 def test_missing_data_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,3 +193,33 @@ def test_bad_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     config.write_text("n_train = [")
     assert main(["run", "--out", str(tmp_path / "run"), "--config", str(config)]) == 2
     assert "invalid TOML" in capsys.readouterr().err
+
+
+def test_gcg_checkpoint_of_another_model_or_direction_starts_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from refusalkit.analysis.cli import _gcg_config, _resumable
+    from refusalkit.analysis.options import SearchOptions
+
+    config = _gcg_config(SearchOptions(n_steps=3))
+    meta = {
+        "prompt_indices": [0],
+        "model": {"name": "m", "fingerprint": "files-sha256:aaa"},
+        "direction": {"layer": 3, "position": -1, "sha256": "d1"},
+    }
+    partial = tmp_path / "search.partial.json"
+    saved = {
+        "config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "meta": meta,
+        "history": [{"step": 2}],
+    }
+    partial.write_text(json.dumps(saved))
+    assert _resumable(partial, config, meta) == saved
+    assert "resuming from step 2" in capsys.readouterr().err
+    other_model = {**meta, "model": {"name": "m", "fingerprint": "files-sha256:bbb"}}
+    assert _resumable(partial, config, other_model) is None
+    assert "other model; starting over" in capsys.readouterr().err
+    other_direction = {**meta, "direction": {"layer": 4, "position": -1, "sha256": "d1"}}
+    assert _resumable(partial, config, other_direction) is None
+    assert "other direction" in capsys.readouterr().err
+    assert config.max_seconds is None and _gcg_config(SearchOptions(max_minutes=2)).max_seconds == 120

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,19 @@ import torch
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.coherence import (
+    COHERENCE_SETTINGS,
     available_settings,
     corpus_ce,
     corpus_windows,
     first_token_kl,
+    first_token_kls,
     harmless_coherence,
     score_continuations,
 )
+from refusalkit.evaluation.suite import KL_POOL, Suite
+from refusalkit.layout import RunLayout
 from refusalkit.prompts import format_prompts
+from refusalkit.settings import Settings
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -103,17 +109,50 @@ def test_harmless_coherence_settings(make_lm: Any) -> None:
     assert out["kl"]["ablation"]["mean"] > 0
 
 
-def test_gemma2_is_not_orthogonalized() -> None:
-    class Spec:
-        weights_orthogonalizable = False
+def test_post_norm_families_are_not_orthogonalized(make_lm: Any) -> None:
+    """Gemma 2 normalizes each sublayer's output before the residual add: its adapter says weights
+    cannot be orthogonalized exactly, so coherence never measures that setting for it."""
+    assert available_settings(make_lm("gemma2")) == ["baseline", "ablation", "actadd"]
+    assert available_settings(make_lm("gemma")) == list(COHERENCE_SETTINGS)
 
-    class Arch:
-        spec = Spec()
 
-    class LM:
-        arch = Arch()
+def test_kl_on_separate_prompts_with_median_and_max(make_lm: Any) -> None:
+    lm = make_lm("qwen2")
+    d = _direction(lm)
+    prompts = format_prompts(lm.tokenizer, ["Name a color."])
+    kl_prompts = format_prompts(lm.tokenizer, ["Count to three.", "Describe a cloud.", "Say hi."])
+    out = harmless_coherence(lm, d, prompts, ["Blue."], ["baseline", "ablation"], kl_prompts=kl_prompts)
+    assert out["n_prompts"] == 1 and out["n_kl_prompts"] == 3
+    kl = out["kl"]["ablation"]
+    assert len(kl["per_prompt"]) == 3
+    values = torch.tensor(kl["per_prompt"])
+    assert kl["mean"] == pytest.approx(float(values.mean())) and kl["max"] == pytest.approx(
+        float(values.max())
+    )
+    assert kl["median"] == pytest.approx(float(values.median()))
+    assert kl == first_token_kls(lm, d, kl_prompts, ["ablation"])["ablation"]
 
-    assert available_settings(LM()) == ["baseline", "ablation", "actadd"]  # type: ignore[arg-type]
+
+def test_kl_prompts_are_topped_up_disjoint_from_train_and_val(tmp_path: Path) -> None:
+    """Fewer harmless test prompts than kl_n: the rest come from the broad pool, never from train/val."""
+    pool = [f"Pool instruction {i}." for i in range(20)]
+    pool_file = tmp_path.joinpath(*KL_POOL)
+    pool_file.parent.mkdir(parents=True)
+    pool_file.write_text(json.dumps(pool))
+    splits = {
+        "harmless_train": pool[:5],
+        "harmless_val": pool[5:8],
+        "harmless_test": ["Own test prompt A.", "Own test prompt B."],
+    }
+    settings = Settings(kl_n=10, data_dir=str(tmp_path))
+    suite = Suite(settings, RunLayout(tmp_path / "run"), None, splits, {}, lambda: None)  # type: ignore[arg-type]
+    chosen, source = suite.kl_instructions
+    assert len(chosen) == 10 and chosen[:2] == splits["harmless_test"]
+    assert not set(chosen) & set(pool[:8]) and str(pool_file) in source
+    many = Suite(
+        Settings(kl_n=2, data_dir=str(tmp_path)), RunLayout(tmp_path), None, splits, {}, lambda: None
+    )  # type: ignore[arg-type]
+    assert many.kl_instructions == (splits["harmless_test"], "harmless_test")
 
 
 def test_corpus_windows_and_ce(make_lm: Any, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from refusalkit.directions import Candidates, Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.pipeline import Run, format_table
 from refusalkit.settings import Settings
+from refusalkit.stages import data, evaluate, export, extract, select
 
 # Tiny models: extra threads only add overhead, and spin badly when other work shares the cores.
 
@@ -61,6 +62,17 @@ def _settings(**overrides: Any) -> Settings:
     return Settings(**{**base, **overrides})
 
 
+# Where each expensive call is looked up: the stage module that makes it.
+CALLS = {
+    "mean_activations": extract,
+    "score_candidates": select,
+    "generate": evaluate,
+    "export_checkpoint": export,
+    "carve": data,
+    "load_model": pipeline,
+}
+
+
 def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     def make(name: str) -> Callable[..., Any]:
         def fail(*_a: Any, **_k: Any) -> Any:
@@ -69,7 +81,19 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
         return fail
 
     for name in names:
-        monkeypatch.setattr(pipeline, name, make(name))
+        monkeypatch.setattr(CALLS[name], name, make(name))
+
+
+def _count(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    calls: list[int] = []
+    real = getattr(CALLS[name], name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(CALLS[name], name, counting)
+    return calls
 
 
 @pytest.fixture
@@ -138,15 +162,8 @@ def test_deleted_artifact_reruns_only_its_stage(
     out, lm, summary = finished
     before = json.loads((out / "select" / "candidate_scores.json").read_text())
     (out / "select" / "candidate_scores.json").unlink()
-    calls: list[int] = []
-    real = pipeline.score_candidates
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
     _forbid(monkeypatch, "mean_activations", "generate", "export_checkpoint")
-    monkeypatch.setattr(pipeline, "score_candidates", counting)
+    calls = _count(monkeypatch, "score_candidates")
     again = Run(out, _settings(), lm=lm).run_all()
     assert calls == [1]
     assert json.loads((out / "select" / "candidate_scores.json").read_text()) == before
@@ -158,16 +175,10 @@ def test_changed_setting_reruns_from_its_stage(
 ) -> None:
     out, lm, _ = finished
     _forbid(monkeypatch, "mean_activations", "score_candidates", "export_checkpoint")
-    calls: list[int] = []
-    real = pipeline.generate
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "generate", counting)
+    calls = _count(monkeypatch, "generate")
     Run(out, _settings(max_new_tokens=3), lm=lm).run_all()
-    assert len(calls) == len(COMPLETIONS)  # evaluate reran; extract, select and export did not
+    # evaluate reran (orthogonalized reuses the ablation's completions); extract, select, export did not
+    assert len(calls) == len(COMPLETIONS) - 1
     rates = json.loads((out / "evaluate" / "refusal_rates.json").read_text())
     assert rates["max_new_tokens"] == 3
 
@@ -209,3 +220,76 @@ def test_post_norm_family_skips_export(make_lm: Callable[..., Any], tmp_path: Pa
     assert "orthogonalized" not in summary["refusal_rates"]["harmful"]
     assert not (out / "model").exists()
     assert not (out / "evaluate" / "completions" / "harmful__orthogonalized.json").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "post-norm" in manifest["stages"]["export"]["skipped"]
+    # The skip is recorded, so a rerun finds the stage done without asking the model again.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export, "export", lambda *_a, **_k: pytest.fail("export ran again"))
+        assert Run(out, _settings(), lm=lm).export() is None
+
+
+def test_finished_run_reruns_without_loading_the_model(
+    make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage fingerprints use the model's content fingerprint, computed without loading it."""
+    from refusalkit.models.loading import load_model
+
+    folder = tmp_path / "model"
+    tiny = make_lm("qwen2")
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    settings = _settings(model=str(folder))
+    out = tmp_path / "run"
+    first = Run(out, settings, lm=load_model(str(folder), dtype="float32", device="cpu")).run_all()
+    _forbid(monkeypatch, "load_model", "mean_activations", "score_candidates", "generate", "carve")
+    again = Run(out, settings).run_all()
+    assert again["direction"] == first["direction"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["fingerprint"].startswith("files-sha256:")
+
+    # Other weights under the same name: every stage reruns.
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    monkeypatch.undo()
+    calls = _count(monkeypatch, "mean_activations")
+    Run(out, settings, lm=load_model(str(folder), dtype="float32", device="cpu")).extract()
+    assert calls == [1, 1]  # harmful and harmless means again
+
+
+def test_orthogonalized_completions_reuse_the_ablation(finished: tuple[Path, Any, dict[str, Any]]) -> None:
+    out, _, summary = finished
+    ortho = json.loads((out / "evaluate" / "completions" / "harmful__orthogonalized.json").read_text())
+    ablation = json.loads((out / "evaluate" / "completions" / "harmful__ablation.json").read_text())
+    assert ortho["reused"]["from"] == "ablation" and ortho["reused"]["passed"]
+    assert 0 <= ortho["reused"]["max_logit_diff"] <= ortho["reused"]["tolerance"]
+    assert ortho["rows"] == ablation["rows"]
+    rates = json.loads((out / "evaluate" / "refusal_rates.json").read_text())
+    assert rates["orthogonalized_reuse"] == ortho["reused"]
+    assert (
+        summary["refusal_rates"]["harmful"]["orthogonalized"]
+        == summary["refusal_rates"]["harmful"]["ablation"]
+    )
+
+
+def test_failed_reuse_check_generates(
+    make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(evaluate, "REUSE_RTOL", -1.0)  # no difference passes
+    calls = _count(monkeypatch, "generate")
+    Run(tmp_path / "run", _settings(), lm=make_lm("qwen2")).evaluate()
+    assert len(calls) == len(COMPLETIONS)
+    ortho = json.loads(
+        (tmp_path / "run" / "evaluate" / "completions" / "harmful__orthogonalized.json").read_text()
+    )
+    assert ortho["reused"]["from"] is None and not ortho["reused"]["passed"]
+
+
+def test_edited_data_file_gives_new_splits(make_lm: Callable[..., Any], tmp_path: Path) -> None:
+    """Splits are cached by the content of their sources, not by the file name."""
+    data_file = tmp_path / "harmless.json"
+    data_file.write_text(json.dumps([f"Describe made-up thing number {i}." for i in range(12)]))
+    settings = _settings(harmless_train=str(data_file))
+    run = Run(tmp_path / "run", settings, lm=make_lm("qwen2"))
+    before = run.splits()["harmless_train"]
+    data_file.write_text(json.dumps([f"Name made-up color number {i}." for i in range(12)]))
+    after = Run(tmp_path / "run", settings, lm=make_lm("qwen2")).splits()["harmless_train"]
+    assert all(x.startswith("Describe") for x in before) and all(x.startswith("Name") for x in after)

@@ -112,3 +112,48 @@ def test_bad_config_files(tmp_path: Path) -> None:
 def test_bad_env_value_is_reported() -> None:
     with pytest.raises(RefusalkitError, match="--batch-size"):
         build_settings(environ={"REFUSALKIT_BATCH_SIZE": "many"})
+
+
+def test_paper_preset_scores_kl_as_the_paper_code() -> None:
+    assert build_settings({"preset": "paper"}, environ={}).kl_definition == "paper"
+    assert build_settings(environ={}).kl_definition == "exact"
+    assert build_settings(environ={}).kl_n >= 100  # issue 7: KL on at least 100 prompts by default
+    with pytest.raises(RefusalkitError, match="--kl-definition"):
+        build_settings({"kl_definition": "approx"}, environ={})
+
+
+def test_settings_are_the_union_of_the_stage_options() -> None:
+    from refusalkit.settings import STAGE_OPTIONS
+
+    union = {n for cls in STAGE_OPTIONS["run"] for n in cls.model_fields}
+    assert union == set(Settings.model_fields)
+    assert "gsm8k_n" not in {n for cls in STAGE_OPTIONS["select"] for n in cls.model_fields}
+
+
+def test_any_options_class_gets_flags_toml_and_env(tmp_path: Path) -> None:
+    """The same mechanism serves other commands' options classes, with their own TOML table."""
+    import argparse
+    from typing import ClassVar
+
+    from pydantic import BaseModel, Field
+
+    from refusalkit import options
+
+    class Knobs(BaseModel):
+        env_prefix: ClassVar[str] = "REFUSALKIT_KNOBS_"
+        steps: int = Field(5, ge=1, description="Steps.", json_schema_extra={"flags": ["--n-steps"]})
+        names: list[str] = Field([], description="Names.")
+        quick: bool = Field(False, description="Quick.")
+
+    parser = argparse.ArgumentParser()
+    options.add_flags(parser, Knobs)
+    args = parser.parse_args(["--n-steps", "7", "--names", "a,b"])
+    assert options.flag_values(args, Knobs) == {"steps": 7, "names": ["a", "b"]}
+    config = _toml(tmp_path, 'steps = 1\n[knobs]\nquick = true\nnames = ["x"]\n')
+    env = {"REFUSALKIT_KNOBS_STEPS": "9", "REFUSALKIT_STEPS": "100"}  # the plain prefix is not theirs
+    k = options.build_options(Knobs, config=config, environ=env, table="knobs")
+    assert (k.steps, k.names, k.quick) == (9, ["x"], True)
+    k = options.build_options(Knobs, flags={"steps": 2}, config=config, environ=env, table="knobs")
+    assert k.steps == 2
+    with pytest.raises(RefusalkitError, match="--steps"):
+        options.build_options(Knobs, flags={"steps": 0}, environ={})

@@ -1,104 +1,165 @@
-"""The `refusalkit` command. Flags are generated from ``Settings``: one source for flags, TOML and env."""
+"""The `refusalkit` command: a table of subcommands, each with the flags of its own options classes.
+
+A command is a ``Command`` in ``COMMANDS``: its name and help, a handler named as "module:function"
+(imported only when the command runs, so ``--help`` stays fast), the pydantic options classes whose
+fields become its flags (also TOML keys and REFUSALKIT_* variables; see ``refusalkit.options``), and
+a function that adds any other arguments (positional run folders, ...). Adding a command::
+
+    register(Command("optimize", "Search edits ...", "refusalkit.search.cli:main",
+                     options=("refusalkit.search.options:OptimizeOptions",), arguments=run_dir_argument))
+
+and its handler builds its options with ``refusalkit.options.options_from_args(args, OptimizeOptions)``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-import types
-import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+from refusalkit import options
 from refusalkit.errors import RefusalkitError
-from refusalkit.settings import ENV_PREFIX, Settings, build_settings
+from refusalkit.settings import STAGE_OPTIONS, Settings, build_settings, explicit_values
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    handler: str  # "module:function"; the function takes the parsed arguments, returns the exit code
+    options: tuple[type[BaseModel] | str, ...] = ()  # classes (or "module:Class") whose fields are flags
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None  # the command's other arguments
+    hidden: bool = False  # accepted but not listed (deprecated spellings)
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> None:
+    COMMANDS[command.name] = command
+
+
+def _resolve(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# ---- the stage commands ----------------------------------------------------------------------------
 
 STAGE_HELP = {
     "run": "All stages: extract, select, evaluate, measure, export; prints the results table.",
     "extract": "Mean activations and candidate directions.",
-    "select": "Score every candidate and select the direction.",
+    "select": "Score the candidates (pruned: only until the pick is certain) and select the direction.",
     "evaluate": "Generate under each setting and measure refusal rates.",
     "measure": "Refusal and safety judges, coherence (KL, CE) and capability (GSM8K, TruthfulQA) into measure/.",
-    "orthogonalize": "Export the orthogonalized checkpoint into RUN_DIR/model.",
+    "export": "Write the edited model into RUN_DIR/model (--format safetensors: a transformers checkpoint).",
 }
 
 
-def _base_type(annotation: Any) -> Any:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0]
-    return annotation
-
-
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field; defaults are None so only explicit flags override other sources."""
-    group = parser.add_argument_group("settings (also TOML keys and REFUSALKIT_* environment variables)")
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        typ = _base_type(field.annotation)
-        default = field.default if field.default_factory is None else "see docs"
-        help_text = f"{field.description} [default: {default}; env {ENV_PREFIX}{name.upper()}]"
-        if typ is bool:
-            group.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif typing.get_origin(typ) is list:
-            group.add_argument(flag, dest=name, default=None, help=help_text + " (comma-separated)")
-        else:
-            group.add_argument(
-                flag, dest=name, type=typ if typ in (int, float) else str, default=None, help=help_text
-            )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="refusalkit", description="Find, measure and edit the refusal direction of chat models."
+def run_dir_arguments(parser: argparse.ArgumentParser) -> None:
+    """RUN_DIR (or --out DIR) and --config, for commands that work on a run folder."""
+    parser.add_argument("run_dir", nargs="?", type=Path, help="Run folder (same as --out).")
+    parser.add_argument("--out", type=Path, help="Run folder (created; resumed if it exists).")
+    parser.add_argument(
+        "--config", type=Path, help="TOML file of settings (keys as the flags, or a [refusalkit] table)."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log each step.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for cmd, help_text in STAGE_HELP.items():
-        p = sub.add_parser(cmd, help=help_text, description=help_text)
-        p.add_argument(
-            "--out", required=cmd == "run", type=Path, help="Run folder (created; resumed if it exists)."
-        )
-        if cmd != "run":
-            p.add_argument("run_dir", nargs="?", type=Path, help="Run folder (same as --out).")
-        p.add_argument(
-            "--config", type=Path, help="TOML file of settings (keys as the flags, or a [refusalkit] table)."
-        )
-        add_settings_flags(p)
-    report = sub.add_parser(
-        "report", help="Build RUN_DIR/report.html and report.json from the run's artifacts."
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="Run folder (created; resumed if it exists).")
+    parser.add_argument(
+        "--config", type=Path, help="TOML file of settings (keys as the flags, or a [refusalkit] table)."
     )
-    report.add_argument("run_dir", type=Path, help="Run folder.")
-    report.add_argument(
+
+
+def stage_settings(args: argparse.Namespace, stage: str, run_dir: Path) -> Settings:
+    """The settings of a stage command.
+
+    ``run`` starts from the defaults. Any other stage command starts from the settings saved in the
+    run folder's manifest; a folder without them (no stage ever finished there) needs the model named
+    explicitly (--model, the TOML file or REFUSALKIT_MODEL), so a typo in the folder name never starts a
+    run of the default model.
+    """
+    from refusalkit.layout import RunLayout
+    from refusalkit.manifest import Manifest
+
+    flags = options.flag_values(args, Settings)
+    saved = Manifest(RunLayout(run_dir)).settings if stage != "run" else {}
+    if stage != "run" and not saved and "model" not in explicit_values(flags, args.config):
+        raise RefusalkitError(
+            f"{run_dir} has no finished stage to take the settings from (no manifest.json with settings). "
+            f"Start the run with `refusalkit run --out {run_dir}`, or name the model to start it stage by "
+            f"stage: `refusalkit {stage} {run_dir} --model NAME`"
+        )
+    return build_settings(flags, args.config, base=saved)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from refusalkit.pipeline import Run, format_table
+
+    stage = "export" if args.command == "orthogonalize" else args.command
+    if args.command == "orthogonalize":
+        print("refusalkit: `orthogonalize` is now `export`; use `refusalkit export RUN_DIR`", file=sys.stderr)
+    run_dir = args.out or getattr(args, "run_dir", None)
+    if run_dir is None:
+        raise RefusalkitError(f"`refusalkit {args.command}` needs a run folder: pass RUN_DIR or --out DIR")
+    run = Run(run_dir, stage_settings(args, stage, run_dir))
+    if stage == "run":
+        summary = run.run_all(progress=lambda name: print(f"[refusalkit] {name} ...", file=sys.stderr))
+        print(format_table(summary))
+        print(f"\nartifacts: {run.out}  (results.json, evaluate/refusal_rates.json, measure/, manifest.json)")
+        if run.layout.report_html.is_file():
+            print(f"report: {run.layout.report_html}")
+        return 0
+    result = getattr(run, stage)()
+    run.save_manifest()
+    _print_stage(run, stage, result, format_table)
+    return 0
+
+
+def _print_stage(run: Any, stage: str, result: Any, format_table: Callable[[Any], str]) -> None:
+    if stage == "evaluate":
+        print(format_table(run.results()))
+    elif stage == "select":
+        print(f"selected: layer {result.layer}, position {result.position}, scores {result.scores}")
+    elif stage == "measure":
+        from refusalkit.report.compare import compare_runs
+
+        print(compare_runs([run.out]))
+        for name, why in result.get("not_measured", {}).items():
+            print(f"not measured: {name} ({why})")
+        print(f"\nartifacts: {run.layout.measure_dir}; build the report with `refusalkit report {run.out}`")
+    elif stage == "export":
+        print(f"checkpoint: {result}" if result else "no checkpoint written (see the log and the manifest)")
+    else:
+        print(f"candidates: {run.layout.candidates}")
+
+
+# ---- the other commands ------------------------------------------------------------------------------
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="Run folder.")
+    p.add_argument(
         "--show-harmful", action="store_true", help="Show harmful instructions and full completions."
     )
-    report.add_argument(
-        "--examples", type=int, default=6, help="Completions shown per prompt set [default: 6]."
-    )
-    compare = sub.add_parser("compare", help="One table of headline numbers across run folders.")
-    compare.add_argument("run_dirs", nargs="+", type=Path, help="Run folders.")
-    compare.add_argument("--out", type=Path, help="Also write the table to this .html or .md file.")
-    models = sub.add_parser("models", help="List the built-in models and their cache state.")
-    models.add_argument("--convert", metavar="NAME", help="Assemble and convert one built-in model now.")
-    from refusalkit.analysis.cli import add_suffix_parser
-
-    add_suffix_parser(sub)
-    return parser
+    p.add_argument("--examples", type=int, default=6, help="Completions shown per prompt set [default: 6].")
 
 
-def _settings_from(args: argparse.Namespace, run_dir: Path | None) -> Settings:
-    flags = {
-        name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
-    }
-    # Rerunning a stage on an existing run folder starts from that run's saved settings.
-    saved: dict[str, Any] = {}
-    if run_dir is not None and (run_dir / "manifest.json").is_file():
-        import json
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", type=Path, help="Run folders.")
+    p.add_argument("--out", type=Path, help="Also write the table to this .html or .md file.")
 
-        saved = json.loads((run_dir / "manifest.json").read_text()).get("settings", {})
-    return build_settings(flags, args.config, base=saved)
+
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--convert", metavar="NAME", help="Assemble and convert one built-in model now.")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -122,40 +183,84 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stage(args: argparse.Namespace) -> int:
-    from refusalkit.pipeline import Run, format_table
+for _name, _help in STAGE_HELP.items():
+    register(
+        Command(
+            _name,
+            _help,
+            "refusalkit.cli:cmd_stage",
+            options=STAGE_OPTIONS[_name],
+            arguments=_run_arguments if _name == "run" else run_dir_arguments,
+        )
+    )
+register(
+    Command(
+        "orthogonalize",
+        STAGE_HELP["export"],
+        "refusalkit.cli:cmd_stage",
+        options=STAGE_OPTIONS["export"],
+        arguments=run_dir_arguments,
+        hidden=True,
+    )
+)
+register(
+    Command(
+        "report",
+        "Build RUN_DIR/report.html and report.json from the run's artifacts.",
+        "refusalkit.report:cmd_report",
+        arguments=_report_arguments,
+    )
+)
+register(
+    Command(
+        "compare",
+        "One table of headline numbers across run folders.",
+        "refusalkit.report:cmd_compare",
+        arguments=_compare_arguments,
+    )
+)
+register(
+    Command(
+        "models",
+        "List the built-in models and their cache state.",
+        "refusalkit.cli:cmd_models",
+        arguments=_models_arguments,
+    )
+)
+register(
+    Command(
+        "suffix",
+        "Adversarial suffixes (Arditi et al. 2024): GCG search, and analysis against the refusal direction.",
+        "refusalkit.analysis.cli:run_suffix",
+        arguments=_resolve("refusalkit.analysis.cli:add_suffix_arguments"),
+    )
+)
 
-    run_dir = args.out or getattr(args, "run_dir", None)
-    if run_dir is None:
-        raise RefusalkitError(f"`refusalkit {args.command}` needs a run folder: pass RUN_DIR or --out DIR")
-    settings = _settings_from(args, run_dir if args.command != "run" else None)
-    run = Run(run_dir, settings)
-    if args.command == "run":
-        summary = run.run_all(progress=lambda stage: print(f"[refusalkit] {stage} ...", file=sys.stderr))
-        print(format_table(summary))
-        print(f"\nartifacts: {run.out}  (results.json, evaluate/refusal_rates.json, measure/, manifest.json)")
-        if (run.out / "report.html").is_file():
-            print(f"report: {run.out / 'report.html'}")
-        return 0
-    method = {"orthogonalize": "export"}.get(args.command, args.command)
-    result = getattr(run, method)()
-    run._save_manifest()
-    if args.command == "evaluate":
-        print(format_table(run.results()))
-    elif args.command == "select":
-        print(f"selected: layer {result.layer}, position {result.position}, scores {result.scores}")
-    elif args.command == "measure":
-        from refusalkit.report.compare import compare_runs
 
-        print(compare_runs([run.out]))
-        for name, why in result.get("not_measured", {}).items():
-            print(f"not measured: {name} ({why})")
-        print(f"\nartifacts: {run.out / 'measure'}; build the report with `refusalkit report {run.out}`")
-    elif args.command == "orthogonalize":
-        print(f"checkpoint: {result}" if result else "no checkpoint written (see the log)")
-    else:
-        print(f"candidates: {run.out / 'extract' / 'candidates.safetensors'}")
-    return 0
+# ---- parsing and running --------------------------------------------------------------------------------
+
+
+def _title(cls: type[BaseModel]) -> str:
+    doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".")
+    return f"{doc} (flags; also TOML keys and {options.ENV_PREFIX}* variables)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refusalkit", description="Find, measure and edit the refusal direction of chat models."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log each step.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.metavar = "{" + ",".join(c.name for c in COMMANDS.values() if not c.hidden) + "}"
+    for cmd in COMMANDS.values():
+        extra = {} if cmd.hidden else {"help": cmd.help}
+        p = sub.add_parser(cmd.name, description=cmd.help, **extra)
+        if cmd.arguments:
+            cmd.arguments(p)
+        for cls in cmd.options:
+            resolved = _resolve(cls) if isinstance(cls, str) else cls
+            options.add_flags(p, resolved, title=_title(resolved))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,17 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     try:
-        if args.command == "models":
-            return cmd_models(args)
-        if args.command == "suffix":
-            from refusalkit.analysis.cli import run_suffix
-
-            return run_suffix(args)
-        if args.command in ("report", "compare"):
-            from refusalkit.report import cmd_compare, cmd_report
-
-            return cmd_report(args) if args.command == "report" else cmd_compare(args)
-        return cmd_stage(args)
+        return int(_resolve(COMMANDS[args.command].handler)(args))
     except RefusalkitError as exc:
         print(f"refusalkit: error: {exc}", file=sys.stderr)
         return 2

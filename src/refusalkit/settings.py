@@ -1,22 +1,27 @@
-"""One typed settings class: the single source of CLI flags, TOML config keys and environment variables.
+"""The run's settings: one typed class, the single source of CLI flags, TOML keys and environment variables.
+
+``Settings`` is assembled from one options class per stage, so each stage command shows only the
+options of the stages it may run (``refusalkit select --help`` lists no GSM8K options). The flag, TOML
+and environment machinery is generic (``refusalkit.options``); this module adds the presets.
 
 Precedence, lowest first: field defaults < preset < the run's saved settings (when a stage is rerun on
-an existing run folder) < TOML file (--config) < REFUSALKIT_* environment variables < command-line flags. Each field's description is its --help text.
+an existing run folder) < TOML file (--config) < REFUSALKIT_* environment variables < command-line
+flags. Each field's description is its --help text.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from refusalkit.errors import RefusalkitError
+from refusalkit import options
 from refusalkit.models.registry import DEFAULT_MODEL
 
-ENV_PREFIX = "REFUSALKIT_"
+ENV_PREFIX = options.ENV_PREFIX
 # The measure stage's measurements (implemented in evaluation/suite.py). GSM8K (greedy generation of
 # long answers, ~30 s per problem and model on a 2-core CPU for the 1.5B default) and lm_eval are opt-in
 # for `refusalkit run`, so the default run stays under 20 minutes there; the paper preset includes GSM8K.
@@ -31,6 +36,8 @@ MEASUREMENTS = (
     "lm_eval",
 )
 DEFAULT_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m not in ("gsm8k", "lm_eval"))
+# Formats of the export stage (stages/export.py holds one writer per format).
+EXPORT_FORMATS = ("safetensors",)
 
 
 def default_data_dir() -> str:
@@ -38,10 +45,13 @@ def default_data_dir() -> str:
     return str(Path(os.environ.get("REFUSALKIT_DATA", str(Path("..") / "shared" / "data"))).resolve())
 
 
-class Settings(BaseModel):
+class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # Model
+
+class RunOptions(_Options):
+    """The model, how it runs, and what every stage shares."""
+
     model: str = Field(DEFAULT_MODEL, description="Built-in model name, model folder, .gguf file or hub id.")
     dtype: str = Field(
         "auto", description="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."
@@ -59,8 +69,42 @@ class Settings(BaseModel):
         None,
         description="Architecture module paths, e.g. 'attn_write=self_attn.out_proj,final_norm=model.ln_f'.",
     )
+    preset: str | None = Field(None, description="Named settings bundle: 'paper' or 'quick'.")
+    seed: int = Field(42, description="Seed for sampling and splits.")
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+    data_dir: str = Field(
+        default_factory=default_data_dir, description="Folder of the shared data sets (presets)."
+    )
 
-    # Data
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("use auto, float32, bfloat16 or float16")
+        return v
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown preset; known: {', '.join(PRESETS)}")
+        return v
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``load_model`` (besides the model spec) that these settings hold."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "device_map": self.device_map,
+            "trust_remote_code": self.trust_remote_code,
+            "chat_template": self.chat_template,
+            "arch_override": self.arch_override,
+        }
+
+
+class DataOptions(_Options):
+    """Instruction sets, split sizes and the refusal filter (the extract stage)."""
+
     harmful_train: str = Field(
         "builtin:harmful", description="Harmful instructions for extraction (data spec)."
     )
@@ -80,24 +124,28 @@ class Settings(BaseModel):
     n_train: int = Field(64, ge=1, description="Training prompts per class (paper: 128).")
     n_val: int = Field(16, ge=1, description="Validation prompts per class for selection (paper: 32).")
     n_test: int = Field(32, ge=1, description="Evaluation prompts per class (paper: JailbreakBench's 100).")
-    seed: int = Field(42, description="Seed for sampling and splits.")
     filter_train: bool = Field(
         True, description="Keep harmful (harmless) train prompts the model refuses (obeys)."
     )
     filter_val: bool = Field(True, description="Apply the same filter to the validation prompts.")
-    data_dir: str = Field(
-        default_factory=default_data_dir, description="Folder of the shared data sets (presets)."
-    )
-
-    # Method
     refusal_tokens: list[str] = Field(
         ["I", "As"], description="First tokens of refusals for the refusal metric."
     )
+
+
+class SelectOptions(_Options):
+    """The paper's selection rules (the select stage)."""
+
     max_layer_frac: float = Field(
         0.8, gt=0, le=1, description="Discard candidates at layers >= this * n_layers."
     )
     kl_threshold: float = Field(
         0.1, ge=0, description="Discard candidates whose ablation KL on harmless exceeds this."
+    )
+    kl_definition: Literal["exact", "paper"] = Field(
+        "exact",
+        description="KL of the threshold: 'exact' KL(p||q), or 'paper': sum p (log(p+1e-6) - log(q+1e-6)), "
+        "the paper code's score.",
     )
     induce_threshold: float = Field(0.0, description="Discard candidates whose induce score is below this.")
     score_late_layers: bool = Field(False, description="Also score the candidates the layer rule discards.")
@@ -107,8 +155,10 @@ class Settings(BaseModel):
         "pick is certain, which selects the same direction about 2-3x faster.",
     )
 
-    # Compute and evaluation
-    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+
+class EvaluateOptions(_Options):
+    """Completions under each setting (the evaluate stage)."""
+
     gen_batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
     max_new_tokens: int = Field(
         64,
@@ -116,12 +166,11 @@ class Settings(BaseModel):
         description="New tokens per completion in evaluation. The refusal judges read these; under ~100 they "
         "undercount refusals that start late (the paper's code used 512).",
     )
-    export_checkpoint: bool = Field(
-        True, description="Save the orthogonalized model as a checkpoint in the run."
-    )
-    preset: str | None = Field(None, description="Named settings bundle: 'paper' or 'quick'.")
 
-    # Measurement (the measure stage; docs/evaluation.md)
+
+class MeasureOptions(_Options):
+    """Judges, coherence and capability (the measure stage; docs/evaluation.md)."""
+
     measurements: list[str] = Field(
         list(DEFAULT_MEASUREMENTS),
         description=f"Measurements of the measure stage; known: {', '.join(MEASUREMENTS)}.",
@@ -138,7 +187,13 @@ class Settings(BaseModel):
     coherence_n: int = Field(
         12,
         ge=1,
-        description="Harmless test prompts for first-token KL and completion CE (and prompts per set for projections).",
+        description="Harmless test prompts for completion CE (and prompts per set for projections).",
+    )
+    kl_n: int = Field(
+        100,
+        ge=1,
+        description="Harmless prompts for first-token KL: the harmless test split, topped up from "
+        "DATA_DIR/refusal_direction/splits/harmless_test.json (disjoint from train and validation).",
     )
     gsm8k_n: int = Field(
         8, ge=1, description="GSM8K test problems (the first N of DATA_DIR/gsm8k/test.jsonl)."
@@ -156,11 +211,6 @@ class Settings(BaseModel):
         None, ge=1, description="Examples per lm-evaluation-harness task (all if unset)."
     )
 
-    @field_validator("measurements", "lm_eval_tasks", mode="before")
-    @classmethod
-    def _split_list(cls, v: Any) -> Any:
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
-
     @field_validator("measurements")
     @classmethod
     def _known_measurements(cls, v: list[str]) -> list[str]:
@@ -169,35 +219,41 @@ class Settings(BaseModel):
             raise ValueError(f"unknown measurement(s) {', '.join(unknown)}; known: {', '.join(MEASUREMENTS)}")
         return v
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``load_model`` (besides the model spec) that these settings hold."""
-        return {
-            "dtype": self.dtype,
-            "device": self.device,
-            "device_map": self.device_map,
-            "trust_remote_code": self.trust_remote_code,
-            "chat_template": self.chat_template,
-            "arch_override": self.arch_override,
-        }
 
-    @field_validator("refusal_tokens", mode="before")
-    @classmethod
-    def _split_tokens(cls, v: Any) -> Any:
-        return [s for s in v.split(",") if s] if isinstance(v, str) else v
+class ExportOptions(_Options):
+    """The edited model as a checkpoint (the export stage)."""
 
-    @field_validator("dtype")
+    export_checkpoint: bool = Field(
+        True, description="Save the orthogonalized model as a checkpoint in the run."
+    )
+    export_format: str = Field(
+        "safetensors",
+        description=f"Checkpoint format; known: {', '.join(EXPORT_FORMATS)}.",
+        json_schema_extra={"flags": ["--format"]},
+    )
+
+    @field_validator("export_format")
     @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError("use auto, float32, bfloat16 or float16")
+    def _format(cls, v: str) -> str:
+        if v not in EXPORT_FORMATS:
+            raise ValueError(f"unknown format; known: {', '.join(EXPORT_FORMATS)}")
         return v
 
-    @field_validator("preset")
-    @classmethod
-    def _preset(cls, v: str | None) -> str | None:
-        if v is not None and v not in PRESETS:
-            raise ValueError(f"unknown preset; known: {', '.join(PRESETS)}")
-        return v
+
+# Bases in reverse: pydantic collects fields from the last base first, so they keep the stages' order.
+class Settings(ExportOptions, MeasureOptions, EvaluateOptions, SelectOptions, DataOptions, RunOptions):
+    """Every setting of a run (the union of the stage option classes)."""
+
+
+# The option classes of each stage command: its own and those of the stages it may have to run first.
+STAGE_OPTIONS: dict[str, tuple[type[BaseModel], ...]] = {
+    "extract": (RunOptions, DataOptions),
+    "select": (RunOptions, DataOptions, SelectOptions),
+    "evaluate": (RunOptions, DataOptions, SelectOptions, EvaluateOptions),
+    "measure": (RunOptions, DataOptions, SelectOptions, EvaluateOptions, MeasureOptions),
+    "export": (RunOptions, DataOptions, SelectOptions, ExportOptions),
+    "run": (RunOptions, DataOptions, SelectOptions, EvaluateOptions, MeasureOptions, ExportOptions),
+}
 
 
 def _paper(data_dir: str) -> dict[str, Any]:
@@ -219,6 +275,7 @@ def _paper(data_dir: str) -> dict[str, Any]:
         "gsm8k_n": 100,
         "truthfulqa_n": 200,
         "coherence_n": 32,
+        "kl_definition": "paper",
         "corpus_windows": 32,
     }
 
@@ -233,6 +290,7 @@ PRESETS: dict[str, Any] = {
         "n_test": 8,
         "max_new_tokens": 24,
         "coherence_n": 4,
+        "kl_n": 16,
         "corpus_windows": 2,
         "gsm8k_n": 2,
         "gsm8k_max_new_tokens": 64,
@@ -241,54 +299,36 @@ PRESETS: dict[str, Any] = {
 }
 
 
-def env_values(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    environ = dict(os.environ) if environ is None else environ
-    out: dict[str, Any] = {}
-    for name in Settings.model_fields:
-        key = ENV_PREFIX + name.upper()
-        if key in environ:
-            out[name] = environ[key]
-    return out
+def env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return options.env_values(Settings, environ)
 
 
 def toml_values(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise RefusalkitError(f"config file {path} not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise RefusalkitError(f"{path}: invalid TOML ({exc}); fix the file") from None
-    data = data.get("refusalkit", data)
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return options.toml_values(path, "refusalkit")
+
+
+def explicit_values(
+    flags: Mapping[str, Any] | None = None,
+    config: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The values the sources set explicitly (no defaults, no preset), merged by precedence."""
+    return options.layered(Settings, flags=flags, config=config, environ=environ, base=base)
 
 
 def build_settings(
-    flags: dict[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
     config: str | Path | None = None,
-    environ: dict[str, str] | None = None,
-    base: dict[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Merge the sources (see the module docstring) and validate, reporting every error at once.
 
     ``base`` (e.g. the settings saved in a run's manifest, when a stage is rerun) sits above the preset
     and below the TOML file, the environment and the flags.
     """
-    toml = toml_values(config) if config else {}
-    env = env_values(environ)
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    saved = {k: v for k, v in (base or {}).items() if v is not None and k in Settings.model_fields}
-    layered = {**saved, **toml, **env, **flags}
-    preset = layered.get("preset")
-    preset_values: dict[str, Any] = {}
-    if preset in PRESETS:
-        data_dir = layered.get("data_dir") or default_data_dir()
-        preset_values = PRESETS[preset](data_dir)
-    try:
-        return Settings(**{**preset_values, **layered})
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "settings"
-            lines.append(f"  --{loc.replace('_', '-')}: {err['msg']} (got {err.get('input')!r})")
-        raise RefusalkitError("invalid settings:\n" + "\n".join(lines)) from None
+    given = explicit_values(flags, config, environ, base)
+    preset = given.get("preset")
+    preset_values = PRESETS[preset](given.get("data_dir") or default_data_dir()) if preset in PRESETS else {}
+    return options.validate(Settings, {**preset_values, **given})

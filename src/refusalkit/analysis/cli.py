@@ -10,6 +10,7 @@ stays fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -17,105 +18,37 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from refusalkit import options
+from refusalkit.analysis.gcg import GCGConfig
+from refusalkit.analysis.options import AnalyzeOptions, SearchOptions, SuffixOptions
 from refusalkit.errors import RefusalkitError
+from refusalkit.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", nargs="?", type=Path, help="Run folder with a selected direction.")
-    p.add_argument("--model", help="Model to load instead of the run's (name, folder, .gguf or hub id).")
-    p.add_argument(
-        "--direction", type=Path, help="A saved direction stem (DIR/direction); default: the run's."
-    )
-    p.add_argument("--out", type=Path, help="Output folder; default RUN_DIR/suffix.")
-    p.add_argument("--harmful", default="builtin:harmful", help="Harmful data spec, without a run folder.")
-    p.add_argument("--harmless", default="builtin:harmless", help="Harmless data spec, without a run folder.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the search and of the random suffixes.")
-    p.add_argument(
-        "--no-filter",
-        dest="filter",
-        action="store_false",
-        help="Use harmful prompts in split order, not only those the model refuses at baseline.",
-    )
-
-
-def add_suffix_parser(subparsers: Any) -> None:
-    """Register `suffix search` and `suffix analyze` on the top-level subparsers."""
-    desc = (
-        "Adversarial suffixes (Arditi et al. 2024): GCG search, and analysis against the refusal direction."
-    )
-    p = subparsers.add_parser("suffix", help=desc, description=desc)
+def add_suffix_arguments(p: argparse.ArgumentParser) -> None:
+    """`suffix search` and `suffix analyze` under the top-level `suffix` command."""
     sub = p.add_subparsers(dest="suffix_command", required=True)
-    s = sub.add_parser("search", help="Optimize a GCG suffix; writes OUT/search.json.")
-    _common(s)
-    s.add_argument(
-        "--objective",
-        choices=["target", "direction", "both"],
-        default="target",
-        help="Target completion loss, the direction's projection, or both.",
-    )
-    s.add_argument("--n-prompts", type=int, default=1, help="Harmful prompts optimized together (mean loss).")
-    s.add_argument("--steps", type=int, default=100, help="GCG steps.")
-    s.add_argument("--search-width", type=int, default=128, help="Candidates per step.")
-    s.add_argument("--topk", type=int, default=64, help="Tokens considered per suffix position.")
-    s.add_argument("--batch-size", type=int, default=64, help="Candidate sequences per forward pass.")
-    s.add_argument("--n-replace", type=int, default=1, help="Positions swapped per candidate.")
-    s.add_argument(
-        "--n-tokens", type=int, default=20, help="Suffix length in tokens (with the default init)."
-    )
-    s.add_argument("--init", help="Initial suffix text (default ' ! ! ... !'); keep its leading space.")
-    s.add_argument("--target", default="Sure, here is", help="Target completion.")
-    s.add_argument(
-        "--direction-weight", type=float, default=1.0, help="Weight of the direction term for 'both'."
-    )
-    s.add_argument(
-        "--direction-layers",
-        choices=["at", "from"],
-        default="from",
-        help="Projection at the direction's layer only, or averaged over it and every later layer.",
-    )
-    s.add_argument("--loss-threshold", type=float, help="Stop once the best loss is below this.")
-    s.add_argument(
-        "--no-stop-on-match",
-        dest="stop_on_match",
-        action="store_false",
-        help="Keep going after the target became the greedy continuation on every prompt.",
-    )
-    s.add_argument("--check-every", type=int, default=1, help="Steps between match checks.")
-    s.add_argument(
-        "--no-prefix-cache",
-        dest="prefix_cache",
-        action="store_false",
-        help="Recompute the fixed prompt part every forward (for models whose cache misbehaves).",
-    )
-    s.add_argument("--max-minutes", type=float, help="Stop the search after this many minutes (CPU budgets).")
-    s.add_argument(
-        "--allow-non-ascii", dest="ascii_only", action="store_false", help="Allow non-ASCII tokens."
-    )
-    a = sub.add_parser("analyze", help="Analyse the found (or given) suffix against random suffixes.")
-    _common(a)
-    a.add_argument(
-        "--suffix-file",
-        type=Path,
-        help="Suffixes to analyse: a search.json, a JSON list, or text with one suffix per line "
-        "(verbatim, leading space kept). Default: OUT/search.json's best suffix.",
-    )
-    a.add_argument(
-        "--n-random", type=int, default=3, help="Random control suffixes of the same token length."
-    )
-    a.add_argument("--n-prompts", type=int, default=16, help="Harmful prompts (search prompts first).")
-    a.add_argument("--n-harmless", type=int, help="Harmless prompts; default --n-prompts.")
-    a.add_argument("--top-heads", type=int, default=8, help="Heads kept by harmful attribution.")
-    a.add_argument("--batch-size", type=int, default=8, help="Prompts per forward pass / generation batch.")
-    a.add_argument(
-        "--max-new-tokens", type=int, default=64, help="Tokens per completion for the refusal rate."
-    )
-    a.add_argument(
-        "--no-generate", dest="generate", action="store_false", help="Skip completions (metric only)."
-    )
-    a.add_argument("--no-plots", dest="plots", action="store_false", help="Write no PNGs.")
-    a.add_argument("--save-completions", action="store_true", help="Also write OUT/completions.json.")
+    for name, cls, help_text in (
+        ("search", SearchOptions, "Optimize a GCG suffix; writes OUT/search.json."),
+        ("analyze", AnalyzeOptions, "Analyse the found (or given) suffix against random suffixes."),
+    ):
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        c.add_argument("run_dir", nargs="?", type=Path, help="Run folder with a selected direction.")
+        c.add_argument(
+            "--config",
+            type=Path,
+            help=f"TOML file of options (keys as the flags, or a [suffix-{name}] table).",
+        )
+        options.add_flags(c, SuffixOptions, title="model, direction and prompts")
+        extra = [n for n in cls.model_fields if n not in SuffixOptions.model_fields]
+        options.add_flags(c, cls, title=f"{name} options", only=extra)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    cls = SearchOptions if args.suffix_command == "search" else AnalyzeOptions
+    return options.options_from_args(args, cls, table=f"suffix-{args.suffix_command}")
 
 
 @dataclass
@@ -131,80 +64,74 @@ class _Context:
     baseline_refused: list[bool] | None  # from the run's evaluation, per harmful prompt
 
 
-def _check_inputs(args: argparse.Namespace) -> None:
+def _check_inputs(run_dir: Path | None, opts: Any) -> None:
     """Fail on a missing run folder or direction before any model loads."""
-    run_dir: Path | None = args.run_dir
     if run_dir is None:
-        if not (args.model and args.direction and args.out):
+        if not (opts.model and opts.direction and opts.out):
             raise RefusalkitError("pass a run folder, or --model, --direction and --out")
         return
-    if not (run_dir / "manifest.json").is_file():
+    layout = RunLayout(run_dir)
+    if not layout.manifest.is_file():
         raise RefusalkitError(
             f"{run_dir} is not a run folder (no manifest.json); run `refusalkit run --out DIR` first"
         )
-    if args.direction is None and not (run_dir / "select" / "direction.json").is_file():
+    if opts.direction is None and not layout.direction.with_suffix(".json").is_file():
         raise RefusalkitError(
             f"no direction in {run_dir}/select; run `refusalkit select {run_dir}` or pass --direction"
         )
 
 
-def _context(args: argparse.Namespace) -> _Context:
+def _run_prompts(layout: RunLayout) -> tuple[list[str], list[str], list[bool] | None]:
+    """The run's harmful and harmless test prompts, and which harmful ones its baseline refused."""
+    from refusalkit.utils import read_json
+
+    if not layout.splits.is_file():
+        raise RefusalkitError(
+            f"{layout.splits} is missing; run `refusalkit extract {layout.root}` to write the splits"
+        )
+    splits = read_json(layout.splits)["splits"]
+    harmful, harmless = splits["harmful_test"], splits["harmless_test"]
+    baseline = layout.completions("harmful", "baseline")
+    refused = None
+    if baseline.is_file():
+        by_text = {r["instruction"]: bool(r["refused"]) for r in read_json(baseline)["rows"]}
+        if all(x in by_text for x in harmful):
+            refused = [by_text[x] for x in harmful]
+    return harmful, harmless, refused
+
+
+def _context(run_dir: Path | None, opts: Any) -> _Context:
+    from refusalkit.data import load_instructions, sample
     from refusalkit.directions import Direction
     from refusalkit.metric import refusal_token_ids
     from refusalkit.models.loading import load_model
     from refusalkit.settings import build_settings
     from refusalkit.utils import read_json
 
-    run_dir: Path | None = args.run_dir
+    _check_inputs(run_dir, opts)
+    model = {"model": opts.model} if opts.model else {}
     refused: list[bool] | None = None
-    _check_inputs(args)
     if run_dir is not None:
-        saved = {
-            k: v for k, v in read_json(run_dir / "manifest.json").get("settings", {}).items() if v is not None
-        }
-        settings = build_settings(saved | ({"model": args.model} if args.model else {}))
-        stem = args.direction or run_dir / "select" / "direction"
-        splits_path = run_dir / "data" / "splits.json"
-        if not splits_path.is_file():
-            raise RefusalkitError(
-                f"{splits_path} is missing; run `refusalkit extract {run_dir}` to write the splits"
-            )
-        splits = read_json(splits_path)["splits"]
-        harmful, harmless = splits["harmful_test"], splits["harmless_test"]
-        baseline = run_dir / "evaluate" / "completions" / "harmful__baseline.json"
-        if baseline.is_file():
-            by_text = {r["instruction"]: bool(r["refused"]) for r in read_json(baseline)["rows"]}
-            if all(x in by_text for x in harmful):
-                refused = [by_text[x] for x in harmful]
-        out = args.out or run_dir / "suffix"
+        layout = RunLayout(run_dir)
+        settings = build_settings(read_json(layout.manifest).get("settings", {}) | model, environ={})
+        stem = Path(opts.direction) if opts.direction else layout.direction
+        harmful, harmless, refused = _run_prompts(layout)
+        out = Path(opts.out) if opts.out else layout.suffix_dir
     else:
-        from refusalkit.data import load_instructions, sample
-
-        settings = build_settings({"model": args.model})
-        stem = args.direction
-        harmful = sample(load_instructions(args.harmful).instructions, None, args.seed)
-        harmless = sample(load_instructions(args.harmless).instructions, None, args.seed)
-        out = args.out
+        settings = build_settings(model, environ={})
+        stem, out = Path(opts.direction), Path(opts.out)
+        harmful = sample(load_instructions(opts.harmful).instructions, None, opts.seed)
+        harmless = sample(load_instructions(opts.harmless).instructions, None, opts.seed)
     direction = Direction.load(stem)
-    s = settings
-    lm = load_model(s.model, **s.model_kwargs())
+    lm = load_model(settings.model, **settings.model_kwargs())
     d_model = lm.model.get_input_embeddings().weight.shape[1]
     if direction.vector.shape[0] != d_model:
         raise RefusalkitError(
             f"the direction has d_model {direction.vector.shape[0]} but {lm.name} has "
             f"{d_model}; use the direction selected for this model"
         )
-    return _Context(
-        lm,
-        direction,
-        harmful,
-        harmless,
-        Path(out),
-        s.system_prompt,
-        refusal_token_ids(lm.tokenizer, s.refusal_tokens),
-        run_dir,
-        refused,
-    )
+    ids = refusal_token_ids(lm.tokenizer, settings.refusal_tokens)
+    return _Context(lm, direction, harmful, harmless, out, settings.system_prompt, ids, run_dir, refused)
 
 
 def _refused_first(ctx: _Context, use_filter: bool) -> tuple[list[int], str]:
@@ -230,55 +157,70 @@ def _refused_first(ctx: _Context, use_filter: bool) -> tuple[list[int], str]:
     return keep, how
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from refusalkit.analysis.gcg import GCGConfig, run_gcg
-
-    config = GCGConfig(
-        n_steps=args.steps,
-        search_width=args.search_width,
-        topk=args.topk,
-        batch_size=args.batch_size,
-        n_replace=args.n_replace,
-        n_tokens=args.n_tokens,
-        init=args.init,
-        target=args.target,
-        seed=args.seed,
-        objective=args.objective,
-        direction_weight=args.direction_weight,
-        direction_layers=args.direction_layers,
-        loss_threshold=args.loss_threshold,
-        stop_on_match=args.stop_on_match,
-        check_every=args.check_every,
-        ascii_only=args.ascii_only,
-        prefix_cache=args.prefix_cache,
-        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
-    )
+def _gcg_config(opts: Any) -> GCGConfig:
+    fields = {f.name for f in dataclasses.fields(GCGConfig)} - {"max_seconds"}
+    values = {k: v for k, v in opts.model_dump().items() if k in fields}
+    max_seconds = opts.max_minutes * 60 if opts.max_minutes else None
+    config = GCGConfig(**values, max_seconds=max_seconds)
     config.validate()
-    if args.n_prompts < 1:
-        raise RefusalkitError("--n-prompts must be at least 1")
-    ctx = _context(args)
-    order, how = _refused_first(ctx, args.filter)
-    chosen = order[: args.n_prompts]
+    return config
+
+
+def _search_identity(ctx: _Context) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model's weights and the direction."""
+    from refusalkit.utils import sha256_text
+
+    d = ctx.direction
+    vector = sha256_text(",".join(f"{x:.6e}" for x in d.vector.double().tolist()))[:16]
+    return {
+        "model": {"name": ctx.lm.name, "fingerprint": ctx.lm.fingerprint},
+        "direction": {"layer": d.layer, "position": d.position, "sha256": vector},
+    }
+
+
+def _resumable(partial: Path, config: GCGConfig, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``partial`` if it was made with this config, prompts, model and direction.
+    A checkpoint of another search starts the search over, and says why."""
+    if not partial.is_file():
+        return None
+    saved = json.loads(partial.read_text())
+    wanted = json.loads(json.dumps(asdict(config)))
+    old_meta = saved.get("meta", {})
+    differs = [
+        what
+        for what, same in (
+            ("settings", {k: v for k, v in saved.get("config", {}).items() if k in wanted} == wanted),
+            ("prompts", old_meta.get("prompt_indices") == meta["prompt_indices"]),
+            ("model", old_meta.get("model") == meta["model"]),
+            ("direction", old_meta.get("direction") == meta["direction"]),
+        )
+        if not same
+    ]
+    if differs:
+        print(
+            f"[refusalkit] {partial} is a search with other {', '.join(differs)}; starting over",
+            file=sys.stderr,
+        )
+        return None
+    print(f"[refusalkit] resuming from step {saved['history'][-1]['step']} ({partial})", file=sys.stderr)
+    return dict(saved)
+
+
+def cmd_search(run_dir: Path | None, opts: Any) -> int:
+    from refusalkit.analysis.gcg import run_gcg
+
+    config = _gcg_config(opts)
+    ctx = _context(run_dir, opts)
+    order, how = _refused_first(ctx, opts.filter)
+    chosen = order[: opts.n_prompts]
     meta = {
-        "split": "harmful_test" if ctx.run_dir else args.harmful,
+        "split": "harmful_test" if ctx.run_dir else opts.harmful,
         "prompt_indices": chosen,
         "filter": how,
-        "model": {"name": ctx.lm.name, "fingerprint": ctx.lm.fingerprint},
-        "direction": {"layer": ctx.direction.layer, "position": ctx.direction.position},
+        **_search_identity(ctx),
     }
     print(f"[refusalkit] GCG on {len(chosen)} prompt(s) {chosen} (filter: {how})", file=sys.stderr)
-    path = ctx.out / "search.json"
-    partial = ctx.out / "search.partial.json"
-    resume = None
-    if partial.is_file():
-        saved = json.loads(partial.read_text())
-        wanted = json.loads(json.dumps(asdict(config)))
-        same = {k: v for k, v in saved.get("config", {}).items() if k in wanted} == wanted
-        if same and saved.get("meta", {}).get("prompt_indices") == chosen:
-            resume = saved
-            print(
-                f"[refusalkit] resuming from step {saved['history'][-1]['step']} ({partial})", file=sys.stderr
-            )
+    path, partial = ctx.out / "search.json", ctx.out / "search.partial.json"
     result = run_gcg(
         ctx.lm,
         [ctx.harmful[i] for i in chosen],
@@ -286,7 +228,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         direction=ctx.direction,
         system=ctx.system,
         meta=meta,
-        resume=resume,
+        resume=_resumable(partial, config, meta),
         checkpoint=lambda r: r.save(partial),
     )
     result.save(path)
@@ -322,30 +264,33 @@ def load_suffixes(path: Path) -> tuple[list[str], list[int]]:
     return lines, []
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from refusalkit.analysis.suffix import analyze_suffixes
-    from refusalkit.utils import write_json
-
-    _check_inputs(args)
-    out = args.out or args.run_dir / "suffix"
-    source = args.suffix_file or out / "search.json"
+def _suffix_source(run_dir: Path | None, opts: Any) -> Path:
+    out = Path(opts.out) if opts.out else RunLayout(run_dir or ".").suffix_dir
+    source = Path(opts.suffix_file) if opts.suffix_file else out / "search.json"
     if not source.is_file():
         raise RefusalkitError(
             f"no suffix found in {source} and none given; run `refusalkit suffix search` first "
             "or pass --suffix-file FILE"
         )
+    return source
+
+
+def cmd_analyze(run_dir: Path | None, opts: Any) -> int:
+    from refusalkit.analysis.suffix import analyze_suffixes
+
+    _check_inputs(run_dir, opts)
+    source = _suffix_source(run_dir, opts)
     suffixes, search_idx = load_suffixes(source)
-    if args.plots:
+    if opts.plots:
         from refusalkit.analysis.plots import _pyplot
 
         _pyplot()  # fail before the model loads if matplotlib is missing
-    ctx = _context(args)
-    order, how = _refused_first(ctx, args.filter)
+    ctx = _context(run_dir, opts)
+    order, how = _refused_first(ctx, opts.filter)
     search_idx = [i for i in search_idx if i < len(ctx.harmful)]
-    chosen = (
-        search_idx + [i for i in order if i not in search_idx][: max(args.n_prompts - len(search_idx), 0)]
-    )
-    harmless = list(range(min(args.n_harmless or args.n_prompts, len(ctx.harmless))))
+    rest = [i for i in order if i not in search_idx][: max(opts.n_prompts - len(search_idx), 0)]
+    chosen = search_idx + rest
+    harmless = list(range(min(opts.n_harmless or opts.n_prompts, len(ctx.harmless))))
     results, completions = analyze_suffixes(
         ctx.lm,
         ctx.direction,
@@ -353,17 +298,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         [ctx.harmless[i] for i in harmless],
         suffixes,
         refusal_ids=ctx.refusal_ids,
-        n_random=args.n_random,
-        seed=args.seed,
-        top_heads=args.top_heads,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        generate_completions=args.generate,
+        n_random=opts.n_random,
+        seed=opts.seed,
+        top_heads=opts.top_heads,
+        batch_size=opts.batch_size,
+        max_new_tokens=opts.max_new_tokens,
+        generate_completions=opts.generate,
         system=ctx.system,
         search_prompts=list(range(len(search_idx))),
     )
     results["prompts"] = {
-        "split": "harmful_test/harmless_test" if ctx.run_dir else f"{args.harmful} / {args.harmless}",
+        "split": "harmful_test/harmless_test" if ctx.run_dir else f"{opts.harmful} / {opts.harmless}",
         "harmful": chosen,
         "harmless": harmless,
         "search": search_idx,
@@ -371,19 +316,26 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "note": "per-prompt lists follow the order of 'harmful' (split indices)",
     }
     results["suffix_source"] = str(source)
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    write_json(ctx.out / "analysis.json", results)
-    written = [ctx.out / "analysis.json"]
-    if args.save_completions:
-        write_json(ctx.out / "completions.json", {"prompts": results["prompts"], "conditions": completions})
-        written.append(ctx.out / "completions.json")
-    if args.plots:
-        from refusalkit.analysis.plots import write_plots
-
-        written += write_plots(results, ctx.out)
+    written = _write_analysis(ctx.out, results, completions, opts)
     print(format_summary(results))
     print("written: " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _write_analysis(out: Path, results: dict[str, Any], completions: Any, opts: Any) -> list[Path]:
+    from refusalkit.utils import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "analysis.json", results)
+    written = [out / "analysis.json"]
+    if opts.save_completions:
+        write_json(out / "completions.json", {"prompts": results["prompts"], "conditions": completions})
+        written.append(out / "completions.json")
+    if opts.plots:
+        from refusalkit.analysis.plots import write_plots
+
+        written += write_plots(results, out)
+    return written
 
 
 def format_summary(results: dict[str, Any]) -> str:
@@ -407,6 +359,7 @@ def format_summary(results: dict[str, Any]) -> str:
 
 
 def run_suffix(args: argparse.Namespace) -> int:
+    opts = _options(args)
     if args.suffix_command == "search":
-        return cmd_search(args)
-    return cmd_analyze(args)
+        return cmd_search(args.run_dir, opts)
+    return cmd_analyze(args.run_dir, opts)

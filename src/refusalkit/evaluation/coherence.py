@@ -28,20 +28,24 @@ from refusalkit.interventions import ablate_direction, add_direction, capture_re
 from refusalkit.metric import kl_div
 from refusalkit.models.loading import LoadedModel
 from refusalkit.orthogonalize import orthogonalized
-from refusalkit.prompts import Batch, batches, encode
+from refusalkit.prompts import batches, encode, pad_left
 
 COHERENCE_SETTINGS = ("baseline", "ablation", "actadd", "orthogonalized")
 LOGIT_BUDGET = 1 << 27  # floats of logits held at once (512 MiB in float32); batches shrink to fit
 
 
-def intervention(lm: LoadedModel, setting: str, direction: Direction) -> AbstractContextManager[Any]:
-    """The context manager that puts ``lm`` in ``setting`` (see the module docstring)."""
+def intervention(
+    lm: LoadedModel, setting: str, direction: Direction, coeff: float = -1.0
+) -> AbstractContextManager[Any]:
+    """The context manager that puts ``lm`` in ``setting``: the one mapping from a setting's name to an
+    edit, for the evaluate and measure stages. ``coeff`` scales actadd (-1: the jailbreak setting, +1:
+    induced refusal); the other settings ignore it."""
     if setting == "baseline":
         return nullcontext()
     if setting == "ablation":
         return ablate_direction(lm.arch, direction.vector)
     if setting == "actadd":
-        return add_direction(lm.arch, direction.vector, direction.layer, -1.0)
+        return add_direction(lm.arch, direction.vector, direction.layer, coeff)
     if setting == "orthogonalized":
         return orthogonalized(lm, direction.vector)
     raise RefusalkitError(f"unknown setting {setting!r}; known: {', '.join(COHERENCE_SETTINGS)}")
@@ -68,16 +72,6 @@ class ContinuationScores:
     def ce(self) -> float:
         """Token-weighted mean cross-entropy (nats) over every scored token."""
         return float(-self.logprob_sum.sum() / self.n_tokens.sum().clamp(min=1))
-
-
-def _pad_left(rows: list[list[int]], pad_id: int) -> Batch:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return Batch(ids, mask)
 
 
 @torch.inference_mode()
@@ -110,7 +104,7 @@ def score_continuations(
         size = max(1, min(batch_size, LOGIT_BUDGET // (keep * vocab)))
         chunk = order[start : start + size]
         keep = max(len(continuations[i]) for i in chunk) + 1
-        batch = _pad_left([contexts[i] + continuations[i] for i in chunk], pad).to(lm.device)
+        batch = pad_left([contexts[i] + continuations[i] for i in chunk], pad).to(lm.device)
         with token_mask(batch.attention_mask):
             out = lm.model(
                 input_ids=batch.input_ids,
@@ -223,6 +217,41 @@ def corpus_ce(
 # ---- the model's own completions of harmless prompts ---------------------------------------------------
 
 
+def kl_stats(per_prompt: torch.Tensor) -> dict[str, Any]:
+    """Mean, median and max of per-prompt KL values [n], and the values themselves."""
+    return {
+        "mean": float(per_prompt.mean()),
+        "median": float(per_prompt.median()),
+        "max": float(per_prompt.max()),
+        "per_prompt": per_prompt.tolist(),
+    }
+
+
+def first_token_kls(
+    lm: LoadedModel,
+    direction: Direction,
+    prompts: list[str],
+    settings: Sequence[str],
+    *,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """KL(unedited || edited) of the next-token distribution at the end of each prompt, per setting.
+
+    prompts: formatted. Returns {setting: kl_stats} for every setting but baseline.
+    """
+    ctx = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    empty: list[list[int]] = [[] for _ in ctx]
+    base = score_continuations(lm, ctx, empty, batch_size=batch_size, keep_first_logits=True).first_logits
+    assert base is not None
+    out: dict[str, Any] = {}
+    for name in [s for s in settings if s != "baseline"]:
+        with intervention(lm, name, direction):
+            edited = score_continuations(lm, ctx, empty, batch_size=batch_size, keep_first_logits=True)
+        assert edited.first_logits is not None
+        out[name] = kl_stats(first_token_kl(base, edited.first_logits))
+    return out
+
+
 def harmless_coherence(
     lm: LoadedModel,
     direction: Direction,
@@ -232,12 +261,14 @@ def harmless_coherence(
     *,
     batch_size: int = 8,
     max_completion_tokens: int | None = None,
+    kl_prompts: list[str] | None = None,
 ) -> dict[str, Any]:
     """First-token KL against the unedited model and CE of the baseline completions, per setting.
 
     prompts: formatted (chat template applied); completions: the unedited model's completions of them.
-    One forward pass per setting serves both numbers: the logits at the last prompt token give the KL,
-    the logits over the completion tokens give the CE.
+    KL is measured on ``kl_prompts`` (formatted; a larger set, since it needs no generation) when
+    given, else on ``prompts``, from the same forward pass that gives the CE. KL values: mean, median,
+    max and per prompt.
     """
     tok = lm.tokenizer
     ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -252,15 +283,17 @@ def harmless_coherence(
     ce: dict[str, Any] = {}
     for name, s in runs.items():
         assert s.first_logits is not None
-        per_prompt = first_token_kl(base.first_logits, s.first_logits)
-        if name != "baseline":
-            kl[name] = {"mean": float(per_prompt.mean()), "per_prompt": per_prompt.tolist()}
+        if name != "baseline" and kl_prompts is None:
+            kl[name] = kl_stats(first_token_kl(base.first_logits, s.first_logits))
         if name in settings:
             per = (-s.logprob_sum / s.n_tokens.clamp(min=1)).tolist()
             ce[name] = {"ce": s.ce, "per_completion": [x if math.isfinite(x) else None for x in per]}
+    if kl_prompts is not None:
+        kl = first_token_kls(lm, direction, kl_prompts, settings, batch_size=batch_size)
     return {
         "kl": kl,
         "completion_ce": ce,
         "n_prompts": len(prompts),
+        "n_kl_prompts": len(kl_prompts if kl_prompts is not None else prompts),
         "n_completion_tokens": int(base.n_tokens.sum()),
     }

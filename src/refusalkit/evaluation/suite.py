@@ -4,11 +4,13 @@ Layout (RUN_DIR/measure/):
   refusal_judges.json   per-prompt verdicts of the paper's and the broad refusal markers, rates with CIs
   safety.json           LLM safety judge verdicts per harmful setting, with the judge's identity
                         (or ``measured: false`` and why, when no judge model is set)
-  coherence.json        first-token KL vs the unedited model and CE of its own harmless completions
+  coherence.json        first-token KL vs the unedited model (mean, median, max over kl_n harmless
+                        prompts) and CE of its own harmless completions
   corpus_ce.json        CE on a text corpus per setting
   projections.json      per-prompt projections of the last-token residual on the direction, every layer
   gsm8k.json, truthfulqa.json, lm_eval.json   capability, original vs orthogonalized
-  summary.json          the headline numbers of all of them
+  summary.json          which measurements exist (and their cost), and why the others are absent; the
+                        numbers themselves are in each file (refusalkit.report.headline gathers them)
 
 Each file records the fingerprint of its inputs; a measurement whose file holds the same fingerprint is
 skipped, so an interrupted stage resumes where it stopped. Input files are checked before any model
@@ -18,15 +20,14 @@ work, and every problem is reported at once.
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from refusalkit.data import load_instructions, sample
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation import capability, coherence
@@ -39,15 +40,16 @@ from refusalkit.evaluation.judges import (
     refusal_verdicts,
     summarize_safety,
 )
+from refusalkit.layout import RunLayout
+from refusalkit.models.loading import LoadedModel
 from refusalkit.prompts import format_prompts
 from refusalkit.settings import MEASUREMENTS, Settings
-from refusalkit.utils import read_json, sha256_file, sha256_text, write_json
-
-if TYPE_CHECKING:
-    from refusalkit.pipeline import Run
+from refusalkit.utils import read_json, sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
-VERSION = 1  # bump when a measurement's definition changes, so old artifacts are recomputed
+# The broad harmless set that tops up the KL prompts: Alpaca instructions (the paper's harmless test split).
+KL_POOL = ("refusal_direction", "splits", "harmless_test.json")
+VERSION = 2  # bump when a measurement's definition changes, so old artifacts are recomputed
 
 
 @dataclass(frozen=True)
@@ -59,102 +61,73 @@ class Measurement:
 
 
 class Suite:
-    """The measurements of one run. ``run`` supplies settings, splits, the model (loaded lazily) and
-    the evaluate stage's completions."""
+    """The measurements of one run, from explicit inputs.
 
-    def __init__(self, run: Run, direction: Direction) -> None:
-        self.run = run
+    splits: split name -> instructions; upstream: the fingerprints of the select and evaluate stages;
+    load_model: called (once) only when a measurement must be computed, so an up-to-date stage never
+    loads the model.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        layout: RunLayout,
+        direction: Direction,
+        splits: Mapping[str, list[str]],
+        upstream: Mapping[str, str],
+        load_model: Callable[[], LoadedModel],
+    ) -> None:
+        self.settings = settings
+        self.layout = layout
         self.direction = direction
-        self.settings: Settings = run.settings
-        self.dir = run.out / "measure"
+        self.splits = splits
+        self.upstream = dict(upstream)
+        self._load_model = load_model
+        self._lm: LoadedModel | None = None
 
     # ---- inputs ---------------------------------------------------------------------------------------
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            self._lm = self._load_model()
+        return self._lm
+
     def stage_fp(self, stage: str) -> str:
-        return str(self.run.manifest.get("stages", {}).get(stage, {}).get("fingerprint", ""))
+        return self.upstream.get(stage, "")
 
     def data_path(self, *parts: str) -> Path:
         return Path(self.settings.data_dir).joinpath(*parts)
 
     @property
     def corpus_path(self) -> Path:
-        return (
-            Path(self.settings.corpus)
-            if self.settings.corpus
-            else self.data_path("corpus", "wikitext2_tokenized_test.txt")
-        )
+        s = self.settings
+        return Path(s.corpus) if s.corpus else self.data_path("corpus", "wikitext2_tokenized_test.txt")
+
+    @cached_property
+    def kl_instructions(self) -> tuple[list[str], str]:
+        """The harmless prompts of the first-token KL and where they come from: the run's harmless test
+        split, topped up to ``kl_n`` with a seeded draw from the broad harmless pool (KL_POOL under the
+        data folder, else the harmless test source) minus every harmless train/val/test prompt."""
+        n, split = self.settings.kl_n, self.splits["harmless_test"]
+        chosen, source = list(split[:n]), "harmless_test"
+        if len(chosen) < n:
+            pool = self.data_path(*KL_POOL)
+            st = self.settings
+            spec = str(pool) if pool.is_file() else (st.harmless_test or st.harmless_train)
+            used = {x for k in ("harmless_train", "harmless_val", "harmless_test") for x in self.splits[k]}
+            extra = [x for x in sample(load_instructions(spec).instructions, None, st.seed) if x not in used]
+            chosen += extra[: n - len(chosen)]
+            source += f" + {spec}"
+        return chosen, source
 
     def completions(self, key: str) -> list[dict[str, Any]]:
-        path = self.run.out / "evaluate" / "completions" / f"{key}.json"
+        path = self.layout.completions(*key.split("__", 1))
         if not path.is_file():
-            raise RefusalkitError(f"{path} is missing; run `refusalkit evaluate {self.run.out}` first")
+            raise RefusalkitError(f"{path} is missing; run `refusalkit evaluate {self.layout.root}` first")
         return list(read_json(path)["rows"])
 
     def completion_keys(self) -> list[str]:
-        folder = self.run.out / "evaluate" / "completions"
-        return sorted(p.stem for p in folder.glob("*__*.json"))
-
-    def fingerprint_of(self, m: Measurement) -> str:
-        return sha256_text(
-            json.dumps({"v": VERSION, "name": m.name, **m.inputs(self)}, sort_keys=True, default=str)
-        )[:16]
-
-    @property
-    def fingerprint(self) -> str:
-        by_name = {m: self.fingerprint_of(REGISTRY[m]) for m in self.settings.measurements}
-        return sha256_text(json.dumps(by_name, sort_keys=True))[:16]
-
-    @property
-    def artifacts(self) -> list[Path]:
-        """The files the selected measurements write (the stage is done only if all exist)."""
-        return [self.dir / f"{name}.json" for name in self.settings.measurements]
-
-    def preflight(self) -> None:
-        """Check every input file and option before any model work; report all problems at once."""
-        s, want, problems = self.settings, set(self.settings.measurements), []
-        checks = {
-            "corpus_ce": (self.corpus_path, "--corpus PATH or --data-dir"),
-            "gsm8k": (self.data_path("gsm8k", "test.jsonl"), "--data-dir (it must hold gsm8k/test.jsonl)"),
-            "truthfulqa": (
-                self.data_path("truthfulqa", "TruthfulQA.csv"),
-                "--data-dir (it must hold truthfulqa/TruthfulQA.csv)",
-            ),
-        }
-        for name, (path, fix) in checks.items():
-            if name in want and not path.is_file():
-                problems.append(f"{name}: {path} not found; set {fix}, or drop {name} from --measurements")
-        if "lm_eval" in want and not s.lm_eval_tasks:
-            problems.append("lm_eval: no tasks; set --lm-eval-tasks (e.g. arc_easy,winogrande)")
-        if problems:
-            raise RefusalkitError("the measure stage cannot start:\n  " + "\n  ".join(problems))
-
-    # ---- running ----------------------------------------------------------------------------------------
-    def run_all(self) -> dict[str, Any]:
-        self.preflight()
-        for name in self.settings.measurements:
-            m = REGISTRY[name]
-            fp = self.fingerprint_of(m)
-            path = self.dir / f"{name}.json"
-            if path.is_file() and read_json(path).get("fingerprint") == fp:
-                log.info("measure %s: up to date", name)
-                continue
-            log.info("measure %s: %s", name, m.description)
-            t0 = time.perf_counter()
-            result = m.compute(self)
-            write_json(
-                path,
-                {
-                    "measurement": name,
-                    "description": m.description,
-                    "fingerprint": fp,
-                    "inputs": m.inputs(self),
-                    "seconds": round(time.perf_counter() - t0, 2),
-                    "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                    **result,
-                },
-            )
-        summary = summarize(self.dir, self.settings.measurements)
-        write_json(self.dir / "summary.json", summary)
-        return summary
+        return sorted(p.stem for p in self.layout.completions_dir.glob("*__*.json"))
 
 
 # ---- the measurements ----------------------------------------------------------------------------------
@@ -233,22 +206,35 @@ def _identity(spec: str, by_setting: dict[str, Any]) -> dict[str, Any]:
 
 
 def _coherence_inputs(s: Suite) -> dict[str, Any]:
-    return {"select": s.stage_fp("select"), "evaluate": s.stage_fp("evaluate"), "n": s.settings.coherence_n}
+    kl_prompts, source = s.kl_instructions
+    return {
+        "select": s.stage_fp("select"),
+        "evaluate": s.stage_fp("evaluate"),
+        "n": s.settings.coherence_n,
+        "kl": {"source": source, "sha256": sha256_text("\n".join(kl_prompts))},
+    }
 
 
 def _coherence(s: Suite) -> dict[str, Any]:
-    lm, st = s.run.lm, s.settings
+    lm, st = s.lm, s.settings
     rows = s.completions("harmless__baseline")[: st.coherence_n]
-    prompts = format_prompts(lm.tokenizer, [r["instruction"] for r in rows], st.system_prompt)
+    kl_instructions, source = s.kl_instructions
+    if len(kl_instructions) < st.kl_n:
+        log.warning(
+            "first-token KL on %d harmless prompts (--kl-n %d): no more disjoint ones",
+            len(kl_instructions),
+            st.kl_n,
+        )
     result = coherence.harmless_coherence(
         lm,
         s.direction,
-        prompts,
+        format_prompts(lm.tokenizer, [r["instruction"] for r in rows], st.system_prompt),
         [r["completion"] for r in rows],
         coherence.available_settings(lm),
         batch_size=st.batch_size,
+        kl_prompts=format_prompts(lm.tokenizer, kl_instructions, st.system_prompt),
     )
-    return {"measured": True, **result}
+    return {"measured": True, "kl_source": source, "kl_definition": "exact", **result}
 
 
 def _corpus_inputs(s: Suite) -> dict[str, Any]:
@@ -263,7 +249,7 @@ def _corpus_inputs(s: Suite) -> dict[str, Any]:
 
 
 def _corpus(s: Suite) -> dict[str, Any]:
-    lm, st = s.run.lm, s.settings
+    lm, st = s.lm, s.settings
     windows = coherence.corpus_windows(
         lm.tokenizer, s.corpus_path, st.corpus_windows, st.corpus_window_tokens
     )
@@ -274,17 +260,17 @@ def _corpus(s: Suite) -> dict[str, Any]:
 
 
 def _projection_inputs(s: Suite) -> dict[str, Any]:
-    data = s.run.manifest.get("data", {})
+    n = s.settings.coherence_n
     return {
         "select": s.stage_fp("select"),
-        "n": s.settings.coherence_n,
-        "data": [data.get(k, {}).get("sha256") for k in ("harmful_test", "harmless_test")],
+        "n": n,
+        "data": [sha256_text("\n".join(s.splits[k][:n])) for k in ("harmful_test", "harmless_test")],
     }
 
 
 def _projections(s: Suite) -> dict[str, Any]:
-    lm, st = s.run.lm, s.settings
-    splits = s.run.splits()
+    lm, st = s.lm, s.settings
+    splits = s.splits
     out: dict[str, Any] = {"measured": True, "position": s.direction.position, "layer": s.direction.layer}
     for cls in ("harmful", "harmless"):
         prompts = format_prompts(lm.tokenizer, splits[f"{cls}_test"][: st.coherence_n], st.system_prompt)
@@ -303,14 +289,14 @@ def _file_inputs(s: Suite, *parts: str, **extra: Any) -> dict[str, Any]:
 
 
 def _edited_setting(s: Suite) -> str:
-    return "orthogonalized" if s.run.lm.arch.spec.weights_orthogonalizable else "ablation"
+    return "orthogonalized" if s.lm.arch.spec.weights_orthogonalizable else "ablation"
 
 
 def _compare(s: Suite, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``fn`` on the original model and on the edited one (orthogonalized weights, else ablation hooks)."""
     edited = _edited_setting(s)
     original = fn()
-    with coherence.intervention(s.run.lm, edited, s.direction):
+    with coherence.intervention(s.lm, edited, s.direction):
         changed = fn()
     return {"measured": True, "edited_setting": edited, "original": original, "edited": changed}
 
@@ -321,7 +307,7 @@ def _gsm8k(s: Suite) -> dict[str, Any]:
     return _compare(
         s,
         lambda: capability.gsm8k_accuracy(
-            s.run.lm,
+            s.lm,
             problems,
             max_new_tokens=st.gsm8k_max_new_tokens,
             batch_size=st.gen_batch_size,
@@ -332,14 +318,14 @@ def _gsm8k(s: Suite) -> dict[str, Any]:
 
 def _truthfulqa(s: Suite) -> dict[str, Any]:
     items = capability.load_truthfulqa(s.data_path("truthfulqa", "TruthfulQA.csv"), s.settings.truthfulqa_n)
-    return _compare(s, lambda: capability.truthfulqa_mc(s.run.lm, items, system=s.settings.system_prompt)) | {
+    return _compare(s, lambda: capability.truthfulqa_mc(s.lm, items, system=s.settings.system_prompt)) | {
         "prompt_version": capability.TRUTHFULQA_PROMPT_VERSION
     }
 
 
 def _lm_eval(s: Suite) -> dict[str, Any]:
     st = s.settings
-    return _compare(s, lambda: capability.lm_eval_tasks(s.run.lm, st.lm_eval_tasks, limit=st.lm_eval_limit))
+    return _compare(s, lambda: capability.lm_eval_tasks(s.lm, st.lm_eval_tasks, limit=st.lm_eval_limit))
 
 
 REGISTRY: dict[str, Measurement] = {
@@ -360,14 +346,25 @@ REGISTRY: dict[str, Measurement] = {
             "gsm8k",
             "GSM8K exact match, original vs edited",
             lambda s: _file_inputs(
-                s, "gsm8k", "test.jsonl", n=s.settings.gsm8k_n, max_new_tokens=s.settings.gsm8k_max_new_tokens
+                s,
+                "gsm8k",
+                "test.jsonl",
+                n=s.settings.gsm8k_n,
+                max_new_tokens=s.settings.gsm8k_max_new_tokens,
+                prompt_version=capability.GSM8K_PROMPT_VERSION,
             ),
             _gsm8k,
         ),
         Measurement(
             "truthfulqa",
             "TruthfulQA MC1/MC2, original vs edited",
-            lambda s: _file_inputs(s, "truthfulqa", "TruthfulQA.csv", n=s.settings.truthfulqa_n),
+            lambda s: _file_inputs(
+                s,
+                "truthfulqa",
+                "TruthfulQA.csv",
+                n=s.settings.truthfulqa_n,
+                prompt_version=capability.TRUTHFULQA_PROMPT_VERSION,
+            ),
             _truthfulqa,
         ),
         Measurement(
@@ -383,19 +380,3 @@ REGISTRY: dict[str, Measurement] = {
     )
 }
 assert set(REGISTRY) == set(MEASUREMENTS), "settings.MEASUREMENTS and the registry must list the same names"
-
-
-def summarize(folder: Path, names: list[str] | tuple[str, ...] = MEASUREMENTS) -> dict[str, Any]:
-    """Which measurements exist in ``folder`` (and their cost); why the others are absent.
-
-    The numbers themselves are in each file; ``refusalkit.report.headline`` gathers them."""
-    out: dict[str, Any] = {"measured": [], "not_measured": {}, "seconds": {}}
-    for name in names:
-        path = folder / f"{name}.json"
-        d = read_json(path) if path.is_file() else {"measured": False, "reason": "no artifact"}
-        if d.get("measured", True):
-            out["measured"].append(name)
-            out["seconds"][name] = d.get("seconds")
-        else:
-            out["not_measured"][name] = d.get("reason", "not measured")
-    return out

@@ -42,14 +42,3 @@ def ci_ends(record: dict[str, Any]) -> tuple[Any, Any]:
     """(lo, hi) of a rate record's ci95, None where an end is missing."""
     ends = list(record.get("ci95") or [])
     return (ends[0] if ends else None, ends[1] if len(ends) > 1 else None)
-
-
-def rate_text(record: dict[str, Any] | None, digits: int = 2, missing: str = MISSING) -> str:
-    """A rate record ({rate, k, n, ci95}) as '0.50 [0.24, 0.76] 4/8'."""
-    if not record or not is_number(record.get("rate")):
-        return missing
-    lo, hi = ci_ends(record)
-    return (
-        f"{num(record['rate'], digits)} [{num(lo, digits, missing)}, {num(hi, digits, missing)}] "
-        f"{record.get('k', '?')}/{record.get('n', '?')}"
-    )

@@ -253,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.metavar = "{" + ",".join(c.name for c in COMMANDS.values() if not c.hidden) + "}"
     for cmd in COMMANDS.values():
-        extra = {} if cmd.hidden else {"help": cmd.help}
-        p = sub.add_parser(cmd.name, description=cmd.help, **extra)
+        if cmd.hidden:
+            p = sub.add_parser(cmd.name, description=cmd.help)
+        else:
+            p = sub.add_parser(cmd.name, description=cmd.help, help=cmd.help)
         if cmd.arguments:
             cmd.arguments(p)
         for cls in cmd.options:

@@ -67,9 +67,10 @@ def _gcg_fields() -> dict[str, Any]:
     for f in dataclasses.fields(GCGConfig):
         if f.name in ("seed", "max_seconds"):  # SuffixOptions' seed; --max-minutes
             continue
-        extra = {"flags": GCG_FLAGS[f.name]} if f.name in GCG_FLAGS else None
+        extra: dict[str, Any] = {"flags": GCG_FLAGS[f.name]} if f.name in GCG_FLAGS else {}
         help_text = GCG_HELP.get(f.name, f"GCGConfig.{f.name}")
-        out[f.name] = (hints[f.name], Field(f.default, description=help_text, json_schema_extra=extra))
+        default: Any = f.default  # every GCGConfig field has a plain default
+        out[f.name] = (hints[f.name], Field(default, description=help_text, json_schema_extra=extra))
     return out
 
 

@@ -22,7 +22,7 @@ the edit leaves the harmless mean activation untouched.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +48,12 @@ class Kernel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    peak: float = Field(1.0, description="Weight at the peak layer.")
-    position: float = Field(0.0, description="Layer of the peak (fractional).")
-    minimum: float = Field(1.0, description="Weight at distance `width` from the peak.")
-    width: float | None = Field(None, gt=0, description="Layers from the peak to the edge; None: all.")
+    peak: float = Field(default=1.0, description="Weight at the peak layer.")
+    position: float = Field(default=0.0, description="Layer of the peak (fractional).")
+    minimum: float = Field(default=1.0, description="Weight at distance `width` from the peak.")
+    width: float | None = Field(
+        default=None, gt=0, description="Layers from the peak to the edge; None: all."
+    )
 
     def weights(self, n_layers: int) -> list[float]:
         if self.width is None:
@@ -69,15 +71,21 @@ class EditParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: Literal["candidate", "interpolated", "per_layer"] = "candidate"
-    position: int = Field(-1, lt=0, description="Post-instruction position, counted from the end (-1 last).")
-    layer: float = Field(
-        0.0, ge=0, description="Direction layer: integer for candidate, fractional for interpolated."
+    position: int = Field(
+        default=-1, lt=0, description="Post-instruction position, counted from the end (-1 last)."
     )
-    projected: bool = Field(False, description="Remove the direction's component along the harmless mean.")
-    norm_preserving: bool = Field(False, description="Keep each edited residual-space vector's norm.")
-    attn: Kernel = Field(default_factory=Kernel, description="Attention-output weights over layers.")
-    mlp: Kernel = Field(default_factory=Kernel, description="MLP-output weights over layers.")
-    embed: float = Field(0.0, description="Weight of the token-embedding edit (0: untouched).")
+    layer: float = Field(
+        default=0.0, ge=0, description="Direction layer: integer for candidate, fractional for interpolated."
+    )
+    projected: bool = Field(
+        default=False, description="Remove the direction's component along the harmless mean."
+    )
+    norm_preserving: bool = Field(default=False, description="Keep each edited residual-space vector's norm.")
+    attn: Kernel = Field(
+        default_factory=lambda: Kernel(), description="Attention-output weights over layers."
+    )
+    mlp: Kernel = Field(default_factory=lambda: Kernel(), description="MLP-output weights over layers.")
+    embed: float = Field(default=0.0, description="Weight of the token-embedding edit (0: untouched).")
 
     @classmethod
     def orthogonalization(cls, layer: int, position: int) -> EditParams:
@@ -260,7 +268,7 @@ def hooked_edit(lm: LoadedModel, candidates: Candidates, params: EditParams) -> 
         )
     targets = plan(lm, candidates, params)
 
-    def make(t: Target):  # type: ignore[no-untyped-def]
+    def make(t: Target) -> Callable[..., torch.Tensor]:
         cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
         def hook(_module: nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:

@@ -39,15 +39,17 @@ class OptimizeOptions(BaseModel):
     """Options of `refusalkit optimize` (the run's own settings come from its manifest)."""
 
     trials: int = Field(
-        40, ge=1, description="Completed trials the study should hold (a resumed study counts its old ones)."
+        default=40,
+        ge=1,
+        description="Completed trials the study should hold (a resumed study counts its old ones).",
     )
     minutes: float | None = Field(
-        10.0, gt=0, description="Wall-time budget for this call's trials; unset: no limit."
+        default=10.0, gt=0, description="Wall-time budget for this call's trials; unset: no limit."
     )
-    seed: int = Field(0, description="Seed of the Optuna sampler.")
-    startup_trials: int = Field(8, ge=0, description="Random trials before TPE starts modelling.")
+    seed: int = Field(default=0, description="Seed of the Optuna sampler.")
+    startup_trials: int = Field(default=8, ge=0, description="Random trials before TPE starts modelling.")
     harmful_prompts: str | None = Field(
-        None,
+        default=None,
         description="Harmful prompts for the refusal proxy (data spec); default: the run's harmful_val split.",
     )
     kl_prompts: str | None = Field(
@@ -56,17 +58,17 @@ class OptimizeOptions(BaseModel):
         "splits/harmless_val.json, else the run's harmless train and val splits.",
     )
     kl_n: int = Field(100, ge=1, description="Harmless prompts for the search's KL (first N).")
-    batch_size: int = Field(32, ge=1, description="Prompts per forward pass.")
+    batch_size: int = Field(default=32, ge=1, description="Prompts per forward pass.")
     sources: list[str] = Field(
-        ["interpolated", "per_layer"],
+        default=["interpolated", "per_layer"],
         description="Direction sources to search: interpolated, per_layer, candidate.",
     )
     edit_embed: bool = Field(False, description="Also search the token-embedding edit (slower per trial).")
     verify_n: int = Field(
-        3, ge=0, description="Front points to verify on held-out prompts with full generations."
+        default=3, ge=0, description="Front points to verify on held-out prompts with full generations."
     )
     verify_harmful: str | None = Field(
-        None,
+        default=None,
         description="Held-out harmful prompts for verification (data spec); default: the run's harmful_test split.",
     )
     verify_harmless: str | None = Field(
@@ -78,21 +80,25 @@ class OptimizeOptions(BaseModel):
         100, ge=1, description="Held-out harmless prompts for verification KL (first N)."
     )
     verify_max_new_tokens: int = Field(
-        64, ge=1, description="New tokens per verification completion (greedy)."
+        default=64, ge=1, description="New tokens per verification completion (greedy)."
     )
     verify_baseline: bool = Field(
-        True, description="Also verify the unedited model (one more generation pass)."
+        default=True, description="Also verify the unedited model (one more generation pass)."
     )
-    gen_batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
-    system_prompt: str | None = Field(None, description="System prompt; default: the run's.")
+    gen_batch_size: int = Field(default=32, ge=1, description="Prompts per generation batch.")
+    system_prompt: str | None = Field(default=None, description="System prompt; default: the run's.")
     max_kl: float | None = Field(
-        None, gt=0, description="Choose the fewest refusals with KL <= this (also limits what is verified)."
+        default=None,
+        gt=0,
+        description="Choose the fewest refusals with KL <= this (also limits what is verified).",
     )
     max_refusals: float | None = Field(
-        None, ge=0, le=1, description="Choose the lowest KL with refusal rate <= this."
+        default=None, ge=0, le=1, description="Choose the lowest KL with refusal rate <= this."
     )
-    trial: int | None = Field(None, ge=0, description="Choose this trial number.")
-    export: bool = Field(False, description="Export the chosen edit as a checkpoint into RUN_DIR/model.")
+    trial: int | None = Field(default=None, ge=0, description="Choose this trial number.")
+    export: bool = Field(
+        default=False, description="Export the chosen edit as a checkpoint into RUN_DIR/model."
+    )
 
     @field_validator("sources")
     @classmethod
@@ -149,8 +155,8 @@ def _seeds(layout: RunLayout, cands: Candidates, space: SearchSpace) -> list[See
         # No selection ran: start from the last position's direction two thirds of the way up, where
         # the paper's rules usually pick (a starting point for the sampler, nothing more).
         layer = round(2 * (cands.n_layers - 1) / 3)
-        params = seed_params(layer, -1, cands.n_layers, space)
-        return [Seed("mid-dir" + ("-proj" if p["projected"] else ""), params=p) for p in params]
+        mid = seed_params(layer, -1, cands.n_layers, space)
+        return [Seed("mid-dir" + ("-proj" if p["projected"] else ""), params=p) for p in mid]
     d = Direction.load(layout.direction)
     out = [Seed("paper", edit=EditParams.orthogonalization(d.layer, d.position))]
     for params in seed_params(d.layer, d.position, cands.n_layers, space):

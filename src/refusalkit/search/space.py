@@ -18,27 +18,30 @@ class SearchSpace(BaseModel):
     """Which kinds of edit the search may try."""
 
     sources: list[str] = Field(
-        ["interpolated", "per_layer"],
+        default=["interpolated", "per_layer"],
         description="Direction sources to try: interpolated, per_layer, candidate.",
     )
     positions: list[int] | None = Field(
-        None, description="Post-instruction positions to try (negative); default: every candidate position."
+        default=None,
+        description="Post-instruction positions to try (negative); default: every candidate position.",
     )
     layer_range: tuple[float, float] = Field(
-        (0.3, 0.9), description="Direction layer, as fractions of the last layer index."
+        default=(0.3, 0.9), description="Direction layer, as fractions of the last layer index."
     )
     projected: list[bool] = Field(
-        [False, True], description="Try the direction projected off the harmless mean."
+        default=[False, True], description="Try the direction projected off the harmless mean."
     )
-    norm_preserving: list[bool] = Field([False, True], description="Try the norm-preserving edit.")
-    peak_range: tuple[float, float] = Field((0.8, 1.5), description="Kernel peak weight.")
+    norm_preserving: list[bool] = Field(default=[False, True], description="Try the norm-preserving edit.")
+    peak_range: tuple[float, float] = Field(default=(0.8, 1.5), description="Kernel peak weight.")
     peak_position_range: tuple[float, float] = Field(
-        (0.4, 1.0), description="Kernel peak layer, as fractions of the last layer index."
+        default=(0.4, 1.0), description="Kernel peak layer, as fractions of the last layer index."
     )
     width_range: tuple[float, float] = Field(
-        (0.05, 0.6), description="Kernel width (layers to the edge), as fractions of the layer count."
+        default=(0.05, 0.6), description="Kernel width (layers to the edge), as fractions of the layer count."
     )
-    edit_embed: bool = Field(False, description="Also search the token-embedding edit's weight (0..1).")
+    edit_embed: bool = Field(
+        default=False, description="Also search the token-embedding edit's weight (0..1)."
+    )
 
 
 def suggest(trial: Any, space: SearchSpace, n_layers: int, n_positions: int) -> EditParams:

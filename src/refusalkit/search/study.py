@@ -118,7 +118,7 @@ def _enqueue(study: Any, seeds: list[Seed]) -> None:
 
 def _requeue(study: Any, attrs: dict[str, Any]) -> None:
     """Enqueue a seed trial again from the user attributes it was enqueued with."""
-    keep = {k: attrs[k] for k in ("seed", "seed_params") if k in attrs}
+    keep: dict[str, Any] = {k: attrs[k] for k in ("seed", "seed_params") if k in attrs}
     if "edit" in attrs and not attrs.get("seed_params"):
         keep["edit"] = attrs["edit"]  # a fixed edit (the paper's); a sampled seed re-suggests its params
     study.enqueue_trial(attrs.get("seed_params") or {}, user_attrs=keep)

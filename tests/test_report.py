@@ -379,3 +379,26 @@ def test_report_reads_every_rate_layout(tiny_run: Path, tmp_path: Path) -> None:
         assert "could not be drawn" not in built.html.read_text()
     assert numbers[0] == numbers[1]
     assert numbers[0]["baseline"] == 1.0 and numbers[0]["ablation"] == 0.0
+
+
+def test_kl_spread_shown_when_recorded(tiny_run: Path, tmp_path: Path) -> None:
+    """Median and max KL over prompts appear under the mean when coherence.json has them, and older
+    files without them still build."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    path = run / "measure" / "coherence.json"
+    coherence = read_json(path)
+    coherence["kl"]["ablation"] = {
+        "mean": 0.125,
+        "median": 0.0625,
+        "max": 0.875,
+        "per_prompt": [0.0625, 0.875],
+    }
+    coherence["kl"]["actadd"] = {"mean": 0.5}  # an older file: the mean alone
+    coherence["kl"].pop("orthogonalized", None)
+    write_json(path, coherence)
+    page = build_report(run).html.read_text()
+    assert "0.125<br><span" in page and "median 0.062 · max 0.875" in page
+    assert page.count("median ") == 1
+    h = headline(collect(run))
+    assert h["kl_max"] == {"ablation": 0.875, "actadd": None, "orthogonalized": None}

@@ -203,6 +203,9 @@ def headline(data: RunData) -> dict[str, Any]:
         "safety": {st: _get(m.get("safety"), "settings", st, "safety_rate") for st in settings},
         "harmless_refusal": {"baseline": rate("harmless", "baseline"), "actadd": rate("harmless", "actadd")},
         "kl": {st: _get(m.get("coherence"), "kl", st, "mean") for st in settings[1:]},
+        # median and max over prompts: newer coherence.json files only (None otherwise)
+        "kl_median": {st: _get(m.get("coherence"), "kl", st, "median") for st in settings[1:]},
+        "kl_max": {st: _get(m.get("coherence"), "kl", st, "max") for st in settings[1:]},
         "selection_kl": _get(data.direction, "scores", "kl"),
         "corpus_ce": {st: _get(m.get("corpus_ce"), "ce", st) for st in settings},
         "completion_ce": {st: _get(m.get("coherence"), "completion_ce", st, "ce") for st in settings},

@@ -22,8 +22,9 @@ import shutil
 import time
 from pathlib import Path
 
+from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
-from refusalkit.search.front import format_front, points_of
+from refusalkit.search.front import format_front, points_of, read_front
 from refusalkit.search.optimize import OptimizeOptions, optimize
 from refusalkit.settings import build_settings
 
@@ -85,7 +86,12 @@ def main() -> None:
         max_kl=args.max_kl,
         system_prompt=SYSTEM,
     )
-    front = optimize(RunLayout(args.out), opts, lm=lm, say=lambda m: print(f"[bench] {m}", flush=True))
+    layout = RunLayout(args.out)
+    try:
+        front = optimize(layout, opts, lm=lm, say=lambda m: print(f"[bench] {m}", flush=True))
+    except RefusalkitError as exc:  # e.g. no verified point within --max-kl: the front is still saved
+        print(f"[bench] no choice: {exc}")
+        front = read_front(layout)
     total = time.perf_counter() - t0
     secs = front["seconds"]
 

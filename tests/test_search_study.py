@@ -240,3 +240,19 @@ def test_cli_lists_the_front_and_rejects_bad_options(
         options_from(parser.parse_args(["optimize", str(layout.root), "--trials", "0"]))
     with pytest.raises(RefusalkitError, match="known: interpolated"):
         options_from(parser.parse_args(["optimize", str(layout.root), "--sources", "sideways"]))
+
+
+def test_a_choice_that_finds_nothing_keeps_the_front(make_lm: Callable[..., Any], tmp_path: Path) -> None:
+    lm = make_lm("qwen2")
+    layout = _run_dir(lm, tmp_path)
+    with pytest.raises(RefusalkitError, match="no front point has KL"):
+        optimize(layout, _opts(trials=2, max_kl=1e-12), lm=lm, say=_quiet)
+    saved = read_front(layout)
+    assert saved["chosen"] is None and saved["points"] and any(p["verified"] for p in saved["points"])
+    said: list[str] = []
+    front = optimize(
+        layout, _opts(trials=2, verify_n=0), lm=lm, say=said.append
+    )  # no new trial or generation
+    assert front["trials_run"] == 0 and not said
+    assert [p["verified"] for p in front["points"]] == [p["verified"] for p in saved["points"]]
+    assert front["chosen"] is not None and layout.chosen.is_file()

@@ -217,8 +217,6 @@ def _verify(
             v = v_of(desc=f"verify trial {p.trial}")
         done[p.trial] = v.as_dict()
         say(f"verified trial {p.trial}: refused {v.refused} of {v.n}, KL {v.kl.mean:.4f} ({v.seconds:.0f} s)")
-    for p in points:
-        p.verified = done.get(p.trial)
 
 
 def _verify_cache(
@@ -302,14 +300,13 @@ def optimize(
 
     if o.verify_n:
         _verify(lm, cands, points, verifier, o, cache, say)
-    chosen = _by_trial(study, points, o.trial) if o.trial is not None else choose(
-        points, max_kl=o.max_kl, max_refusals=o.max_refusals
-    )  # fmt: skip
+    for p in points:  # this call's verifications and earlier ones on the same held-out sets
+        p.verified = cache["points"].get(p.trial)
     front = {
         "objectives": list(study.user_attrs.get("objectives", [])),
         "points": [p.as_dict() for p in points],
         "trials": trial_records(study),
-        "chosen": chosen.trial,
+        "chosen": None,
         "baseline": cache.get("baseline"),
         "verify_fingerprint": cache["fingerprint"],
         "sets": {k: len(v) for k, v in sets.items()},
@@ -320,6 +317,11 @@ def optimize(
                     "total": round(time.perf_counter() - t0, 1)},
         "trials_run": ran,
     }  # fmt: skip
+    write_front(layout, front)  # before choosing: a choice that finds nothing loses no search or verification
+    chosen = _by_trial(study, points, o.trial) if o.trial is not None else choose(
+        points, max_kl=o.max_kl, max_refusals=o.max_refusals
+    )  # fmt: skip
+    front["chosen"] = chosen.trial
     write_front(layout, front)
     write_chosen(layout, chosen, cands.n_layers)
     if o.export:

@@ -352,3 +352,28 @@ def test_checkpoint_card_for_the_pipeline_export(source: Path, tmp_path: Path) -
     layout.model_dir.mkdir()
     path = write_checkpoint_card(layout.root, layout.model_dir)
     assert path == layout.model_dir / "README.md" and "from_pretrained" in path.read_text()
+
+
+def test_searched_edit_exports_only_the_writes_it_changes(
+    lm: LoadedModel, source: Path, tmp_path: Path
+) -> None:
+    """Inside a searched edit's context (search/edit.py) the exporter writes that edit, and with the
+    edit's target modules every write the edit leaves alone keeps the source's bytes."""
+    from refusalkit.directions import Candidates
+    from refusalkit.search.edit import EditParams, Kernel, applied_edit, plan
+
+    g = torch.Generator().manual_seed(2)
+    cands = Candidates(torch.randn(2, 4, 64, generator=g), torch.randn(2, 4, 64, generator=g))
+    params = EditParams(
+        layer=2, attn=Kernel(peak=1.0, position=1.0, minimum=0.5, width=1.0), mlp=Kernel(peak=0.0)
+    )
+    targets = [t.module for t in plan(lm, cands, params)]
+    out = tmp_path / "searched.gguf"
+    with applied_edit(lm, cands, params):
+        info = export_gguf(lm, source, out, tensor_type="f32", modules=targets)
+        want = _logits(lm)
+    assert sorted(info.replaced) == [f"blk.{i}.attn_output.weight" for i in range(3)]
+    src, new = _tensors(source), _tensors(out)
+    for name in ("blk.3.attn_output.weight", "blk.0.ffn_down.weight", TOKEN_EMBD):
+        assert new[name].data.tobytes() == src[name].data.tobytes(), name
+    assert torch.allclose(_logits(_load(out)), want, atol=1e-4)

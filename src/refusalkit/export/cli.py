@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
@@ -162,9 +163,11 @@ def run_export(
     lm: LoadedModel | None = None,
     edit: EditContext | None = None,
     edit_name: str = "orthogonalization",
+    modules: Sequence[nn.Module] | None = None,
 ) -> ExportResult:
     """Export the run's edited model (see the module docstring). ``edit`` defaults to orthogonalizing
-    the run's selected direction; pass another context factory (e.g. a searched edit) to export that."""
+    the run's selected direction; pass another context factory (e.g. a searched edit) to export that,
+    and the modules it changes as ``modules`` so a GGUF export keeps every other tensor's bytes."""
     layout = RunLayout(run_dir)
     settings = _run_settings(layout)
     direction = _direction(layout)
@@ -187,7 +190,7 @@ def run_export(
             _save_folder(lm, targets.model)
     elif source is not None:
         with edit(lm):
-            export_gguf(lm, source, targets.model, tensor_type=opts.gguf_type, metadata=meta)
+            export_gguf(lm, source, targets.model, tensor_type=opts.gguf_type, metadata=meta, modules=modules)
     else:
         assert converter is not None
         convert_with_llama_cpp(lm, edit, converter, targets.model, opts.gguf_type, meta)

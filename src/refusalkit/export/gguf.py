@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,9 +100,13 @@ def _weights(mod: torch.nn.Module, name: str) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def edited_tensors(lm: LoadedModel, arch: gguf.MODEL_ARCH) -> dict[str, torch.Tensor]:
-    """The residual-writing tensors of ``lm`` as they are now, keyed by their GGUF tensor names."""
+def edited_tensors(
+    lm: LoadedModel, arch: gguf.MODEL_ARCH, modules: Sequence[torch.nn.Module] | None = None
+) -> dict[str, torch.Tensor]:
+    """The residual-writing tensors of ``lm`` as they are now, keyed by their GGUF tensor names; only
+    those of ``modules`` if given (an edit that changes some writes, e.g. a searched edit's targets)."""
     allowed = set(gguf.MODEL_TENSORS[arch])
+    only = None if modules is None else {id(m) for m in modules}
     out: dict[str, torch.Tensor] = {}
     for canonical, kind in EDITED:
         mods: Any = getattr(lm.arch, canonical)
@@ -114,7 +118,8 @@ def edited_tensors(lm: LoadedModel, arch: gguf.MODEL_ARCH) -> dict[str, torch.Te
                 "tensor, so the edited weights cannot be placed; export --format safetensors instead"
             )
         for i, mod in enumerate(mods if isinstance(mods, list) else [mods]):
-            out.update(_weights(mod, gguf.TENSOR_NAMES[kind].format(bid=i)))
+            if only is None or id(mod) in only:
+                out.update(_weights(mod, gguf.TENSOR_NAMES[kind].format(bid=i)))
     return out
 
 
@@ -246,15 +251,17 @@ def export_gguf(
     *,
     tensor_type: TensorType = "q8_0",
     metadata: Mapping[str, Any] | None = None,
+    modules: Sequence[torch.nn.Module] | None = None,
 ) -> GGUFExport:
     """Write ``source`` with its residual-writing tensors replaced by ``lm``'s current weights.
 
     Call it inside an edit context (``orthogonalized(lm, direction)``); the edited tensors are the
-    token embedding (and learned position embedding), every attention output and every MLP output.
+    token embedding (and learned position embedding), every attention output and every MLP output, or
+    only those of ``modules`` (the rest keep the source's bytes).
     """
     reader = gguf.GGUFReader(source)
     arch = gguf_architecture(reader, Path(source))
-    replace = edited_tensors(lm, arch)
+    replace = edited_tensors(lm, arch, modules)
     info = {
         **(metadata or {}),
         "edited_tensors": sorted(replace),

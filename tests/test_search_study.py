@@ -186,6 +186,7 @@ def test_search_without_a_paper_pick(make_lm: Callable[..., Any], tmp_path: Path
     front = optimize(layout, _opts(trials=2, verify_n=0, sources=["per_layer"]), lm=lm, say=_quiet)
     points = points_of(front)
     assert points and all(p.edit.source == "per_layer" for p in points)
+    assert all(p.edit.position == -1 for p in points)  # default: the last position only
     assert all(p.seed in (None, "mid-dir", "mid-dir-proj") for p in points)
 
 
@@ -236,6 +237,7 @@ def test_cli_lists_the_front_and_rejects_bad_options(
     )
     opts = options_from(args)
     assert opts.minutes == 2.5 and opts.sources == ["per_layer", "candidate"] and opts.trials == 40
+    assert options_from(parser.parse_args(["optimize", "x", "--positions=-1,-3"])).positions == [-1, -3]
     with pytest.raises(RefusalkitError, match="--trials"):
         options_from(parser.parse_args(["optimize", str(layout.root), "--trials", "0"]))
     with pytest.raises(RefusalkitError, match="known: interpolated"):

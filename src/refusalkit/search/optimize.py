@@ -63,6 +63,10 @@ class OptimizeOptions(BaseModel):
         default=["interpolated", "per_layer"],
         description="Direction sources to search: interpolated, per_layer, candidate.",
     )
+    positions: list[int] | None = Field(
+        default=None,
+        description="Post-instruction positions to search (negative); default: -1 and the paper pick's position.",
+    )
     edit_embed: bool = Field(False, description="Also search the token-embedding edit (slower per trial).")
     verify_n: int = Field(
         default=3, ge=0, description="Front points to verify on held-out prompts with full generations."
@@ -99,6 +103,11 @@ class OptimizeOptions(BaseModel):
     export: bool = Field(
         default=False, description="Export the chosen edit as a checkpoint into RUN_DIR/model."
     )
+
+    @field_validator("positions", mode="before")
+    @classmethod
+    def _split_positions(cls, v: object) -> object:
+        return [int(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
     @field_validator("sources")
     @classmethod
@@ -147,6 +156,13 @@ def _prompt_sets(layout: RunLayout, s: Settings, o: OptimizeOptions) -> dict[str
         if len(sets[name]) < n:
             log.warning("only %d %s prompts for KL (asked for %d)", len(sets[name]), name, n)
     return sets
+
+
+def _default_positions(layout: RunLayout) -> list[int]:
+    """The last token (where abliteration tools read the direction) and the paper pick's position."""
+    if not layout.direction.with_suffix(".json").is_file():
+        return [-1]
+    return sorted({-1, Direction.load(layout.direction).position})
 
 
 def _seeds(layout: RunLayout, cands: Candidates, space: SearchSpace) -> list[Seed]:
@@ -244,7 +260,9 @@ def _search(
     say: Callable[[str], None],
 ) -> tuple[Any, int, float]:
     """Open (or resume) the study and run this call's trials. Returns (study, trials run, seconds)."""
-    space = SearchSpace(sources=o.sources, edit_embed=o.edit_embed)
+    space = SearchSpace(
+        sources=o.sources, positions=o.positions or _default_positions(layout), edit_embed=o.edit_embed
+    )
     study = open_study(layout.study, _fingerprint(lm, layout, sets, ids, space), o.seed, o.startup_trials)
     done = sum(t.values is not None for t in study.get_trials(deepcopy=False))
     if done >= o.trials:

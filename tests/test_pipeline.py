@@ -293,3 +293,32 @@ def test_edited_data_file_gives_new_splits(make_lm: Callable[..., Any], tmp_path
     data_file.write_text(json.dumps([f"Name made-up color number {i}." for i in range(12)]))
     after = Run(tmp_path / "run", settings, lm=make_lm("qwen2")).splits()["harmless_train"]
     assert all(x.startswith("Describe") for x in before) and all(x.startswith("Name") for x in after)
+
+
+def test_manifest_stage_fingerprints_skips_and_records(tmp_path: Path) -> None:
+    from refusalkit.layout import RunLayout
+    from refusalkit.manifest import Manifest, SkipStage
+
+    layout = RunLayout(tmp_path)
+    artifact = tmp_path / "a.txt"
+    runs: list[str] = []
+
+    def compute() -> str:
+        runs.append("x")
+        artifact.write_text("x")
+        return "computed"
+
+    m = Manifest(layout)
+    assert m.stage("s", {"k": 1}, [artifact], compute, lambda: "loaded") == "computed"
+    assert Manifest(layout).stage("s", {"k": 1}, [artifact], compute, lambda: "loaded") == "loaded"
+    assert Manifest(layout).stage("s", {"k": 2}, [artifact], compute, lambda: "loaded") == "computed"
+    artifact.unlink()
+    assert Manifest(layout).stage("s", {"k": 2}, [artifact], compute, lambda: "loaded") == "computed"
+    assert runs == ["x", "x", "x"]
+
+    def skip() -> str:
+        raise SkipStage("does not apply")
+
+    assert Manifest(layout).stage("t", {}, [tmp_path / "never"], skip, lambda: "loaded") is None
+    assert Manifest(layout).data["stages"]["t"]["skipped"] == "does not apply"
+    assert Manifest(layout).stage("t", {}, [tmp_path / "never"], skip, lambda: "loaded") == "loaded"

@@ -243,35 +243,45 @@ def analyze_suffixes(
         max_new_tokens=max_new_tokens,
         generate_completions=generate_completions,
     )
-    names = [c.name for c in m.conditions]
-    sites = [f"resid_pre.{layer}" for layer in range(arch.n_layers)] + [f"resid_post.{arch.n_layers - 1}"]
-    suffix_lists = {"adversarial": adversarial, "random": controls}
-    search = set(search_prompts or [])
-    results: dict[str, Any] = {
+    suffixes = {"adversarial": adversarial, "random": controls, "n_tokens": n_tokens, "seed": seed}
+    results = {
         "model": lm.name,
         "direction": {"layer": direction.layer, "position": direction.position},
         "n_layers": arch.n_layers,
         "n_heads": arch.n_heads,
-        "conditions": names,
+        "conditions": [c.name for c in m.conditions],
         "roles": list(ROLES),
-        "suffixes": {"adversarial": adversarial, "random": controls, "n_tokens": n_tokens, "seed": seed},
+        "suffixes": suffixes,
         "prompts": {
             "harmful": list(range(len(harmful))),
             "harmless": list(range(len(harmless))),
-            "search": sorted(search),
+            "search": sorted(set(search_prompts or [])),
         },
-        "suffix_tokens_in_context": {n: _stats(m.traces[n].suffix_tokens[:, None]) for n in names},
-        "cosine": {"sites": sites} | {n: _stats(m.traces[n].cosine) for n in names},
-        "projection": {"sites": sites} | {n: _stats(m.traces[n].projection) for n in names},
-        **_top_heads(m, lm, unit, top_heads),
-        "refusal": {
-            c.name: _refusal(c, m.traces[c.name], m.refused[c.name], suffix_lists.get(c.name, []), search)
-            for c in m.conditions
-        },
+        **_measured(m, lm, unit, top_heads, suffixes, set(search_prompts or [])),
         "max_new_tokens": max_new_tokens if generate_completions else 0,
     }
     results["summary"] = summarize(results)
     return results, m.completions
+
+
+def _measured(
+    m: Measured, lm: LoadedModel, unit: torch.Tensor, n_top: int, suffixes: dict[str, Any], search: set[int]
+) -> dict[str, Any]:
+    """(a)-(d) of every condition as JSON: residual cosines and projections per site, head attribution
+    and attention of the top heads, refusal."""
+    names = [c.name for c in m.conditions]
+    n_layers = lm.arch.n_layers
+    sites = [f"resid_pre.{layer}" for layer in range(n_layers)] + [f"resid_post.{n_layers - 1}"]
+    return {
+        "suffix_tokens_in_context": {n: _stats(m.traces[n].suffix_tokens[:, None]) for n in names},
+        "cosine": {"sites": sites} | {n: _stats(m.traces[n].cosine) for n in names},
+        "projection": {"sites": sites} | {n: _stats(m.traces[n].projection) for n in names},
+        **_top_heads(m, lm, unit, n_top),
+        "refusal": {
+            c.name: _refusal(c, m.traces[c.name], m.refused[c.name], suffixes.get(c.name, []), search)
+            for c in m.conditions
+        },
+    }
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,73 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
             c._attn_implementation = saved[k]
 
 
+class _Probes:
+    """The hooks of one trace: each records, at every row's last prompt token, its part of a batch."""
+
+    def __init__(self, arch: Any, u: torch.Tensor) -> None:
+        self.arch, self.u = arch, u
+        self.last = torch.zeros(0, dtype=torch.long)  # [b] the batch's last real positions
+        self.roles = torch.zeros(0)  # [b, seq, len(ROLES)] one-hot token roles
+        self.resid: dict[int, torch.Tensor] = {}
+        self.attr: dict[int, torch.Tensor] = {}
+        self.share: dict[int, torch.Tensor] = {}
+
+    def at_last(self, h: torch.Tensor) -> torch.Tensor:
+        return h[torch.arange(h.shape[0], device=h.device), self.last.to(h.device)]
+
+    def on_resid(self, layer: int, h: torch.Tensor) -> None:
+        self.resid[layer] = self.at_last(h).float().cpu()  # CPU: layers may sit on several devices
+
+    def on_final(self, _m: nn.Module, _a: Any, out: Any) -> None:
+        h = out if isinstance(out, torch.Tensor) else out[0]
+        self.resid[self.arch.n_layers] = self.at_last(h).float().cpu()
+
+    def on_proj(self, layer: int) -> Any:
+        def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            z = self.at_last(get_hidden(args, kwargs))
+            self.attr[layer] = head_outputs(m, z, self.arch.n_heads).cpu() @ self.u  # [b, H]
+
+        return hook
+
+    def on_attn(self, layer: int) -> Any:
+        def hook(_m: nn.Module, _a: Any, out: Any) -> None:
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if weights is None:
+                raise RefusalkitError(
+                    "the attention module returned no probabilities; the model must run eager attention"
+                )
+            rows = torch.arange(weights.shape[0], device=weights.device)
+            w = weights[rows, :, self.last.to(weights.device)].float()  # [b, H, keys]
+            self.share[layer] = torch.einsum("bhk,bkr->bhr", w, self.roles.to(w.device)).cpu()
+
+        return hook
+
+    def registrations(self) -> list[Callable[[], RemovableHandle]]:
+        arch = self.arch
+        regs: list[Callable[[], RemovableHandle]] = [
+            lambda: arch.blocks[-1].register_forward_hook(self.on_final)
+        ]
+        for layer in range(arch.n_layers):
+            proj, attn = arch.attn_out_proj[layer], arch.attn[layer]
+            regs.append(partial(proj.register_forward_pre_hook, self.on_proj(layer), with_kwargs=True))
+            regs.append(partial(attn.register_forward_hook, self.on_attn(layer)))
+        return regs
+
+
+def _roles(tok: Any, chunk: list[SuffixedPrompt], mask: torch.Tensor) -> torch.Tensor:
+    """[b, seq, len(ROLES)] one-hot role of every real token of a padded batch."""
+    roles = torch.zeros(*mask.shape, len(ROLES))
+    for row, p in enumerate(chunk):
+        real = mask[row].nonzero().flatten()
+        ids = torch.tensor(token_roles(tok, p))
+        if len(ids) != len(real):  # the batch and the prompt alone must tokenize alike
+            raise RefusalkitError(
+                "a prompt tokenizes differently alone and in a batch; cannot locate its roles"
+            )
+        roles[row, real, ids] = 1.0
+    return roles
+
+
 @torch.inference_mode()
 def trace(
     lm: LoadedModel,
@@ -98,67 +165,24 @@ def trace(
 ) -> Trace:
     """Measure (a), (b), (c) and the refusal metric for ``prompts`` in one forward pass per batch."""
     arch, tok = lm.arch, lm.tokenizer
-    L, H = arch.n_layers, arch.n_heads
+    L = arch.n_layers
     u = unit.float().cpu()
-    state: dict[str, torch.Tensor] = {}
-    resid: dict[int, torch.Tensor] = {}
-    attr: dict[int, torch.Tensor] = {}
-    share: dict[int, torch.Tensor] = {}
-
-    def at_last(h: torch.Tensor) -> torch.Tensor:
-        return h[torch.arange(h.shape[0], device=h.device), state["last"].to(h.device)]
-
-    def on_resid(layer: int, h: torch.Tensor) -> None:
-        resid[layer] = at_last(h).float().cpu()  # CPU: layers may sit on several devices
-
-    def on_final(_m: nn.Module, _a: Any, out: Any) -> None:
-        resid[L] = at_last(out if isinstance(out, torch.Tensor) else out[0]).float().cpu()
-
-    def on_proj(layer: int) -> Any:
-        def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            attr[layer] = head_outputs(m, at_last(get_hidden(args, kwargs)), H).cpu() @ u  # [b, H]
-
-        return hook
-
-    def on_attn(layer: int) -> Any:
-        def hook(_m: nn.Module, _a: Any, out: Any) -> None:
-            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            if weights is None:
-                raise RefusalkitError(
-                    "the attention module returned no probabilities; the model must run eager attention"
-                )
-            rows = torch.arange(weights.shape[0], device=weights.device)
-            w = weights[rows, :, state["last"].to(weights.device)].float()  # [b, H, keys]
-            share[layer] = torch.einsum("bhk,bkr->bhr", w, state["roles"].to(w.device)).cpu()
-
-        return hook
-
-    regs: list[Callable[[], RemovableHandle]] = [lambda: arch.blocks[-1].register_forward_hook(on_final)]
-    for layer in range(L):
-        regs.append(
-            partial(arch.attn_out_proj[layer].register_forward_pre_hook, on_proj(layer), with_kwargs=True)
-        )
-        regs.append(partial(arch.attn[layer].register_forward_hook, on_attn(layer)))
+    probe = _Probes(arch, u)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("resid", "attr", "share", "metric", "n_suffix")}
-    with eager_attention(lm.model), hooks(regs), capture_resid_pre(arch, list(range(L)), on_resid):
+    with (
+        eager_attention(lm.model),
+        hooks(probe.registrations()),
+        capture_resid_pre(arch, list(range(L)), probe.on_resid),
+    ):
         for chunk in tqdm(batches(prompts, batch_size), desc=desc, leave=False, disable=None):
             batch = encode(tok, [p.text for p in chunk])
-            roles = torch.zeros(*batch.input_ids.shape, len(ROLES))
-            for row, p in enumerate(chunk):
-                real = batch.attention_mask[row].nonzero().flatten()
-                ids = torch.tensor(token_roles(tok, p))
-                if len(ids) != len(real):  # the batch and the prompt alone must tokenize alike
-                    raise RefusalkitError(
-                        "a prompt tokenizes differently alone and in a batch; cannot locate its roles"
-                    )
-                roles[row, real, ids] = 1.0
-            state["last"], state["roles"] = batch.last_index, roles
+            probe.last, probe.roles = batch.last_index, _roles(tok, chunk, batch.attention_mask)
             logits = last_logits(lm, batch)
-            out["resid"].append(torch.stack([resid[i] for i in range(L + 1)], 1))  # [b, L+1, d]
-            out["attr"].append(torch.stack([attr[i] for i in range(L)], 1))
-            out["share"].append(torch.stack([share[i] for i in range(L)], 1))
+            out["resid"].append(torch.stack([probe.resid[i] for i in range(L + 1)], 1))  # [b, L+1, d]
+            out["attr"].append(torch.stack([probe.attr[i] for i in range(L)], 1))
+            out["share"].append(torch.stack([probe.share[i] for i in range(L)], 1))
             out["metric"].append(refusal_metric(logits, refusal_ids).cpu())
-            out["n_suffix"].append(roles[..., ROLES.index("suffix")].sum(-1))
+            out["n_suffix"].append(probe.roles[..., ROLES.index("suffix")].sum(-1))
     h = torch.cat(out["resid"])
     proj = h @ u
     return Trace(

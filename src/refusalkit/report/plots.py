@@ -83,6 +83,39 @@ def _nan(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _score_grids(scores: list[dict[str, Any]], n_layers: int, n_positions: int) -> tuple[dict[str, Any], Any]:
+    """({bypass, induce, kl}: [positions, layers] grids, NaN where unscored; [positions, layers] kept)."""
+    import numpy as np
+
+    grids = {k: np.full((n_positions, n_layers), np.nan) for k in ("bypass", "induce", "kl")}
+    kept = np.zeros((n_positions, n_layers), dtype=bool)
+    for s in scores:
+        p, layer = int(s["position"]) + n_positions, int(s["layer"])
+        if 0 <= p < n_positions and 0 <= layer < n_layers:
+            for k in grids:
+                grids[k][p, layer] = _nan(s.get(k))
+            # Hatch what the rules discarded; candidates pruned by the search (bypass scored, induce and
+            # KL not needed) were not discarded, they just could not beat the pick: they show grey.
+            kept[p, layer] = bool(s.get("kept")) or str(s.get("reason", "")).startswith("pruned")
+    return grids, kept
+
+
+def _hatch(plt: Any, ax: Any, kept: Any) -> None:
+    """Hatch every cell not kept."""
+    for p, layer in zip(*(~kept).nonzero(), strict=True):
+        ax.add_patch(
+            plt.Rectangle(
+                (layer - 0.5, p - 0.5),
+                1,
+                1,
+                fill=False,
+                hatch="///",
+                edgecolor=(0.1, 0.1, 0.1, 0.45),
+                linewidth=0,
+            )
+        )
+
+
 def score_heatmaps(
     scores: list[dict[str, Any]],
     n_layers: int,
@@ -97,16 +130,7 @@ def score_heatmaps(
     import numpy as np
 
     plt = _plt()
-    grids = {k: np.full((n_positions, n_layers), np.nan) for k in ("bypass", "induce", "kl")}
-    kept = np.zeros((n_positions, n_layers), dtype=bool)
-    for s in scores:
-        p, layer = int(s["position"]) + n_positions, int(s["layer"])
-        if 0 <= p < n_positions and 0 <= layer < n_layers:
-            for k in grids:
-                grids[k][p, layer] = _nan(s.get(k))
-            # Hatch what the rules discarded; candidates pruned by the search (bypass scored, induce and
-            # KL not needed) were not discarded, they just could not beat the pick: they show grey.
-            kept[p, layer] = bool(s.get("kept")) or str(s.get("reason", "")).startswith("pruned")
+    grids, kept = _score_grids(scores, n_layers, n_positions)
     titles = {
         "bypass": "bypass: refusal metric on harmful prompts, candidate ablated (lower is better)",
         "induce": "induce: refusal metric on harmless prompts, candidate added (higher is better)",
@@ -124,20 +148,7 @@ def score_heatmaps(
         cmap = plt.get_cmap(cmaps[key]).with_extremes(bad="#e5e7eb")
         im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
-        for p in range(n_positions):
-            for layer in range(n_layers):
-                if not kept[p, layer]:
-                    ax.add_patch(
-                        plt.Rectangle(
-                            (layer - 0.5, p - 0.5),
-                            1,
-                            1,
-                            fill=False,
-                            hatch="///",
-                            edgecolor=(0.1, 0.1, 0.1, 0.45),
-                            linewidth=0,
-                        )
-                    )
+        _hatch(plt, ax, kept)
         if cutoff is not None and cutoff < n_layers:
             ax.axvline(cutoff - 0.5, color="#111827", linestyle="--", linewidth=1.2)
         if selected is not None:

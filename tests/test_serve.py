@@ -9,6 +9,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -140,6 +141,24 @@ def test_serve_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "not a run folder" in capsys.readouterr().err
     assert main([str(tmp_path), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_serve_command_prints_its_address_and_stops_on_ctrl_c(chat_run: Path) -> None:
+    argv = [sys.executable, "-m", "refusalkit.serve", str(chat_run), "--no-browser", "--port", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("refusalkit serve: http://127.0.0.1:"), line + proc.stderr.read()  # type: ignore[union-attr]
+        port = int(line.split(":")[3].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/")
+        assert conn.getresponse().status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 CHROMIUM_FLAGS = [

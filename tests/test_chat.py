@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -131,6 +132,21 @@ def test_closing_a_stream_early_removes_its_hooks(chat: ChatModel) -> None:
     stream.close()
     assert not chat.lm.arch.blocks[chat.direction.layer]._forward_pre_hooks
     assert chat.reply(ask(PROMPT), Setting("original"), 3)  # and the lock was released
+
+
+def test_edited_means_the_ablation_hooks_where_weights_cannot_be_edited(make_lm: Any) -> None:
+    lm = make_lm("gemma2")
+    direction = Direction(
+        torch.randn(64, generator=torch.Generator().manual_seed(3)) * 4, layer=1, position=-1
+    )
+    chat = ChatModel(lm, direction)
+    assert chat.edited_label.startswith("ablation hooks (gemma2")
+    with ablate_direction(lm.arch, direction.vector):
+        ablated = generate(lm, [chat.prompt(ask(PROMPT))], max_new_tokens=4)[0]
+    assert chat.reply(ask(PROMPT), Setting("edited"), 4) == ablated
+    assert chat.reply(ask(PROMPT), Setting("original"), 4) != ablated
+    with pytest.raises(RefusalkitError, match="d_model"):
+        ChatModel(lm, Direction(torch.ones(8), layer=1, position=-1))
 
 
 def test_decode_stream_never_splits_a_character() -> None:

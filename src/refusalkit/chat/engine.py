@@ -90,7 +90,6 @@ class ChatModel:
         *,
         system_prompt: str | None = None,
         edit: WeightEdit | None = None,
-        run_dir: Path | None = None,
     ) -> None:
         d_model = int(lm.model.get_input_embeddings().weight.shape[1])
         if direction.vector.shape[0] != d_model:
@@ -101,7 +100,6 @@ class ChatModel:
         self.lm = lm
         self.direction = direction
         self.system_prompt = system_prompt
-        self.run_dir = run_dir
         if edit is None and lm.arch.spec.weights_orthogonalizable:
             edit = WeightEdit(
                 f"orthogonalized weights; direction of layer {direction.layer}, position {direction.position}",
@@ -129,12 +127,12 @@ class ChatModel:
 
     def _hooks(self, setting: Setting) -> AbstractContextManager[Any]:
         """Put the weights in the state ``setting`` needs, and return its per-answer hooks."""
-        wants_weights = setting.kind == "edited" and self.edit is not None
-        if not wants_weights:
+        edit = self.edit if setting.kind == "edited" else None
+        if edit is None:
             self._release()
         elif self._held is None:
             stack = ExitStack()
-            stack.enter_context(self.edit.apply())  # type: ignore[union-attr]
+            stack.enter_context(edit.apply())
             self._held = stack
         arch, d = self.lm.arch, self.direction
         if setting.kind == "ablation" or (setting.kind == "edited" and self.edit is None):
@@ -233,9 +231,7 @@ def load_chat_model(run_dir: str | Path) -> ChatModel:
     settings = build_settings(base=read_json(layout.manifest).get("settings", {}))
     direction = Direction.load(layout.direction)
     lm = load_model(settings.model, **settings.model_kwargs())
-    return ChatModel(
-        lm, direction, system_prompt=settings.system_prompt, edit=search_edit(layout, lm), run_dir=layout.root
-    )
+    return ChatModel(lm, direction, system_prompt=settings.system_prompt, edit=search_edit(layout, lm))
 
 
 def search_edit(layout: RunLayout, lm: LoadedModel) -> WeightEdit | None:

@@ -32,19 +32,23 @@ PROMPT = "Tell me about tea."
 MAX_NEW = 10
 
 
-def make_chat_run(root: Path) -> Path:
-    """A run folder the chat can open: a saved tiny model, its manifest settings, a direction, results
-    and a report. The head scores only printable ASCII tokens (its other rows are zero, and the largest
-    of ~95 random logits is positive), so answers are readable and never end before the token limit."""
-    tok = tiny_tokenizer()
-    model = tiny_model("qwen2", vocab_size=len(tok))
-    printable_ids = [
-        i for i in range(len(tok)) if len(s := tok.decode([i])) == 1 and s.isascii() and s.isprintable()
-    ]
+def readable(model: Any, tok: Any) -> Any:
+    """Zero the head's rows of every token but printable ASCII: the largest of ~95 random logits is
+    positive, so greedy answers are readable text that never ends before the token limit."""
     keep = torch.zeros(len(tok), dtype=torch.bool)
-    keep[printable_ids] = True
+    for i in range(len(tok)):
+        s = tok.decode([i])
+        keep[i] = len(s) == 1 and s.isascii() and s.isprintable()
     with torch.no_grad():
         model.lm_head.weight[~keep] = 0.0
+    return model
+
+
+def make_chat_run(root: Path) -> Path:
+    """A run folder the chat can open: a saved tiny model with a readable head, its manifest settings,
+    a direction, results and a report."""
+    tok = tiny_tokenizer()
+    model = readable(tiny_model("qwen2", vocab_size=len(tok)), tok)
     folder = root / "tiny-model"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -136,6 +140,7 @@ def test_closing_a_stream_early_removes_its_hooks(chat: ChatModel) -> None:
 
 def test_edited_means_the_ablation_hooks_where_weights_cannot_be_edited(make_lm: Any) -> None:
     lm = make_lm("gemma2")
+    readable(lm.model, lm.tokenizer)
     direction = Direction(
         torch.randn(64, generator=torch.Generator().manual_seed(3)) * 4, layer=1, position=-1
     )

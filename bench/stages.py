@@ -5,7 +5,7 @@ Measures, in one process so the ratios share the machine's state:
   - tokens/s of a plain forward pass vs. streaming mean-activation collection over the same prompts
     (the ratio is the cost of the hooks and float64 accumulation);
   - seconds per selection candidate with and without the shared-prefix KV cache;
-  - greedy generation tokens/s;
+  - greedy generation tokens/s: transformers' generate (the previous path) vs refusalkit's;
   - peak resident memory;
   - with --run DIR: each stage's seconds from that run's manifest.
 
@@ -24,14 +24,38 @@ import torch
 
 from refusalkit.activations import last_logits, logits_for_prompts, mean_activations
 from refusalkit.data import load_instructions, sample
-from refusalkit.generation import generate
-from refusalkit.interventions import ablate_direction, add_direction
+from refusalkit.generation import eos_ids, generate_ids
+from refusalkit.interventions import ablate_direction, add_direction, token_mask
 from refusalkit.models import DEFAULT_MODEL, load_model
+from refusalkit.models.loading import LoadedModel
 from refusalkit.prompts import batches, encode, format_prompts, post_instruction_ids
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@torch.inference_mode()
+def hf_generate(
+    lm: LoadedModel, prompts: list[str], *, max_new_tokens: int, batch_size: int
+) -> list[list[int]]:
+    """The previous generation path: transformers' greedy generate per length-sorted batch (no shared
+    prefix cache; finished rows keep running until the whole batch ends). New token ids, EOS included."""
+    tok = lm.tokenizer
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: dict[int, list[int]] = {}
+    stop = sorted(eos_ids(lm))
+    for chunk in batches(order, batch_size):
+        batch = encode(tok, [prompts[i] for i in chunk], padding_side="left").to(lm.device)
+        with token_mask(batch.attention_mask):
+            ids = lm.model.generate(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stop,
+            )  # fmt: skip
+        for i, row in zip(chunk, ids[:, batch.input_ids.shape[1] :].tolist(), strict=True):
+            ends = [j for j, t in enumerate(row) if t in stop]
+            out[i] = row[: ends[0] + 1] if ends else row
+    return [out[i] for i in range(len(prompts))]
 
 
 def main() -> None:
@@ -41,7 +65,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--candidates", type=int, default=3, help="selection candidates to time")
     ap.add_argument("--n-val", type=int, default=8)
-    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--gen-n", type=int, default=32, help="prompts to generate for")
+    ap.add_argument("--gen-batch", type=int, default=16)
     ap.add_argument("--run", type=Path, help="a finished run folder whose stage times to print")
     args = ap.parse_args()
 
@@ -86,13 +112,16 @@ def main() -> None:
         label = "shared prefix" if share else "no prefix cache"
         print(f"selection, {label:>15}: {per:6.2f} s/candidate (n_val {args.n_val}+{args.n_val})")
 
-    t0 = time.perf_counter()
-    outs = generate(lm, prompts[args.n : args.n + 16], max_new_tokens=args.gen_tokens, batch_size=16)
-    dt = time.perf_counter() - t0
-    new_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
-    print(
-        f"generation: {new_tokens / dt:8.1f} new tok/s (batch 16, {args.gen_tokens} max new tokens, {dt:.1f} s)"
-    )
+    gen_prompts = prompts[args.n : args.n + args.gen_n]
+    for label, fn in (("transformers generate", hf_generate), ("refusalkit generate", generate_ids)):
+        t0 = time.perf_counter()
+        outs = fn(lm, gen_prompts, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch)
+        dt = time.perf_counter() - t0
+        new_tokens = sum(len(o) for o in outs)
+        print(
+            f"{label:>22}: {new_tokens / dt:8.1f} new tok/s ({len(gen_prompts)} prompts, batch {args.gen_batch}, "
+            f"{args.gen_tokens} max new tokens, {new_tokens} tokens, {dt:.1f} s)"
+        )
     print(f"peak RSS: {peak_rss_gib():.2f} GiB")
 
     if args.run:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -139,11 +140,12 @@ def test_score_candidates(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 
 
 def _outcome(scores: list[CandidateScore], n_layers: int, rules: SelectionRules) -> tuple[Any, ...] | str:
+    """The pick with its scores (to 1e-6: candidates sharing a pass differ in the last bits), or the error."""
     try:
         pick = apply_rules(scores, n_layers, rules)
     except RefusalkitError as exc:
         return str(exc)
-    return (pick.position, pick.layer, pick.bypass, pick.induce, pick.kl)
+    return (pick.position, pick.layer, *(round(x, 6) for x in (pick.bypass, pick.induce, pick.kl)))
 
 
 def _bypass_only(full: list[CandidateScore]) -> list[CandidateScore]:
@@ -164,11 +166,13 @@ def test_pruned_search_picks_what_exhaustive_picks(setup: dict[str, Any]) -> Non
     full = score_candidates(*args, rules=SelectionRules(exhaustive=True), batch_size=2)
     scored = sorted((s for s in full if math.isfinite(s.bypass)), key=lambda s: s.bypass)
     assert len(scored) == 6
+    # Thresholds between two candidates' scores (never on one: passes shared by several candidates
+    # change the last bits), and just past the best bypass's own scores, to reject it by that rule.
     induces, kls = sorted(s.induce for s in scored), sorted(s.kl for s in scored)
-    best = scored[0]  # thresholds just past the best bypass's own scores reject it by that rule
-    grid = [
-        (i, k) for i in (-1e9, best.induce + 1e-6, *induces[1:5]) for k in (1e9, best.kl - 1e-6, *kls[1:5])
-    ]
+    best = scored[0]
+    mid_induce = [(a + b) / 2 for a, b in itertools.pairwise(induces[:5])]
+    mid_kl = [(a + b) / 2 for a, b in itertools.pairwise(kls[:5])]
+    grid = [(i, k) for i in (-1e9, best.induce + 1e-6, *mid_induce) for k in (1e9, best.kl - 1e-6, *mid_kl)]
     mattered = {"induce": 0, "KL": 0, "none": 0}
     for induce_t, kl_t in grid:
         rules = SelectionRules(induce_threshold=induce_t, kl_threshold=kl_t)
@@ -226,10 +230,11 @@ def test_nan_scores_are_labelled_nan_not_pruned(
             if (s.position, s.layer) == nan_bypass:
                 s.bypass = NAN
 
-    def induce(self: search.Scorer, s: CandidateScore) -> None:
-        real_induce(self, s)
-        if (s.position, s.layer) == nan_induce:
-            s.induce = NAN
+    def induce(self: search.Scorer, group: list[CandidateScore]) -> None:
+        real_induce(self, group)
+        for s in group:
+            if (s.position, s.layer) == nan_induce:
+                s.induce = NAN
 
     monkeypatch.setattr(search.Scorer, "bypass", bypass)
     monkeypatch.setattr(search.Scorer, "induce", induce)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from refusalkit.activations import encode_batches, logits_for_prompts
+from refusalkit.activations import encode_batches, length_batches, logits_for_prompts
 from refusalkit.interventions import ablate_direction, add_direction
 from refusalkit.prompts import format_prompts
 from refusalkit.selection.passes import ResidReplay, ablated_logits
@@ -64,13 +64,15 @@ def test_addition_restarted_at_its_layer_equals_full_pass(
     replay = ResidReplay(lm, enc, [1, 2, 3])
     assert replay.exact  # the self-check passed: restarts are used
     torch.testing.assert_close(replay.baseline, logits_for_prompts(lm, prompts, 2, share_prefix=False))
-    v = 3 * torch.randn(lm.arch.embed.weight.shape[1], generator=torch.Generator().manual_seed(2))
+    vs = 3 * torch.randn(3, lm.arch.embed.weight.shape[1], generator=torch.Generator().manual_seed(2))
     for layer in (1, 3):
-        with add_direction(lm.arch, v, layer):
-            plain = logits_for_prompts(lm, prompts, 2, share_prefix=False)
-        restarted = replay._replay(v, layer)
-        torch.testing.assert_close(restarted, plain, atol=2e-4, rtol=1e-4)
-        assert (restarted - replay.baseline).abs().max() > 1e-2
+        restarted = replay.added_logits(vs, layer)  # three candidates sharing each pass
+        assert restarted.shape == (3, len(prompts), lm.arch.unembed.weight.shape[0])
+        for v, got in zip(vs, restarted, strict=True):
+            with add_direction(lm.arch, v, layer):
+                plain = logits_for_prompts(lm, prompts, 2, share_prefix=False)
+            torch.testing.assert_close(got, plain, atol=2e-4, rtol=1e-4)
+            assert (got - replay.baseline).abs().max() > 1e-2
 
 
 def test_addition_falls_back_when_the_restart_is_wrong(
@@ -86,4 +88,13 @@ def test_addition_falls_back_when_the_restart_is_wrong(
     v = torch.randn(lm.arch.embed.weight.shape[1])
     with add_direction(lm.arch, v, 2):
         plain = logits_for_prompts(lm, prompts, 4)
-    torch.testing.assert_close(replay.added_logits(v, 2), plain)
+    torch.testing.assert_close(replay.added_logits(v[None], 2)[0], plain)
+
+
+def test_length_batches_split_off_long_prompts() -> None:
+    lengths = [10] * 15 + [60]
+    out = length_batches(list(range(16)), lengths, 16)
+    assert out == [list(range(15)), [15]]  # the long one alone: 15*10 + 60 + 2 batches < 16*60
+    even = length_batches(list(range(40)), [12] * 40, 16)
+    assert len(even) == 3 and max(len(b) for b in even) <= 16  # batch_size holds; no extra batches
+    assert [i for b in even for i in b] == list(range(40))

@@ -144,10 +144,11 @@ class ResidReplay:
         self.exact = self._self_check()
 
     def _self_check(self) -> bool:
-        """Replaying the top recorded layers without an addition must give the baseline logits."""
+        """Replaying the top recorded layers without an addition (two candidates sharing the pass)
+        must give the baseline logits."""
         top = self.layers[max(0, len(self.layers) - 2)]
         try:
-            again = self._replay(torch.zeros(self.lm.arch.embed.weight.shape[1]), top)
+            again = self._replay(torch.zeros(2, self.lm.arch.embed.weight.shape[1]), top)
         except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as exc:
             log.warning("restarting at a layer does not work for this model (%s); using full passes", exc)
             return False
@@ -157,41 +158,57 @@ class ResidReplay:
             log.warning("restarting at a layer changes the logits (rel. error %.1e); using full passes", err)
         return err <= 1e-4
 
-    def added_logits(self, vector: torch.Tensor, layer: int) -> torch.Tensor:
-        """[n, vocab] last-token logits with ``vector`` ([d_model], raw) added to resid_pre[layer] at
-        every real token: the same numbers as an ``add_direction`` pass, from ``layer`` on only."""
+    def added_logits(self, vectors: torch.Tensor, layer: int) -> torch.Tensor:
+        """[k, n, vocab] last-token logits with each of the k ``vectors`` ([k, d_model], raw) added to
+        resid_pre[layer] at every real token: the numbers of an ``add_direction`` pass per vector,
+        computed from ``layer`` on only, the k candidates sharing each forward pass."""
         if self.exact and layer in self.layers:
-            return self._replay(vector, layer)
-        with add_direction(self.lm.arch, vector, layer, coeff=1.0):
-            return logits_for_batches(self.lm, self.enc)
+            return self._replay(vectors, layer)
+        out = []
+        for v in vectors:
+            with add_direction(self.lm.arch, v, layer, coeff=1.0):
+                out.append(logits_for_batches(self.lm, self.enc))
+        return torch.stack(out)
 
     @torch.inference_mode()
-    def _replay(self, vector: torch.Tensor, layer: int) -> torch.Tensor:
+    def _replay(self, vectors: torch.Tensor, layer: int) -> torch.Tensor:
         from transformers import DynamicCache
 
+        k = vectors.shape[0]
         cache = None
         if self.prefix_calls is not None:
             cache = DynamicCache(config=self.lm.model.config)
-            self._blocks(self.prefix_calls, layer, vector, None, cache)
+            self._blocks(self.prefix_calls, layer, vectors, None, cache)
         out = []
         for calls, (rows, _ids, mask) in zip(self.batch_calls, self.enc.batches, strict=True):
-            past = select_cache_rows(cache, torch.zeros(len(rows), dtype=torch.long)) if cache else None
-            h = self._blocks(calls, layer, vector, mask, past)
-            out.append(self._head(h[:, -1:]).cpu())
-        return _in_input_order(self.enc, out)
+            b = len(rows)
+            past = select_cache_rows(cache, torch.arange(k).repeat_interleave(b)) if cache else None
+            h = self._blocks(calls, layer, vectors, mask, past)
+            out.append(self._head(h[:, -1:]).cpu().view(k, b, -1))
+        logits = torch.cat(out, dim=1)  # [k, n, vocab] in batch order
+        order = torch.tensor([i for rows, _, _ in self.enc.batches for i in rows])
+        result = torch.empty_like(logits)
+        result[:, order] = logits
+        return result
 
     def _blocks(
-        self, calls: dict[int, tuple[torch.Tensor, dict[str, Any]]], layer: int, vector: torch.Tensor,
+        self, calls: dict[int, tuple[torch.Tensor, dict[str, Any]]], layer: int, vectors: torch.Tensor,
         mask: torch.Tensor | None, cache: Any,
     ) -> torch.Tensor:  # fmt: skip
-        h = calls[layer][0]
+        """Blocks ``layer``.. on the recorded resid_pre[layer] plus each vector: [k * b, seq, d] out,
+        candidate-major rows (every recorded per-row argument repeated k times)."""
+        k, h = vectors.shape[0], calls[layer][0]
+        b = h.shape[0]
         work = torch.promote_types(h.dtype, torch.float32)
-        delta = vector.double().to(device=h.device, dtype=work)
+        delta = vectors.double().to(device=h.device, dtype=work).repeat_interleave(b, 0)[:, None, :]
         m = torch.ones(h.shape[:2]) if mask is None else mask[:, -h.shape[1] :]
+        m = m.to(device=h.device, dtype=work).repeat(k, 1)[..., None]
         # As add_direction: float32 at least, pad positions never steered, one rounding.
-        h = (h.to(work) + m.to(device=h.device, dtype=work)[..., None] * delta).to(h.dtype)
+        h = (h.to(work).repeat(k, 1, 1) + m * delta).to(h.dtype)
         for i in range(layer, len(self.lm.arch.blocks)):
-            kwargs = calls[i][1] if self.cache_key is None else {**calls[i][1], self.cache_key: cache}
+            kwargs = {name: _repeat_rows(v, b, k) for name, v in calls[i][1].items()}
+            if self.cache_key is not None:
+                kwargs[self.cache_key] = cache
             out = self.lm.arch.blocks[i](h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         return h
@@ -204,6 +221,18 @@ class ResidReplay:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _repeat_rows(value: Any, b: int, k: int) -> Any:
+    """A recorded block argument for k candidates: tensors with b rows (the batch) repeated k times,
+    candidate-major; one-row tensors broadcast as they are; anything else unchanged."""
+    if k == 1:
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b and b > 1:
+        return value.repeat(k, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(_repeat_rows(v, b, k) for v in value)
+    return value
 
 
 def _in_input_order(enc: PromptBatches, chunks: list[torch.Tensor]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from refusalkit.activations import encode_batches
+from refusalkit.activations import PromptBatches, encode_batches
 from refusalkit.directions import Candidates
 from refusalkit.metric import kl_function, refusal_metric
 from refusalkit.models.loading import LoadedModel
@@ -34,7 +34,9 @@ from refusalkit.selection.rules import (
 )
 
 Checkpoint = Callable[[list[CandidateScore]], None]
-MAX_SHARED = 8  # most candidates in one forward pass
+MAX_SHARED = 16  # most candidates in one forward pass
+PASS_TOKENS = 2048  # token slots per forward pass when candidates share it (memory ~ this * MLP width)
+SPECULATE_AFTER = 5  # rejections in a row after which induce is computed for a layer's candidates at once
 
 
 class Scorer:
@@ -48,9 +50,10 @@ class Scorer:
         self.kl_fn = kl_function(rules.kl_definition)
         self.harmful = encode_batches(lm, harmful_val, batch_size)
         self.harmless = encode_batches(lm, harmless_val, batch_size)
-        # Candidates per forward pass: enough to fill a batch when the prompts are few.
-        self.share_harmful = max(1, min(MAX_SHARED, batch_size // max(1, len(harmful_val))))
-        self.share_harmless = max(1, min(MAX_SHARED, batch_size // max(1, len(harmless_val))))
+        # Candidates per forward pass: each pass reads every weight once (on a CPU, as long as tens of
+        # tokens of compute), so candidates share passes up to a token budget per pass.
+        self.share_harmful = _share(self.harmful)
+        self.share_harmless = _share(self.harmless)
         self.layers = layers
         self._replay: ResidReplay | None = None
 
@@ -69,14 +72,22 @@ class Scorer:
         for s, rows in zip(group, logits, strict=True):
             s.bypass = float(refusal_metric(rows, self.ids).mean())
 
-    def induce(self, s: CandidateScore) -> None:
-        s.induce = float(refusal_metric(self.replay.added_logits(self.vector(s), s.layer), self.ids).mean())
+    def induce(self, group: list[CandidateScore]) -> None:
+        """Induce scores of candidates at one layer, sharing forward passes."""
+        vectors = torch.stack([self.vector(s) for s in group])
+        for s, rows in zip(group, self.replay.added_logits(vectors, group[0].layer), strict=True):
+            s.induce = float(refusal_metric(rows, self.ids).mean())
 
     def kl(self, group: list[CandidateScore]) -> None:
         base = self.replay.baseline
         dirs = torch.stack([self.vector(s) for s in group])
         for s, rows in zip(group, ablated_logits(self.lm, self.harmless, dirs), strict=True):
             s.kl = float(self.kl_fn(base, rows).mean())
+
+
+def _share(enc: PromptBatches) -> int:
+    widest = max((ids.numel() for _, ids, _ in enc.batches), default=1)
+    return max(1, min(MAX_SHARED, PASS_TOKENS // max(widest, len(enc.prefix), 1)))
 
 
 def _usable(v: torch.Tensor) -> bool:
@@ -144,10 +155,18 @@ def score_candidates(
     return sorted(results.values(), key=lambda s: (s.layer, s.position))
 
 
+def _by_layer(scores: list[CandidateScore], k: int) -> list[list[CandidateScore]]:
+    """Groups of at most k candidates of one layer (restarted addition passes start at one layer)."""
+    layers: dict[int, list[CandidateScore]] = {}
+    for s in scores:
+        layers.setdefault(s.layer, []).append(s)
+    return [group[i : i + k] for group in layers.values() for i in range(0, len(group), k)]
+
+
 def _score_everything(scorer: Scorer, pending: list[CandidateScore], save: Callable[[], None]) -> None:
-    for s in tqdm(pending, desc="induce scores", disable=None):
-        if math.isnan(s.induce):
-            scorer.induce(s)
+    todo = [s for s in pending if math.isnan(s.induce)]
+    for group in tqdm(_by_layer(todo, scorer.share_harmless), desc="induce scores", disable=None):
+        scorer.induce(group)
     k = scorer.share_harmless
     todo = [s for s in pending if math.isnan(s.kl)]
     for i in tqdm(range(0, len(todo), k), desc="KL scores", disable=None):
@@ -161,22 +180,32 @@ def _score_until_certain(
     scorer: Scorer, pending: list[CandidateScore], judged: list[CandidateScore], rules: SelectionRules,
     cutoff: int, save: Callable[[], None],
 ) -> None:  # fmt: skip
+    """In order of bypass: induce, then KL if induce passes, until a candidate is kept. After
+    ``SPECULATE_AFTER`` rejections in a row, a candidate's induce pass also scores the other pending
+    candidates of its layer (sharing the pass): likely needed when few candidates pass, and the same
+    numbers either way."""
     n_layers = scorer.candidates.n_layers
 
     def kept(s: CandidateScore) -> bool:
         return s.complete and not discard_reason(s, cutoff, n_layers, rules)
 
     best = min((s for s in judged if kept(s)), key=lambda s: s.bypass, default=None)
+    rejected = 0
     for s in tqdm(pending, desc="induce and KL", disable=None):
         if s.layer >= cutoff or (best is not None and s.bypass >= best.bypass):
             continue  # cannot be the pick: left pruned
         if math.isnan(s.induce):
-            scorer.induce(s)
+            group = [s]
+            if rejected >= SPECULATE_AFTER:
+                same = [t for t in pending if t.layer == s.layer and t is not s and math.isnan(t.induce)]
+                group += same[: scorer.share_harmless - 1]
+            scorer.induce(group)
         if s.induce >= rules.induce_threshold and math.isnan(s.kl):
             scorer.kl([s])  # only a candidate the induce rule keeps needs its KL
         s.complete = True
         if kept(s) and (best is None or s.bypass < best.bypass):
             best = s
+        rejected = 0 if kept(s) else rejected + 1
         save()
     if best is None:
         _score_for_hints(scorer, [*judged, *pending], rules, cutoff, save)

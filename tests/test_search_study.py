@@ -258,3 +258,12 @@ def test_a_choice_that_finds_nothing_keeps_the_front(make_lm: Callable[..., Any]
     assert front["trials_run"] == 0 and not said
     assert [p["verified"] for p in front["points"]] == [p["verified"] for p in saved["points"]]
     assert front["chosen"] is not None and layout.chosen.is_file()
+
+
+def test_verification_picks_within_max_kl_then_fills_up() -> None:
+    from refusalkit.search.optimize import _to_verify
+
+    pts = [_pt(0, 0.0, 0.2), _pt(1, 0.02, 0.05), _pt(2, 0.1, 0.03), _pt(3, 0.3, 0.01), _pt(4, 0.5, 0.001)]
+    assert [p.trial for p in _to_verify(pts, 2, None)] == [0, 1]
+    assert [p.trial for p in _to_verify(pts, 2, 0.02)] == [3, 4]
+    assert [p.trial for p in _to_verify(pts, 3, 0.02)] == [3, 4, 2]  # filled up by increasing KL

@@ -203,9 +203,12 @@ def _fingerprint(
 
 
 def _to_verify(points: list[Point], n: int, max_kl: float | None) -> list[Point]:
-    """The ``n`` front points with the lowest expected refusal among those within ``max_kl`` (proxy)."""
-    pool = [p for p in points if max_kl is None or p.proxy["kl"]["mean"] <= max_kl] or points[:1]
-    return sorted(pool, key=lambda p: (p.proxy["refusal"], p.proxy["kl"]["mean"]))[:n]
+    """The ``n`` front points with the lowest expected refusal among those within ``max_kl`` (proxy);
+    when fewer lie within it, the next ones by increasing KL (the proxy KL is on other prompts)."""
+    by_refusal = sorted(points, key=lambda p: (p.proxy["refusal"], p.proxy["kl"]["mean"]))
+    inside = [p for p in by_refusal if max_kl is None or p.proxy["kl"]["mean"] <= max_kl]
+    outside = sorted((p for p in points if p not in inside), key=lambda p: p.proxy["kl"]["mean"])
+    return (inside + outside)[:n]
 
 
 def _verify(

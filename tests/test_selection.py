@@ -102,9 +102,9 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = search.ablated_logits
 
-    def counting(lm: Any, enc: Any, directions: torch.Tensor) -> Any:
+    def counting(lm: Any, enc: Any, directions: torch.Tensor, score: Any = None) -> Any:
         calls.extend([1] * directions.shape[0])
-        return real(lm, enc, directions)
+        return real(lm, enc, directions, score)
 
     monkeypatch.setattr(search, "ablated_logits", counting)
     return calls
@@ -314,3 +314,29 @@ def test_zero_candidate_scores_nan(setup: dict[str, Any]) -> None:
     assert all(math.isnan(s.bypass) for s in scores)
     with pytest.raises(RefusalkitError, match="filtered out"):
         apply_rules(scores, same.n_layers, SelectionRules())
+
+
+def test_scores_equal_plain_hooked_passes(setup: dict[str, Any]) -> None:
+    """Every score, as computed with candidates sharing passes and restarts, equals its definition
+    computed with the plain hooks, one candidate at a time (and the paper's KL where asked)."""
+    from refusalkit.activations import logits_for_prompts
+    from refusalkit.interventions import ablate_direction, add_direction
+    from refusalkit.metric import kl_function, refusal_metric
+
+    cands: Candidates = setup["cands"]
+    lm, ids, harmful, harmless = setup["lm"], setup["ids"], setup["harmful"], setup["harmless"]
+    for definition in ("exact", "paper"):
+        rules = SelectionRules(exhaustive=True, kl_definition=definition)
+        scores = score_candidates(lm, cands, harmful, harmless, ids, rules=rules, batch_size=4)
+        base = logits_for_prompts(lm, harmless, 1, share_prefix=False)
+        for s in (x for x in scores if math.isfinite(x.bypass)):
+            v = cands.directions[s.position + cands.n_positions, s.layer].float()
+            with ablate_direction(lm.arch, v):
+                bypass = refusal_metric(logits_for_prompts(lm, harmful, 1, share_prefix=False), ids).mean()
+                ablated = logits_for_prompts(lm, harmless, 1, share_prefix=False)
+            with add_direction(lm.arch, v, s.layer):
+                induce = refusal_metric(logits_for_prompts(lm, harmless, 1, share_prefix=False), ids).mean()
+            kl = kl_function(definition)(base, ablated).mean()
+            assert (s.bypass, s.induce, s.kl) == pytest.approx(
+                (float(bypass), float(induce), float(kl)), abs=1e-5
+            )

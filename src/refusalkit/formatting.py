@@ -8,12 +8,12 @@ marks gaps its own way, as the HTML report does).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 MISSING = "-"
 
 
-def is_number(v: Any) -> bool:
+def is_number(v: Any) -> TypeGuard[int | float]:
     """A finite int or float (bools are not numbers here)."""
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 

@@ -178,9 +178,10 @@ class _Search:
 
     def record(self, step: int, s: Scores, i: int, n_cands: int) -> dict[str, Any]:
         """Append step ``step`` (candidate ``i`` of ``s`` is now the suffix) to the history."""
-        row = {
+        loss = float(self.obj.combine(s)[i])
+        row: dict[str, Any] = {
             "step": step,
-            "loss": float(self.obj.combine(s)[i]),
+            "loss": loss,
             "target_loss": float(s.target[i]),
             "projection": float(s.projection[i]),
             "matched": bool(s.match[i]),
@@ -190,7 +191,7 @@ class _Search:
         }
         self.history.append(row)
         # A suffix that makes the target the greedy continuation everywhere beats any that does not.
-        if step and (row["matched"], -row["loss"]) > (self.best["matched"], -self.best["loss"]):
+        if step and (row["matched"], -loss) > (self.best["matched"], -self.best["loss"]):
             self.best = row | {"ids": self.ids.tolist()}
         return row
 

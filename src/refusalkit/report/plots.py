@@ -219,7 +219,7 @@ def rate_bars(groups: list[tuple[str, list[tuple[str, float | None, list[float |
         shown = bars[::-1]  # barh draws bottom-up; the first bar goes on top
         labels = [b[0] for b in shown]
         vals = [float(b[1]) if is_number(b[1]) else 0.0 for b in shown]
-        cis = [list(b[2]) if is_number(b[1]) else [None, None] for b in shown]
+        cis: list[list[float | None]] = [list(b[2]) if is_number(b[1]) else [None, None] for b in shown]
         colors = [SETTING_COLORS.get(lab.split(" ")[0], "#64748b") for lab in labels]
         ax.barh(
             labels,

@@ -220,15 +220,14 @@ def test_choose_rules() -> None:
 def test_cli_lists_the_front_and_rejects_bad_options(
     make_lm: Callable[..., Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import argparse
 
-    from refusalkit.search.cli import add_optimize_parser, options_from, run_optimize
+    from refusalkit.cli import build_parser
+    from refusalkit.search.cli import options_from, run_optimize
 
     lm = make_lm("qwen2")
     layout = _run_dir(lm, tmp_path)
     front = optimize(layout, _opts(trials=2), lm=lm, say=_quiet)
-    parser = argparse.ArgumentParser()
-    add_optimize_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     assert run_optimize(parser.parse_args(["optimize", str(layout.root), "--list"])) == 0
     out = capsys.readouterr().out
     assert "refused (paper/heretic)" in out and f"*{front['chosen']:>5}" in out

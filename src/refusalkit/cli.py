@@ -59,7 +59,8 @@ STAGE_HELP = {
     "select": "Score the candidates (pruned: only until the pick is certain) and select the direction.",
     "evaluate": "Generate under each setting and measure refusal rates.",
     "measure": "Refusal and safety judges, coherence (KL, CE) and capability (GSM8K, TruthfulQA) into measure/.",
-    "export": "Write the edited model into RUN_DIR/model (--format safetensors: a transformers checkpoint).",
+    "export": "Write the edited model: --format safetensors (RUN_DIR/model) or gguf (RUN_DIR/gguf, llama.cpp), "
+    "--control-vector, --edit direction|search, with a model card.",
 }
 
 
@@ -104,9 +105,7 @@ def stage_settings(args: argparse.Namespace, stage: str, run_dir: Path) -> Setti
 def cmd_stage(args: argparse.Namespace) -> int:
     from refusalkit.pipeline import Run, format_table
 
-    stage = "export" if args.command == "orthogonalize" else args.command
-    if args.command == "orthogonalize":
-        print("refusalkit: `orthogonalize` is now `export`; use `refusalkit export RUN_DIR`", file=sys.stderr)
+    stage = args.command
     run_dir = args.out or getattr(args, "run_dir", None)
     if run_dir is None:
         raise RefusalkitError(f"`refusalkit {args.command}` needs a run folder: pass RUN_DIR or --out DIR")
@@ -184,6 +183,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 for _name, _help in STAGE_HELP.items():
+    if _name == "export":  # the exporter (safetensors or GGUF, paper's or searched edit), not the stage
+        register(
+            Command(
+                _name,
+                _help,
+                "refusalkit.export.cli:run_export_cli",
+                options=("refusalkit.export.cli:ExportOptions",),
+                arguments=run_dir_arguments,
+            )
+        )
+        continue
     register(
         Command(
             _name,
@@ -195,10 +205,37 @@ for _name, _help in STAGE_HELP.items():
     )
 register(
     Command(
+        "optimize",
+        "Search edits (Optuna, refusals against first-token KL), verify the Pareto front, choose and export.",
+        "refusalkit.search.cli:run_optimize",
+        options=("refusalkit.search.optimize:OptimizeOptions",),
+        arguments=_resolve("refusalkit.search.cli:optimize_arguments"),
+    )
+)
+register(
+    Command(
+        "chat",
+        "Chat in the terminal with a run's original and edited model, streamed; /help inside.",
+        "refusalkit.chat.terminal:run_chat",
+        options=("refusalkit.chat.terminal:ChatOptions",),
+        arguments=_resolve("refusalkit.chat.terminal:run_dir_argument"),
+    )
+)
+register(
+    Command(
+        "serve",
+        "A local page: one prompt, the original's and the edited model's answers side by side, streamed.",
+        "refusalkit.serve:run_serve",
+        options=("refusalkit.serve:ServeOptions",),
+        arguments=_resolve("refusalkit.chat.terminal:run_dir_argument"),
+    )
+)
+register(
+    Command(
         "orthogonalize",
         STAGE_HELP["export"],
-        "refusalkit.cli:cmd_stage",
-        options=STAGE_OPTIONS["export"],
+        "refusalkit.export.cli:run_export_cli",
+        options=("refusalkit.export.cli:ExportOptions",),
         arguments=run_dir_arguments,
         hidden=True,
     )

@@ -2,6 +2,6 @@
 engine that the chat and the local page (`refusalkit serve`) share."""
 
 from refusalkit.chat.engine import ChatModel, Setting, load_chat_model
-from refusalkit.chat.terminal import ChatOptions, add_chat_parser, run_chat
+from refusalkit.chat.terminal import ChatOptions, run_chat
 
-__all__ = ["ChatModel", "ChatOptions", "Setting", "add_chat_parser", "load_chat_model", "run_chat"]
+__all__ = ["ChatModel", "ChatOptions", "Setting", "load_chat_model", "run_chat"]

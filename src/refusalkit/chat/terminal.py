@@ -14,13 +14,13 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TextIO
+from typing import ClassVar, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refusalkit.chat.engine import ChatModel, Message, Setting
-from refusalkit.chat.flags import add_option_flags, options_from
 from refusalkit.errors import RefusalkitError
+from refusalkit.options import add_flags, options_from_args
 
 HELP = """commands:
   /original     answer with the original model
@@ -158,18 +158,10 @@ class Terminal:
         return True
 
 
-def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
-    desc = "Chat in the terminal with a run's original and edited model, streamed; /help inside."
-    parser: argparse.ArgumentParser = subparsers.add_parser("chat", help=desc, description=desc)
-    run_dir_argument(parser)
-    add_option_flags(parser, ChatOptions)
-    return parser
-
-
 def run_chat(args: argparse.Namespace) -> int:
     from refusalkit.chat.engine import load_chat_model
 
-    opts = options_from(args, ChatOptions)
+    opts = options_from_args(args, ChatOptions)
     start = Setting.parse(opts.setting)
     print(f"loading the model of {args.run_dir} ...", file=sys.stderr)
     model = load_chat_model(args.run_dir)
@@ -186,7 +178,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="refusalkit chat")
     run_dir_argument(parser)
-    add_option_flags(parser, ChatOptions)
+    add_flags(parser, ChatOptions)
     try:
         return run_chat(parser.parse_args(argv))
     except RefusalkitError as exc:

@@ -72,6 +72,11 @@ class ExportOptions(BaseModel):
         description="A llama.cpp checkout; GGUF export of a model that was not loaded from a GGUF file runs "
         "its convert_hf_to_gguf.py on the edited transformers folder.",
     )
+    edit: Literal["direction", "search"] = Field(
+        "direction",
+        description="direction: the paper's orthogonalization along the selected direction; search: the edit "
+        "chosen by `refusalkit optimize` (search/chosen.json).",
+    )
     force: bool = Field(False, description="Overwrite export files that already exist.")
     push_to_hub: str | None = Field(
         None, description="Upload the export folder and its card to this Hugging Face Hub repo (online)."
@@ -319,10 +324,32 @@ def run_export_cli(args: argparse.Namespace) -> int:
     run_dir = getattr(args, "run_dir", None) or getattr(args, "out", None)
     if run_dir is None:
         raise RefusalkitError("`refusalkit export` needs a run folder: pass RUN_DIR")
-    result = run_export(run_dir, opts)
+    result = run_export(run_dir, opts) if opts.edit == "direction" else _export_search(run_dir, opts)
     for p in result.files:
         print(f"wrote {p} ({result.size_bytes[p.name] / 1e6:.1f} MB)")
     print(f"card: {result.folder / 'README.md'}  (export took {result.seconds['export']:.1f} s)")
     if result.url:
         print(f"pushed: {result.url}")
     return 0
+
+
+def _export_search(run_dir: str | Path, opts: ExportOptions) -> ExportResult:
+    """Export the edit chosen by the run's search (``refusalkit optimize``) instead of the paper's."""
+    from refusalkit.directions import Candidates
+    from refusalkit.search.edit import applied_edit, plan
+    from refusalkit.search.optimize import chosen_edit
+
+    layout = RunLayout(run_dir)
+    params = chosen_edit(layout)  # clear error if there is no search
+    settings = _run_settings(layout)
+    cands = Candidates.load(layout.candidates)
+    lm = load_model(settings.model, **settings.model_kwargs())
+    modules = [t.module for t in plan(lm, cands, params)]
+    return run_export(
+        run_dir,
+        opts,
+        lm=lm,
+        edit=lambda m: applied_edit(m, cands, params),
+        edit_name="searched edit",
+        modules=modules,
+    )

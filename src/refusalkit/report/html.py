@@ -12,6 +12,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from refusalkit.layout import RunLayout
 from refusalkit.report import RunData, headline, refusal_rate
 from refusalkit.report import plots as P
 from refusalkit.report.tables import (
@@ -286,6 +287,17 @@ def suffix_section(d: RunData) -> str:
     return section("suffix", "Adversarial suffix analysis", lede, body)
 
 
+def search_section(d: RunData) -> str:
+    """The edit search (`refusalkit optimize`): Pareto plot, verified front, chosen kernels; "" if none."""
+    try:
+        from refusalkit.search.report import search_section as fragment
+    except ImportError as exc:  # optuna (the `search` extra) is only needed to run a search
+        log.warning("edit search section skipped (%s)", exc)
+        return ""
+    frag = fragment(RunLayout(d.run_dir))
+    return f'<section id="search">{frag}</section>' if frag else ""
+
+
 def render(d: RunData, *, show_harmful: bool = False, examples: int = 6) -> tuple[str, dict[str, Any]]:
     """The page and the numbers it shows (for report.json)."""
     h = headline(d)
@@ -298,6 +310,7 @@ def render(d: RunData, *, show_harmful: bool = False, examples: int = 6) -> tupl
         projections_section(d),
         completions_section(d, show_harmful, examples),
         suffix_section(d),
+        search_section(d),
         manifest_section(d),
     ]
     nav = "".join(
@@ -311,9 +324,10 @@ def render(d: RunData, *, show_harmful: bool = False, examples: int = 6) -> tupl
             ("projections", "Projections"),
             ("completions", "Completions"),
             ("suffix", "Suffix"),
+            ("search", "Edit search"),
             ("manifest", "Manifest"),
         )
-        if sid != "gaps" or d.gaps
+        if (sid != "gaps" or d.gaps) and (sid != "search" or RunLayout(d.run_dir).front.is_file())
     )
     title = f"refusalkit report — {h['model'] or d.run_dir.name}"
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

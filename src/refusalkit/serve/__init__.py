@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from refusalkit.chat.flags import add_option_flags, options_from
 from refusalkit.chat.terminal import run_dir_argument
+from refusalkit.options import add_flags, options_from_args
 
 
 class ServeOptions(BaseModel):
@@ -27,19 +27,11 @@ class ServeOptions(BaseModel):
     max_new_tokens: int = Field(256, ge=1, description="Most new tokens per answer.")
 
 
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    desc = "A local page: one prompt, the original's and the edited model's answers side by side."
-    parser: argparse.ArgumentParser = subparsers.add_parser("serve", help=desc, description=desc)
-    run_dir_argument(parser)
-    add_option_flags(parser, ServeOptions)
-    return parser
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from refusalkit.chat.engine import load_chat_model
     from refusalkit.serve.server import make_server
 
-    opts = options_from(args, ServeOptions)
+    opts = options_from_args(args, ServeOptions)
     print(f"loading the model of {args.run_dir} ...", file=sys.stderr)
     model = load_chat_model(args.run_dir)
     server = make_server(model, args.run_dir, opts.host, opts.port, opts.max_new_tokens)
@@ -65,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="refusalkit serve")
     run_dir_argument(parser)
-    add_option_flags(parser, ServeOptions)
+    add_flags(parser, ServeOptions)
     try:
         return run_serve(parser.parse_args(argv))
     except RefusalkitError as exc:

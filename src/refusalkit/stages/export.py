@@ -20,7 +20,11 @@ from refusalkit.settings import Settings
 
 
 def _safetensors(lm: LoadedModel, direction: Direction, layout: RunLayout) -> Path:
-    return export_checkpoint(lm, direction.vector, layout.model_dir)
+    from refusalkit.export.cli import write_checkpoint_card
+
+    out = export_checkpoint(lm, direction.vector, layout.model_dir)
+    write_checkpoint_card(layout.root, out)  # the model card (README.md) beside the weights
+    return out
 
 
 # format -> writer; a new format adds its writer here and its name to settings.EXPORT_FORMATS.

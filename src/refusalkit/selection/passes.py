@@ -168,7 +168,9 @@ class ResidReplay:
         must give the baseline logits."""
         top = self.layers[max(0, len(self.layers) - 2)]
         try:
-            again = self._replay(torch.zeros(2, self.lm.arch.embed.weight.shape[1]), top)
+            embed_w = self.lm.arch.embed.weight
+            assert isinstance(embed_w, torch.Tensor)
+            again = self._replay(torch.zeros(2, int(embed_w.shape[1])), top)
         except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as exc:
             log.warning("restarting at a layer does not work for this model (%s); using full passes", exc)
             return False

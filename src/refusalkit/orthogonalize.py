@@ -18,7 +18,7 @@ difference is <= 1.8% of the largest logit in bfloat16 and <= 0.25% in float16 (
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -137,11 +137,18 @@ def _configs(lm: LoadedModel) -> list[Any]:
     return [c for c in (cfg, getattr(cfg, "text_config", None)) if c is not None]
 
 
-def export_checkpoint(lm: LoadedModel, direction: torch.Tensor, out: str | Path) -> Path:
-    """Save an orthogonalized copy of the model as an ordinary transformers checkpoint folder.
+def save_folder(
+    lm: LoadedModel,
+    out: str | Path,
+    *,
+    extra: dict[str, str] | None = None,
+    keep: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Save ``lm`` as it is now (e.g. inside an edit's context) as an ordinary transformers folder.
 
-    The folder loads with plain ``AutoModelForCausalLM.from_pretrained`` (no refusalkit needed). It is
-    written beside ``out`` and renamed into place, so an interrupted export never leaves a partial one.
+    Written beside ``out`` and renamed into place, so an interrupted save never leaves a partial folder.
+    ``extra`` files (name -> text) are written into it; files of an existing folder for which ``keep``
+    is true (a model card, a control vector) are carried over.
     """
     import os
     import shutil
@@ -149,9 +156,24 @@ def export_checkpoint(lm: LoadedModel, direction: torch.Tensor, out: str | Path)
     out = Path(out)
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    with orthogonalized(lm, direction):
-        lm.model.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(tmp)
+    lm.tokenizer.save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+    if out.exists():
+        for p in [p for p in out.iterdir() if keep is not None and keep(p)]:
+            os.replace(p, tmp / p.name)
+        shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def export_checkpoint(lm: LoadedModel, direction: torch.Tensor, out: str | Path) -> Path:
+    """Save an orthogonalized copy of the model as an ordinary transformers checkpoint folder.
+
+    The folder loads with plain ``AutoModelForCausalLM.from_pretrained`` (no refusalkit needed); the live
+    model is restored afterwards.
+    """
+    with orthogonalized(lm, direction):
+        return save_folder(lm, out)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -37,7 +35,7 @@ from refusalkit.export.gguf import (
 from refusalkit.export.hub import push_to_hub
 from refusalkit.layout import RunLayout
 from refusalkit.models.loading import LoadedModel, load_model
-from refusalkit.orthogonalize import orthogonalized
+from refusalkit.orthogonalize import orthogonalized, save_folder
 from refusalkit.settings import Settings, build_settings
 from refusalkit.utils import read_json
 
@@ -254,17 +252,8 @@ def _size(path: Path) -> int:
 
 
 def _save_folder(lm: LoadedModel, out: Path) -> None:
-    """Save ``lm`` as it is now as a transformers folder, renamed into place only when complete."""
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.model.save_pretrained(tmp)
-    lm.tokenizer.save_pretrained(tmp)
-    if out.exists():
-        keep = [p for p in out.iterdir() if p.suffix == ".gguf" or p.name == "README.md"]
-        for p in keep:  # a control vector or card written beside the weights survives a re-export
-            os.replace(p, tmp / p.name)
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    """Save ``lm`` as it is now; a control vector or card written beside the weights survives."""
+    save_folder(lm, out, keep=lambda p: p.suffix == ".gguf" or p.name == "README.md")
 
 
 def _card_files(

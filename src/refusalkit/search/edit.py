@@ -291,18 +291,8 @@ def export_edit_checkpoint(
     lm: LoadedModel, candidates: Candidates, params: EditParams, out: str | Path
 ) -> Path:
     """Save ``lm`` with the edit applied as an ordinary transformers checkpoint folder (loads with plain
-    ``from_pretrained``). Written beside ``out`` and renamed into place; the live model is restored."""
-    import os
-    import shutil
+    ``from_pretrained``), with the edit's parameters in refusalkit_edit.json; the live model is restored."""
+    from refusalkit.orthogonalize import save_folder
 
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with applied_edit(lm, candidates, params):
-        lm.model.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
-    (tmp / "refusalkit_edit.json").write_text(params.model_dump_json(indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+        return save_folder(lm, out, extra={"refusalkit_edit.json": params.model_dump_json(indent=2) + "\n"})

@@ -152,7 +152,9 @@ def logits_for_prompts(
 
 @torch.inference_mode()
 def prefix_cache(lm: LoadedModel, prefix: list[int], rows: int = 1) -> Any:
-    """The KV cache of ``prefix`` (repeated over ``rows`` identical rows), under the active hooks."""
+    """The KV cache of ``prefix`` run as ``rows`` rows under the active hooks. The rows are computed,
+    not copied (unlike ``run_prefix`` + ``repeat_cache``): hooks that steer each row differently
+    (candidates sharing one pass in selection) give each row its own cache."""
     ids = torch.tensor([prefix] * rows, device=lm.device)
     mask = torch.ones_like(ids)
     with token_mask(mask):

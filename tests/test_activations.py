@@ -193,3 +193,12 @@ def test_run_prefix_matches_a_full_pass(make_lm: Callable[..., Any], attn: str) 
     ).logits[0]
     torch.testing.assert_close(rest.float(), whole[cut:], rtol=0, atol=1e-5 * whole.abs().max())
     assert cache.get_seq_length() == cut
+
+
+def test_shared_prefix_never_takes_the_positions_read(make_lm: Callable[..., Any]) -> None:
+    """Identical prompts share every token but the positions the mean reads stay out of the prefix."""
+    lm = make_lm("qwen2")
+    p = format_prompts(lm.tokenizer, ["Explain how rainbows form."], "Be brief.")[0]
+    n_pos = len(post_instruction_ids(lm.tokenizer))
+    alone = mean_activations(lm, [p], n_pos).mean
+    torch.testing.assert_close(mean_activations(lm, [p, p, p], n_pos).mean, alone, rtol=0, atol=1e-5)

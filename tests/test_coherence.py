@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from refusalkit.activations import last_logits
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.coherence import (
@@ -22,8 +23,9 @@ from refusalkit.evaluation.coherence import (
     score_continuations,
 )
 from refusalkit.evaluation.suite import KL_POOL, Suite
+from refusalkit.interventions import ablate_direction
 from refusalkit.layout import RunLayout
-from refusalkit.prompts import format_prompts
+from refusalkit.prompts import encode, format_prompts
 from refusalkit.settings import Settings
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
@@ -180,3 +182,24 @@ def test_short_corpus_is_an_error(make_lm: Any, tmp_path: Path) -> None:
     path.write_text("tiny")
     with pytest.raises(RefusalkitError, match="fewer than"):
         corpus_windows(lm.tokenizer, path, 2, 16)
+
+
+def test_first_token_kl_equals_one_prompt_at_a_time(make_lm: Any) -> None:
+    """The batched, prefix-cached KL equals KL(p || q) from whole prompts run one at a time."""
+    lm = make_lm("qwen2")
+    d = _direction(lm)
+    prompts = format_prompts(lm.tokenizer, ["Count to three.", "Describe a cloud.", "Say hi."], "Be brief.")
+
+    def last(p: str) -> torch.Tensor:
+        return last_logits(lm, encode(lm.tokenizer, [p]))[0].double()
+
+    expected = []
+    for p in prompts:
+        base = last(p)
+        with ablate_direction(lm.arch, d.vector):
+            edited = last(p)
+        lp, lq = torch.log_softmax(base, -1), torch.log_softmax(edited, -1)
+        expected.append(float((lp.exp() * (lp - lq)).sum()))
+    got = first_token_kls(lm, d, prompts, ["ablation"], batch_size=2)["ablation"]["per_prompt"]
+    assert max(expected) > 1e-4  # the ablation changed something
+    assert got == pytest.approx(expected, rel=1e-3, abs=1e-6)

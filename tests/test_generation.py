@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from refusalkit.generation import eos_ids, generate, generate_ids
-from refusalkit.interventions import ablate_direction, add_direction, token_mask
+from refusalkit.interventions import RowSteering, ablate_direction, add_direction, token_mask
 from refusalkit.prompts import encode, format_prompts
 
 SYSTEM = "You are a careful assistant who answers briefly."
@@ -77,3 +77,47 @@ def test_finished_rows_stop_and_leave_the_batch(make_lm: Callable[..., Any]) -> 
     assert ours == hf_generate(lm, prompts, 8)
     lengths = [len(x) for x in ours]
     assert min(lengths) < 8 and max(lengths) == 8  # some rows stopped early, some ran to the limit
+
+
+@pytest.mark.parametrize("system", [SYSTEM, None], ids=["prefix", "no-prefix"])
+def test_rows_of_different_settings_share_batches(make_lm: Callable[..., Any], system: str | None) -> None:
+    """Baseline, ablation and addition rows mixed in the same batches (RowSteering) give each row what
+    its setting gives alone, also when rows of some kinds finish early and leave the batch."""
+    lm = make_lm("qwen2")
+    lm.model.config._attn_implementation = "sdpa"
+    prompts = format_prompts(lm.tokenizer, INSTRUCTIONS, system)
+    d = lm.arch.embed.weight.shape[1]
+    v = 2 * torch.randn(d, generator=torch.Generator().manual_seed(3))
+    zero = torch.zeros(d)
+    steering = RowSteering(torch.stack([zero, v / v.norm(), zero]), torch.stack([zero, zero, v / 4]), 1)
+    alone = {
+        0: generate_ids(lm, prompts, max_new_tokens=8, batch_size=5),
+        1: None,
+        2: None,
+    }
+    with ablate_direction(lm.arch, v):
+        alone[1] = generate_ids(lm, prompts, max_new_tokens=8, batch_size=5)
+    with add_direction(lm.arch, v / 4, 1):
+        alone[2] = generate_ids(lm, prompts, max_new_tokens=8, batch_size=5)
+    assert alone[0] != alone[1] and alone[0] != alone[2]  # the settings differ
+    # a token that ends some rows early, so rows leave mixed batches
+    stop = next(t for row in alone[0] for t in row if 0 < sum(t in r for r in alone[0]) < len(alone[0]))
+    lm.model.generation_config.eos_token_id = stop
+    alone = {k: [r[: r.index(stop) + 1] if stop in r else r for r in rows] for k, rows in alone.items()}
+    kinds = [k for k in (2, 0, 1) for _ in prompts]  # kinds in another order than their index
+    mixed_prompts = [p for _ in (2, 0, 1) for p in prompts]
+    with steering.active(lm.arch):
+        mixed = generate_ids(
+            lm, mixed_prompts, max_new_tokens=8, batch_size=7, steering=steering, kinds=kinds
+        )
+    expected = [row for k in (2, 0, 1) for row in alone[k]]
+    assert mixed == expected
+    assert min(len(r) for r in mixed) < 8  # some rows finished early
+
+
+def test_steering_needs_its_kinds(make_lm: Callable[..., Any]) -> None:
+    lm = make_lm("qwen2")
+    d = lm.arch.embed.weight.shape[1]
+    steering = RowSteering(torch.zeros(1, d), torch.zeros(1, d), 0)
+    with pytest.raises(ValueError, match="one kind per prompt"):
+        generate_ids(lm, ["a", "b"], steering=steering, kinds=[0])

@@ -89,7 +89,8 @@ def _count(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     real = getattr(CALLS[name], name)
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
+        # generate: how many prompts it completes (settings share calls); other calls count 1
+        calls.append(len(args[1]) if name == "generate" else 1)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(CALLS[name], name, counting)
@@ -177,8 +178,9 @@ def test_changed_setting_reruns_from_its_stage(
     _forbid(monkeypatch, "mean_activations", "score_candidates", "export_checkpoint")
     calls = _count(monkeypatch, "generate")
     Run(out, _settings(max_new_tokens=3), lm=lm).run_all()
-    # evaluate reran (orthogonalized reuses the ablation's completions); extract, select, export did not
-    assert len(calls) == len(COMPLETIONS) - 1
+    # evaluate reran (orthogonalized reuses the ablation's completions; the other five settings share
+    # one generate call); extract, select, export did not
+    assert calls == [(len(COMPLETIONS) - 1) * 2]
     rates = json.loads((out / "evaluate" / "refusal_rates.json").read_text())
     assert rates["max_new_tokens"] == 3
 
@@ -276,7 +278,7 @@ def test_failed_reuse_check_generates(
     monkeypatch.setattr(evaluate, "REUSE_RTOL", -1.0)  # no difference passes
     calls = _count(monkeypatch, "generate")
     Run(tmp_path / "run", _settings(), lm=make_lm("qwen2")).evaluate()
-    assert len(calls) == len(COMPLETIONS)
+    assert calls == [(len(COMPLETIONS) - 1) * 2, 2]  # the hook settings together, then the weights
     ortho = json.loads(
         (tmp_path / "run" / "evaluate" / "completions" / "harmful__orthogonalized.json").read_text()
     )
@@ -322,3 +324,34 @@ def test_manifest_stage_fingerprints_skips_and_records(tmp_path: Path) -> None:
     assert Manifest(layout).stage("t", {}, [tmp_path / "never"], skip, lambda: "loaded") is None
     assert Manifest(layout).data["stages"]["t"]["skipped"] == "does not apply"
     assert Manifest(layout).stage("t", {}, [tmp_path / "never"], skip, lambda: "loaded") == "loaded"
+
+
+def test_shared_generation_equals_each_setting_alone(make_lm: Callable[..., Any], tmp_path: Path) -> None:
+    """The evaluate stage generates its hook settings together; each setting's completions equal
+    generation under that setting's own intervention (the actadd coefficients included)."""
+    from refusalkit.evaluation.coherence import intervention
+    from refusalkit.generation import generate
+    from refusalkit.prompts import format_prompts
+
+    lm = make_lm("qwen2")
+    settings = _settings(n_test=3, max_new_tokens=5, gen_batch_size=7)
+    run = Run(tmp_path / "run", settings, lm=lm)
+    run.evaluate()
+    direction, splits = run.select(), run.splits()
+    seen = set()
+    for key in COMPLETIONS:
+        prompt_set, name = key.split("__")
+        if name == "orthogonalized":
+            continue
+        rows = json.loads((tmp_path / "run" / "evaluate" / "completions" / f"{key}.json").read_text())
+        coeff = rows["setting"]["coeff"]
+        assert (
+            coeff
+            == {"baseline": 0.0, "ablation": 0.0, "actadd": -1.0 if prompt_set == "harmful" else 1.0}[name]
+        )
+        instructions = splits[f"{prompt_set}_test"]
+        with intervention(lm, name, direction, coeff):
+            alone = generate(lm, format_prompts(lm.tokenizer, instructions), max_new_tokens=5, batch_size=3)
+        assert [r["completion"] for r in rows["rows"]] == alone
+        seen.add(tuple(alone))
+    assert len(seen) > 2  # the settings gave different completions

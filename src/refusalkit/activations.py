@@ -42,9 +42,9 @@ def last_logits(lm: LoadedModel, batch: Batch) -> torch.Tensor:
     return logits[torch.arange(logits.shape[0], device=logits.device), idx].float()
 
 
-def _common_prefix_len(rows: list[list[int]]) -> int:
+def _common_prefix_len(rows: list[list[int]], keep_last: int = 1) -> int:
     first = rows[0]
-    n = min(len(r) for r in rows) - 1  # leave at least one token per prompt to run
+    n = min(len(r) for r in rows) - keep_last  # leave at least ``keep_last`` tokens per prompt to run
     for row in rows[1:]:
         i = 0
         while i < n and row[i] == first[i]:
@@ -68,17 +68,32 @@ class PromptBatches:
 
 
 def encode_batches(
-    lm: LoadedModel, prompts: list[str], batch_size: int, *, share_prefix: bool = True, min_prefix: int = 8
+    lm: LoadedModel,
+    prompts: list[str],
+    batch_size: int,
+    *,
+    share_prefix: bool = True,
+    min_prefix: int = 8,
+    fill: bool = False,
+    keep_last: int = 1,
 ) -> PromptBatches:
-    """Tokenize ``prompts``, split off their common prefix and batch the rest by length."""
+    """Tokenize ``prompts``, split off their common prefix and batch the rest by length: cut where
+    padding outweighs a pass's fixed cost (``length_batches``), or, with ``fill`` (generation, where
+    every decoding step is a pass), into as few batches as ``batch_size`` allows, of equal size. The
+    prefix leaves at least ``keep_last`` tokens of every prompt in its batch rows."""
     tok = lm.tokenizer
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-    n_prefix = _common_prefix_len(ids) if share_prefix and len(ids) > 1 else 0
+    n_prefix = _common_prefix_len(ids, keep_last) if share_prefix and len(ids) > 1 else 0
     if n_prefix < min_prefix:
         n_prefix = 0
     out = []
-    for chunk in length_batches(order, [len(ids[i]) for i in order], batch_size):
+    chunks = (
+        even_batches(order, batch_size)
+        if fill
+        else length_batches(order, [len(ids[i]) for i in order], batch_size)
+    )
+    for chunk in chunks:
         rows = [ids[i][n_prefix:] for i in chunk]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
@@ -93,6 +108,20 @@ def encode_batches(
 # What one more forward pass costs beyond its tokens (reading every weight once, hooks, Python), in
 # tokens' worth of compute: about 35 on the 0.5B built-in on a 2-core CPU (bench/selection.py).
 BATCH_OVERHEAD_TOKENS = 32
+
+
+def even_batches(items: list[Any], batch_size: int) -> list[list[Any]]:
+    """``items`` in order, cut into the fewest batches of at most ``batch_size``, sizes differing by at most one."""
+    if not items:
+        return []
+    n_batches = -(-len(items) // batch_size)
+    size, extra = divmod(len(items), n_batches)
+    out, start = [], 0
+    for b in range(n_batches):
+        end = start + size + (1 if b < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
 
 
 def length_batches(items: list[Any], lengths: list[int], batch_size: int) -> list[list[Any]]:
@@ -249,6 +278,11 @@ def mean_activations(
     number of prompts. ``metric(logits) -> [batch]`` is computed from the last-token logits in the same
     pass; with ``keep_sign`` +1 (or -1) only prompts whose metric is > 0 (< 0) enter the mean: the
     paper's filter on the baseline refusal metric.
+
+    Left padded (the default), the token prefix all prompts share (a chat template's system turn, often
+    half of each prompt) runs once and batches continue from its KV cache, batched by length; the last
+    ``n_positions`` tokens always stay out of the prefix. ``padding_side="right"`` runs whole prompts in
+    input order (a check that padding does not change the means).
     """
     arch = lm.arch
     layers = list(range(arch.n_layers))
@@ -256,23 +290,37 @@ def mean_activations(
     current: dict[int, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
     kept = 0
-    metrics: list[float] = []
+    metrics: dict[int, float] = {}
 
     def sink(layer: int, h: torch.Tensor) -> None:
         idx = state["positions"].to(h.device)  # [batch, n_positions]
         rows = torch.arange(h.shape[0], device=h.device)[:, None]
         current[layer] = h[rows, idx].double()  # [batch, n_positions, d_model]
 
-    chunks = batches(prompts, batch_size)
+    if padding_side == "left":
+        enc = encode_batches(lm, prompts, batch_size, keep_last=n_positions)
+        work = [(rows, Batch(ids, mask)) for rows, ids, mask in enc.batches]
+        prefix = enc.prefix
+    else:
+        order = list(range(len(prompts)))
+        work = [
+            (c, encode(lm.tokenizer, [prompts[i] for i in c], padding_side))
+            for c in batches(order, batch_size)
+        ]
+        prefix = []
+    cache = prefix_cache(lm, prefix) if prefix else None
     with capture_resid_pre(arch, layers, sink):
-        for chunk in tqdm(chunks, desc=desc, leave=False, disable=None):
-            batch = encode(lm.tokenizer, chunk, padding_side)
+        for rows, batch in tqdm(work, desc=desc, leave=False, disable=None):
             state["positions"] = batch.trailing_positions(n_positions)
-            logits = last_logits(lm, batch)
-            mask = torch.ones(len(chunk), dtype=torch.bool)
+            if cache is None:
+                logits = last_logits(lm, batch)
+            else:
+                past = repeat_cache(cache, len(rows))
+                logits = logits_after_prefix(lm, past, len(prefix), batch.input_ids, batch.attention_mask)
+            mask = torch.ones(len(rows), dtype=torch.bool)
             if metric is not None:
                 values = metric(logits).cpu()
-                metrics.extend(values.tolist())
+                metrics.update(zip(rows, values.tolist(), strict=True))
                 if keep_sign is not None:
                     mask = values > 0 if keep_sign > 0 else values < 0
             for layer in layers:
@@ -291,7 +339,9 @@ def mean_activations(
             "(or refuses the harmless ones). Check the data, or rerun with --filter-train false"
         )
     mean = torch.stack([sums[layer].cpu() / kept for layer in layers], dim=1)  # [n_pos, n_layers, d]
-    return MeanActivations(mean=mean, kept=kept, total=len(prompts), metrics=metrics)
+    return MeanActivations(
+        mean=mean, kept=kept, total=len(prompts), metrics=[metrics[i] for i in sorted(metrics)]
+    )
 
 
 @torch.no_grad()  # not inference_mode: GCG reuses the cache in passes that take gradients

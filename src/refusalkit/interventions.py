@@ -209,3 +209,58 @@ def capture_resid_pre(
     regs = [_register_pre(arch.blocks[layer], make(layer)) for layer in layers]
     with hooks(regs):
         yield
+
+
+class RowSteering:
+    """Per-row interventions for batched passes that mix settings: each batch row has its own
+    ablation direction (a zero row: no ablation) and its own addition vector at one layer (a zero
+    row: no addition), so baseline, ablation and actadd rows share a forward pass and the weights are
+    read once for all of them (what makes batched generation on a CPU cheap).
+
+    ``kinds`` are the distinct settings ([k, d_model] unit directions or zeros, [k, d_model] addition
+    vectors or zeros); ``use(kind_of_row)`` says which kind each row of the next passes is. A row of
+    kind ``i`` computes what ``ablate_direction`` / ``add_direction`` compute for that setting alone,
+    the same operations in the same precision, up to the matmul's batch-dependent rounding.
+    """
+
+    def __init__(self, units: torch.Tensor, additions: torch.Tensor, layer: int) -> None:
+        if units.shape != additions.shape or units.ndim != 2:
+            raise ValueError("units and additions must both be [kinds, d_model]")
+        self.units = units.double()
+        self.additions = additions.double()
+        self.layer = layer
+        self._unit_rows = _PerDevice(self.units)
+        self._add_rows = _PerDevice(self.additions)
+        self._rows: torch.Tensor = torch.arange(units.shape[0])
+
+    @property
+    def n_kinds(self) -> int:
+        return int(self.units.shape[0])
+
+    def use(self, kind_of_row: torch.Tensor | list[int]) -> None:
+        """Set the kind of each row of the passes that follow ([batch] kind indices)."""
+        self._rows = torch.as_tensor(kind_of_row, dtype=torch.long)
+
+    def _ablate(self, x: torch.Tensor) -> torch.Tensor:
+        u = self._unit_rows.on(x)[self._rows.to(x.device)][:, None, :]  # [b, 1, d]
+        xf = x.to(u.dtype)
+        return (xf - (xf * u).sum(-1, keepdim=True) * u).to(x.dtype)
+
+    def _add(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self._add_rows.on(x)[self._rows.to(x.device)][:, None, :]  # [b, 1, d]
+        mask = _TOKEN_MASK.get()
+        if mask is not None and mask.shape[0] == x.shape[0] and mask.shape[1] >= x.shape[1]:
+            delta = mask[:, -x.shape[1] :].to(device=x.device, dtype=delta.dtype)[..., None] * delta
+        return (x.to(delta.dtype) + delta).to(x.dtype)
+
+    @contextmanager
+    def active(self, arch: Arch) -> Iterator[RowSteering]:
+        """The hooks, registered for the block (ablation points of ``ablate_direction``, the addition
+        point of ``add_direction``; addition runs after the block input's ablation)."""
+        if not 0 <= self.layer < arch.n_layers:
+            raise ValueError(f"layer {self.layer} out of range 0..{arch.n_layers - 1}")
+        regs = [_register_pre(block, _pre_hook(self._ablate)) for block in arch.blocks]
+        regs += [_register_out(mod, _out_hook(self._ablate)) for mod in [*arch.attn_write, *arch.mlp_write]]
+        regs.append(_register_pre(arch.blocks[self.layer], _pre_hook(self._add)))
+        with hooks(regs):
+            yield self

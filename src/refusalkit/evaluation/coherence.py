@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from refusalkit.activations import logits_for_prompts
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.interventions import ablate_direction, add_direction, capture_resid_pre, token_mask
@@ -239,16 +240,13 @@ def first_token_kls(
 
     prompts: formatted. Returns {setting: kl_stats} for every setting but baseline.
     """
-    ctx = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    empty: list[list[int]] = [[] for _ in ctx]
-    base = score_continuations(lm, ctx, empty, batch_size=batch_size, keep_first_logits=True).first_logits
-    assert base is not None
+    # Last-token logits only, the prompts' shared prefix (the system turn) run once per setting.
+    base = logits_for_prompts(lm, prompts, batch_size)
     out: dict[str, Any] = {}
     for name in [s for s in settings if s != "baseline"]:
         with intervention(lm, name, direction):
-            edited = score_continuations(lm, ctx, empty, batch_size=batch_size, keep_first_logits=True)
-        assert edited.first_logits is not None
-        out[name] = kl_stats(first_token_kl(base, edited.first_logits))
+            edited = logits_for_prompts(lm, prompts, batch_size)
+        out[name] = kl_stats(first_token_kl(base, edited))
     return out
 
 

@@ -23,6 +23,7 @@ from refusalkit.directions import Direction
 from refusalkit.evaluation.coherence import intervention
 from refusalkit.evaluation.refusal import is_refusal, wilson_interval
 from refusalkit.generation import generate
+from refusalkit.interventions import RowSteering
 from refusalkit.layout import RunLayout
 from refusalkit.models.loading import LoadedModel
 from refusalkit.settings import Settings
@@ -34,6 +35,7 @@ from refusalkit.utils import read_json, write_json
 # prompt's greedy next token agrees.
 REUSE_RTOL = 1e-3
 PROMPT_SETS = ("harmful", "harmless")
+HOOK_SETTINGS = ("baseline", "ablation", "actadd")  # settings that rows of one batch can mix
 
 
 @dataclass(frozen=True)
@@ -88,21 +90,51 @@ def reuse_check(
     }
 
 
-def _rows(
-    lm: LoadedModel, setting: EvalSetting, direction: Direction, instructions: list[str], s: Settings
-) -> list[dict[str, Any]]:
-    with intervention(lm, setting.name, direction, setting.coeff):
-        texts = generate(
-            lm,
-            prompts(lm, instructions, s),
-            max_new_tokens=s.max_new_tokens,
-            batch_size=s.gen_batch_size,
-            desc=f"{setting.prompt_set}__{setting.name}",
-        )
+def _rows(instructions: list[str], texts: list[str]) -> list[dict[str, Any]]:
     return [
         {"instruction": i, "completion": t, "refused": is_refusal(t)}
         for i, t in zip(instructions, texts, strict=True)
     ]
+
+
+def steering_for(settings: list[EvalSetting], direction: Direction) -> RowSteering:
+    """One kind per hook setting (baseline, ablation, actadd at its coefficient), for batches that mix them."""
+    vec = direction.vector.double()
+    zero = torch.zeros_like(vec)
+    units, adds = [], []
+    for st in settings:
+        if st.name not in HOOK_SETTINGS:
+            raise ValueError(f"{st.name} is not an inference-time setting")
+        units.append(vec / vec.norm() if st.name == "ablation" else zero)
+        adds.append(st.coeff * vec if st.name == "actadd" else zero)
+    return RowSteering(torch.stack(units), torch.stack(adds), direction.layer)
+
+
+def generate_settings(
+    lm: LoadedModel, settings: list[EvalSetting], direction: Direction, splits: Any, s: Settings
+) -> dict[EvalSetting, list[dict[str, Any]]]:
+    """Completions of every hook setting's test prompts, all settings sharing the generation batches
+    (each row steered as its own setting), so each decoding step reads the weights once for all."""
+    if not settings:
+        return {}
+    steering = steering_for(settings, direction)
+    texts_in: list[str] = []
+    kinds: list[int] = []
+    for k, st in enumerate(settings):
+        ps = prompts(lm, splits[f"{st.prompt_set}_test"], s)
+        texts_in += ps
+        kinds += [k] * len(ps)
+    with steering.active(lm.arch):
+        texts = generate(
+            lm, texts_in, max_new_tokens=s.max_new_tokens, batch_size=s.gen_batch_size,
+            desc="completions", steering=steering, kinds=kinds,
+        )  # fmt: skip
+    out, start = {}, 0
+    for st in settings:
+        instructions = splits[f"{st.prompt_set}_test"]
+        out[st] = _rows(instructions, texts[start : start + len(instructions)])
+        start += len(instructions)
+    return out
 
 
 def _rate(rows: list[dict[str, Any]], coeff: float) -> dict[str, Any]:
@@ -114,20 +146,35 @@ def _rate(rows: list[dict[str, Any]], coeff: float) -> dict[str, Any]:
 def evaluate(
     lm: LoadedModel, direction: Direction, splits: Any, s: Settings, layout: RunLayout, fingerprint: str
 ) -> dict[str, Any]:
-    """Completions and refusal rates under every setting; writes the stage's artifacts."""
+    """Completions and refusal rates under every setting; writes the stage's artifacts.
+
+    A setting whose completions file holds this fingerprint is read back (an interrupted stage
+    resumes); the hook settings still missing are generated together; orthogonalized weights last
+    (reusing the ablation's completions when the logit check passes)."""
     rates: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "judge": "substring (paper's list)"}
-    done: dict[str, list[dict[str, Any]]] = {}
-    for setting in eval_settings(lm.arch.spec.weights_orthogonalizable):
+    settings = eval_settings(lm.arch.spec.weights_orthogonalizable)
+    found: dict[EvalSetting, tuple[list[dict[str, Any]], dict[str, Any] | None]] = {}
+    for setting in settings:
         path = layout.completions(setting.prompt_set, setting.name)
         saved = read_json(path) if path.is_file() else {}
         if saved.get("fingerprint") == fingerprint:
-            rows, reuse = saved["rows"], saved.get("reused")
-        else:
-            rows, reuse = _generate_or_reuse(lm, setting, direction, splits, s, done)
-            write_json(
-                path, {"fingerprint": fingerprint, "setting": asdict(setting), "rows": rows, "reused": reuse}
-            )
-        done[f"{setting.prompt_set}__{setting.name}"] = rows
+            found[setting] = (saved["rows"], saved.get("reused"))
+
+    def save(setting: EvalSetting, rows: list[dict[str, Any]], reuse: dict[str, Any] | None) -> None:
+        write_json(
+            layout.completions(setting.prompt_set, setting.name),
+            {"fingerprint": fingerprint, "setting": asdict(setting), "rows": rows, "reused": reuse},
+        )
+        found[setting] = (rows, reuse)
+
+    todo = [st for st in settings if st not in found and st.name in HOOK_SETTINGS]
+    for setting, rows in generate_settings(lm, todo, direction, splits, s).items():
+        save(setting, rows, None)
+    for setting in [st for st in settings if st not in found]:  # orthogonalized
+        ablation = found.get(EvalSetting(setting.prompt_set, "ablation"))
+        save(setting, *_orthogonalized(lm, setting, direction, splits, s, ablation[0] if ablation else None))
+    for setting in settings:
+        rows, reuse = found[setting]
         rates.setdefault(setting.prompt_set, {})[setting.name] = _rate(rows, setting.coeff)
         if reuse is not None:
             rates["orthogonalized_reuse"] = reuse
@@ -135,23 +182,27 @@ def evaluate(
     return rates
 
 
-def _generate_or_reuse(
+def _orthogonalized(
     lm: LoadedModel,
     setting: EvalSetting,
     direction: Direction,
     splits: Any,
     s: Settings,
-    done: dict[str, list[dict[str, Any]]],
+    ablation: list[dict[str, Any]] | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """The setting's rows, and for orthogonalized weights the record of the reuse check."""
+    """The orthogonalized weights' rows (the ablation's, when the logit check passes), and the check."""
     instructions = splits[f"{setting.prompt_set}_test"]
-    ablation = done.get(f"{setting.prompt_set}__ablation")
-    if setting.name != "orthogonalized" or ablation is None:
-        return _rows(lm, setting, direction, instructions, s), None
-    check = reuse_check(lm, direction, prompts(lm, instructions, s), s.batch_size)
-    if check["passed"]:
-        return [dict(r) for r in ablation], {"from": "ablation", **check}
-    return _rows(lm, setting, direction, instructions, s), {"from": None, **check}
+    check = None
+    if ablation is not None:
+        check = reuse_check(lm, direction, prompts(lm, instructions, s), s.batch_size)
+        if check["passed"]:
+            return [dict(r) for r in ablation], {"from": "ablation", **check}
+    with intervention(lm, setting.name, direction):
+        texts = generate(
+            lm, prompts(lm, instructions, s), max_new_tokens=s.max_new_tokens,
+            batch_size=s.gen_batch_size, desc=f"{setting.prompt_set}__{setting.name}",
+        )  # fmt: skip
+    return _rows(instructions, texts), None if check is None else {"from": None, **check}
 
 
 def load(layout: RunLayout) -> dict[str, Any]:

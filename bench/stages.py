@@ -10,6 +10,7 @@ Measures, in one process so the ratios share the machine's state:
   - with --run DIR: each stage's seconds from that run's manifest.
 
 Usage: python bench/stages.py [--model NAME] [--n 64] [--candidates 3] [--run runs/default]
+       python bench/stages.py --times-only --run runs/default --against runs/default-old
 """
 
 from __future__ import annotations
@@ -69,8 +70,17 @@ def main() -> None:
     ap.add_argument("--gen-n", type=int, default=32, help="prompts to generate for")
     ap.add_argument("--gen-batch", type=int, default=16)
     ap.add_argument("--run", type=Path, help="a finished run folder whose stage times to print")
+    ap.add_argument(
+        "--against",
+        type=Path,
+        help="a run of other code on the same machine (issue 9: today's commit): ratios per stage",
+    )
+    ap.add_argument("--times-only", action="store_true", help="only print the stage times of --run/--against")
     args = ap.parse_args()
 
+    if args.times_only:
+        stage_times(args.run, args.against)
+        return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}")
     t0 = time.perf_counter()
     lm = load_model(args.model)
@@ -125,12 +135,25 @@ def main() -> None:
     print(f"peak RSS: {peak_rss_gib():.2f} GiB")
 
     if args.run:
-        manifest = json.loads((args.run / "manifest.json").read_text())
-        total = 0.0
-        for stage, rec in manifest.get("stages", {}).items():
-            total += rec["seconds"]
-            print(f"stage {stage:<10} {rec['seconds']:8.1f} s")
-        print(f"stages total {total / 60:.1f} min")
+        stage_times(args.run, args.against)
+
+
+def stage_times(run: Path | None, against: Path | None) -> None:
+    """Each stage's seconds from the runs' manifests, and new / old per stage and in total."""
+    if run is None:
+        return
+    new = json.loads((run / "manifest.json").read_text()).get("stages", {})
+    old = json.loads((against / "manifest.json").read_text()).get("stages", {}) if against else {}
+    print(f"{'stage':<10} {'this run':>10} {'against':>10} {'ratio':>7}")
+    for stage in dict.fromkeys([*new, *old]):
+        a, b = new.get(stage, {}).get("seconds"), old.get(stage, {}).get("seconds")
+        ratio = f"{a / b:7.2f}" if a and b else ""
+        print(f"{stage:<10} {a or 0:10.1f} {b or 0:10.1f} {ratio}")
+    ta = sum(r["seconds"] for r in new.values())
+    tb = sum(r["seconds"] for r in old.values())
+    print(
+        f"{'total':<10} {ta:10.1f} {tb:10.1f} {ta / tb if tb else float('nan'):7.2f}   ({ta / 60:.1f} vs {tb / 60:.1f} min)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
 from refusalkit.search.front import format_front, points_of, read_front
 from refusalkit.search.optimize import OptimizeOptions, optimize
+from refusalkit.search.verify import Verified, Verifier
 from refusalkit.settings import build_settings
 
 SYSTEM = "You are a helpful assistant."
@@ -50,7 +52,9 @@ def main() -> None:
         "--keep", action="store_true", help="Resume an existing run folder instead of replacing it."
     )
     ap.add_argument(
-        "--baseline", action="store_true", help="Also verify the unedited model (+1 generation pass)."
+        "--baseline",
+        action="store_true",
+        help="Also verify the unedited model, after the timed part (+1 generation pass, timed apart).",
     )
     ap.add_argument("--startup-trials", type=int, default=4, help="Random trials before TPE models.")
     args = ap.parse_args()
@@ -82,7 +86,7 @@ def main() -> None:
         verify_harmless=str(data / "splits" / "harmless_test.json"),
         verify_kl_n=100,
         verify_max_new_tokens=50,
-        verify_baseline=args.baseline,
+        verify_baseline=False,  # the unedited model is verified after the clock stops (--baseline)
         max_kl=args.max_kl,
         system_prompt=SYSTEM,
     )
@@ -94,6 +98,7 @@ def main() -> None:
         front = read_front(layout)
     total = time.perf_counter() - t0
     secs = front["seconds"]
+    baseline = _baseline(lm, opts, layout) if args.baseline else None
 
     print(
         f"\nmodel {lm.name}; {front['sets']}; verification: greedy {front['verify_max_new_tokens']} new tokens"
@@ -108,9 +113,9 @@ def main() -> None:
                 f"{'refusalkit trial ' + str(p.trial):<28}{v['refused']['heretic']:>17}{v['refused']['paper']:>7}"
                 f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
             )
-    if front.get("baseline"):
-        b = front["baseline"]
-        print(f"{'unedited model':<28}{b['refused']['heretic']:>17}{b['refused']['paper']:>7}{0.0:>9.4f}")
+    if baseline is not None:
+        b = baseline.refused
+        print(f"{'unedited model':<28}{b['heretic']:>17}{b['paper']:>7}{0.0:>9.4f}")
     print(f"{'paper pick (issue 7)':<28}{PAPER_PICK[0]:>17}{PAPER_PICK[1]:>7}{PAPER_PICK[2]:>9.3f}")
     for refusals, kl in HERETIC_FRONT:
         print(f"{'heretic 1.4.0 (issue 7)':<28}{refusals:>17}{'-':>7}{kl:>9.4f}")
@@ -119,6 +124,21 @@ def main() -> None:
         f"\nwall time from a cold start: {total / 60:.1f} min (load {t_load:.0f} s, extract {t_extract:.0f} s, "
         f"search {secs['search']:.0f} s for {front['trials_run']} trials, verification {secs['verify']:.0f} s)"
     )
+    if baseline is not None:
+        print(f"(unedited model verified after the clock stopped: {baseline.seconds:.0f} s, not counted)")
+
+
+def _baseline(lm: Any, opts: OptimizeOptions, layout: RunLayout) -> Verified:
+    """The unedited model on the same protocol (outside the timed path: it is no part of the search)."""
+    from refusalkit.prompts import format_prompts
+    from refusalkit.search.optimize import prompt_sets, run_settings
+
+    sets = prompt_sets(layout, run_settings(layout), opts)
+    fmt = lambda xs: format_prompts(lm.tokenizer, xs, SYSTEM)  # noqa: E731
+    return Verifier(
+        lm, fmt(sets["harmful_test"]), fmt(sets["harmless_test"]),
+        max_new_tokens=opts.verify_max_new_tokens, gen_batch_size=opts.gen_batch_size,
+    )(desc="verify baseline")  # fmt: skip
 
 
 if __name__ == "__main__":

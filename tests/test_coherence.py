@@ -14,9 +14,11 @@ from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.coherence import (
     COHERENCE_SETTINGS,
+    ContinuationScores,
     available_settings,
     corpus_ce,
     corpus_windows,
+    direction_projections,
     first_token_kl,
     first_token_kls,
     harmless_coherence,
@@ -132,7 +134,8 @@ def test_kl_on_separate_prompts_with_median_and_max(make_lm: Any) -> None:
         float(values.max())
     )
     assert kl["median"] == pytest.approx(float(values.median()))
-    assert kl == first_token_kls(lm, d, kl_prompts, ["ablation"])["ablation"]
+    alone = first_token_kls(lm, d, kl_prompts, ["ablation"])["ablation"]
+    assert kl["per_prompt"] == pytest.approx(alone["per_prompt"], rel=1e-4, abs=1e-7)
 
 
 def test_kl_prompts_are_topped_up_disjoint_from_train_and_val(tmp_path: Path) -> None:
@@ -203,3 +206,61 @@ def test_first_token_kl_equals_one_prompt_at_a_time(make_lm: Any) -> None:
     got = first_token_kls(lm, d, prompts, ["ablation"], batch_size=2)["ablation"]["per_prompt"]
     assert max(expected) > 1e-4  # the ablation changed something
     assert got == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_one_pass_gives_kl_and_ce_as_separate_passes_would(make_lm: Any) -> None:
+    """Coherence runs each setting once over the KL prompts, the CE prompts among them carrying their
+    completions: KL and CE equal what one prompt at a time gives, also for a CE prompt outside the KL
+    set and with the shared system prefix in play."""
+    lm = make_lm("qwen2")
+    d = _direction(lm)
+    tok = lm.tokenizer
+    ce_prompts = format_prompts(tok, ["Name a color.", "Describe a cloud.", "Spell cat."], "Be brief.")
+    completions = ["Blue is nice.", "Soft and white.", "C-A-T."]
+    kl_prompts = [
+        ce_prompts[1],
+        *format_prompts(tok, ["Count to three.", "Say hi."], "Be brief."),
+        ce_prompts[0],
+    ]
+    out = harmless_coherence(lm, d, ce_prompts, completions, ["baseline", "ablation"], kl_prompts=kl_prompts)
+
+    def one(p: str, c: str) -> ContinuationScores:
+        ctx, cont = (
+            tok(p, add_special_tokens=False)["input_ids"],
+            tok(c, add_special_tokens=False)["input_ids"],
+        )
+        return score_continuations(lm, [ctx], [cont], keep_first_logits=True)
+
+    expected_ce = []
+    for p, c in zip(ce_prompts, completions, strict=True):
+        with ablate_direction(lm.arch, d.vector):
+            s = one(p, c)
+        expected_ce.append(float(-s.logprob_sum[0] / s.n_tokens[0]))
+    assert out["completion_ce"]["ablation"]["per_completion"] == pytest.approx(expected_ce, rel=1e-4)
+    expected_kl = []
+    for p in kl_prompts:
+        base = one(p, "").first_logits
+        with ablate_direction(lm.arch, d.vector):
+            edited = one(p, "").first_logits
+        assert base is not None and edited is not None
+        expected_kl.append(float(first_token_kl(base, edited)[0]))
+    assert out["kl"]["ablation"]["per_prompt"] == pytest.approx(expected_kl, rel=1e-3, abs=1e-7)
+    assert out["n_kl_prompts"] == 4 and out["n_prompts"] == 3
+
+
+@pytest.mark.parametrize("position", [-1, -3])
+def test_direction_projections_equal_hidden_states(make_lm: Any, position: int) -> None:
+    """x . r^ at the direction's position, every layer, equals transformers' own hidden states
+    (hidden_states[l] is resid_pre[l]) for prompts run one at a time."""
+    lm = make_lm("qwen2")
+    d = _direction(lm)
+    d = Direction(d.vector, d.layer, position)
+    prompts = format_prompts(lm.tokenizer, ["Name a color.", "Describe a big cloud.", "Hi"], "Be brief.")
+    got = direction_projections(lm, prompts, d, batch_size=2)
+    u = d.unit.double()
+    for p, row in zip(prompts, got, strict=True):
+        b = encode(lm.tokenizer, [p])
+        with torch.inference_mode():
+            hs = lm.model(**{"input_ids": b.input_ids}, output_hidden_states=True).hidden_states
+        expected = [float(hs[layer][0, position].double() @ u) for layer in range(lm.arch.n_layers)]
+        assert row == pytest.approx(expected, rel=1e-4, abs=1e-5)

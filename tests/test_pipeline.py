@@ -355,3 +355,41 @@ def test_shared_generation_equals_each_setting_alone(make_lm: Callable[..., Any]
         assert [r["completion"] for r in rows["rows"]] == alone
         seen.add(tuple(alone))
     assert len(seen) > 2  # the settings gave different completions
+
+
+@pytest.mark.parametrize("reuse_passes", [True, False])
+def test_measure_reuses_ablation_for_orthogonalized_only_after_the_check(
+    make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reuse_passes: bool
+) -> None:
+    """Coherence and corpus CE take the orthogonalized numbers from the ablation when the evaluate
+    stage's logit check passed (and say so), and compute them on the edited weights when it failed."""
+    from refusalkit.evaluation import coherence as coh
+
+    if not reuse_passes:
+        monkeypatch.setattr(evaluate, "REUSE_RTOL", -1.0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"word{i} and some more text" for i in range(400)))
+    settings = _settings(
+        measurements=["coherence", "corpus_ce"], corpus=str(corpus), corpus_windows=2, corpus_window_tokens=16,
+        kl_n=4, coherence_n=2,
+    )  # fmt: skip
+    computed: list[str] = []
+    real = coh.intervention
+
+    def spy(lm: Any, setting: str, *a: Any, **k: Any) -> Any:
+        computed.append(setting)
+        return real(lm, setting, *a, **k)
+
+    monkeypatch.setattr(coh, "intervention", spy)
+    Run(tmp_path / "run", settings, lm=make_lm("qwen2")).run_all()
+    cohe = json.loads((tmp_path / "run" / "measure" / "coherence.json").read_text())
+    corp = json.loads((tmp_path / "run" / "measure" / "corpus_ce.json").read_text())
+    if reuse_passes:
+        assert "orthogonalized" not in computed
+        assert cohe["orthogonalized_reuse"]["from"] == "ablation" and cohe["orthogonalized_reuse"]["passed"]
+        assert cohe["kl"]["orthogonalized"] == cohe["kl"]["ablation"]
+        assert corp["ce"]["orthogonalized"] == corp["ce"]["ablation"]
+    else:
+        assert "orthogonalized" in computed
+        assert "orthogonalized_reuse" not in cohe and "orthogonalized_reuse" not in corp
+        assert cohe["kl"]["orthogonalized"]["per_prompt"] != cohe["kl"]["ablation"]["per_prompt"]

@@ -42,7 +42,8 @@ def last_logits(lm: LoadedModel, batch: Batch) -> torch.Tensor:
     return logits[torch.arange(logits.shape[0], device=logits.device), idx].float()
 
 
-def _common_prefix_len(rows: list[list[int]], keep_last: int = 1) -> int:
+def common_prefix_len(rows: list[list[int]], keep_last: int = 1) -> int:
+    """How many leading tokens every row shares, leaving at least ``keep_last`` tokens of each."""
     first = rows[0]
     n = min(len(r) for r in rows) - keep_last  # leave at least ``keep_last`` tokens per prompt to run
     for row in rows[1:]:
@@ -84,7 +85,7 @@ def encode_batches(
     tok = lm.tokenizer
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-    n_prefix = _common_prefix_len(ids, keep_last) if share_prefix and len(ids) > 1 else 0
+    n_prefix = common_prefix_len(ids, keep_last) if share_prefix and len(ids) > 1 else 0
     if n_prefix < min_prefix:
         n_prefix = 0
     out = []
@@ -229,6 +230,16 @@ def logits_after_prefix(
 ) -> torch.Tensor:
     """[b, vocab] last logits of left-padded suffixes run after a prefix held in ``past`` (b rows;
     the forward appends to it, so pass a copy)."""
+    return forward_after_prefix(lm, past, n_prefix, input_ids, mask, keep=1)[:, -1].float()
+
+
+@torch.inference_mode()
+def forward_after_prefix(
+    lm: LoadedModel, past: Any, n_prefix: int, input_ids: torch.Tensor, mask: torch.Tensor, *, keep: int = 1
+) -> torch.Tensor:
+    """[b, keep, vocab] logits of the last ``keep`` positions of left-padded suffixes run after a
+    prefix of ``n_prefix`` tokens held in ``past`` (None: no prefix; else b rows, extended in place by
+    the forward, so pass a copy)."""
     b = input_ids.shape[0]
     full_mask = torch.cat([torch.ones((b, n_prefix), dtype=mask.dtype), mask], dim=1).to(lm.device)
     position_ids = (n_prefix + mask.cumsum(-1) - 1).clamp(min=n_prefix).to(lm.device)
@@ -237,11 +248,11 @@ def logits_after_prefix(
             input_ids=input_ids.to(lm.device),
             attention_mask=full_mask,
             position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_kwarg(lm.model): past},
+            use_cache=past is not None,
+            logits_to_keep=keep,
+            **({cache_kwarg(lm.model): past} if past is not None else {}),
         )
-    return out.logits[:, -1].float()
+    return out.logits[:, -keep:]
 
 
 @dataclass

@@ -22,16 +22,24 @@ from typing import Any
 
 import torch
 
-from refusalkit.activations import logits_for_prompts
+from refusalkit.activations import (
+    common_prefix_len,
+    encode_batches,
+    forward_after_prefix,
+    logits_for_prompts,
+    prefix_cache,
+    repeat_cache,
+)
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
-from refusalkit.interventions import ablate_direction, add_direction, capture_resid_pre, token_mask
+from refusalkit.interventions import ablate_direction, add_direction, capture_resid_pre
 from refusalkit.metric import kl_div
 from refusalkit.models.loading import LoadedModel
 from refusalkit.orthogonalize import orthogonalized
-from refusalkit.prompts import batches, encode, pad_left
+from refusalkit.prompts import pad_left
 
 COHERENCE_SETTINGS = ("baseline", "ablation", "actadd", "orthogonalized")
+MIN_PREFIX = 8  # a shorter shared prefix is not worth a pass of its own
 LOGIT_BUDGET = 1 << 27  # floats of logits held at once (512 MiB in float32); batches shrink to fit
 
 
@@ -87,8 +95,9 @@ def score_continuations(
     """Log-likelihood of each continuation given its context (token ids; each context non-empty).
 
     Rows are left-padded, so every continuation ends at the last position and only the last
-    ``max continuation length + 1`` positions' logits are computed. Batches shrink so that the logits
-    held at once stay under ``LOGIT_BUDGET`` floats.
+    ``max continuation length + 1`` positions' logits are computed. The token prefix every context
+    shares (a chat template's system turn) runs once, under the active hooks, and batches continue from
+    its KV cache. Batches shrink so that the logits held at once stay under ``LOGIT_BUDGET`` floats.
     """
     if any(not c for c in contexts):
         raise ValueError("every context needs at least one token")
@@ -98,6 +107,9 @@ def score_continuations(
     counts = torch.tensor([len(c) for c in continuations], dtype=torch.long)
     first = torch.empty((n, vocab), dtype=torch.float32) if keep_first_logits else None
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    n_prefix = common_prefix_len(contexts) if n > 1 else 0
+    n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
+    cache = prefix_cache(lm, contexts[0][:n_prefix]) if n_prefix else None
     order = sorted(range(n), key=lambda i: len(contexts[i]) + len(continuations[i]))
     start = 0
     while start < n:
@@ -105,16 +117,11 @@ def score_continuations(
         size = max(1, min(batch_size, LOGIT_BUDGET // (keep * vocab)))
         chunk = order[start : start + size]
         keep = max(len(continuations[i]) for i in chunk) + 1
-        batch = pad_left([contexts[i] + continuations[i] for i in chunk], pad).to(lm.device)
-        with token_mask(batch.attention_mask):
-            out = lm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-                logits_to_keep=keep,
-            )
-        logits = out.logits[:, -keep:].float()  # [b, keep, vocab]
+        batch = pad_left([(contexts[i] + continuations[i])[n_prefix:] for i in chunk], pad)
+        past = repeat_cache(cache, len(chunk)) if cache is not None else None
+        logits = forward_after_prefix(
+            lm, past, n_prefix, batch.input_ids, batch.attention_mask, keep=keep
+        ).float()  # [b, keep, vocab]
         for row, i in enumerate(chunk):
             c = len(continuations[i])
             if first is not None:
@@ -144,21 +151,19 @@ def direction_projections(
         idx = state["pos"].to(h.device)
         current[layer] = h[torch.arange(h.shape[0], device=h.device), idx].double().cpu() @ u  # [batch]
 
-    rows: list[list[float]] = []
+    # Left-padded suffixes after the shared prefix (run once, outside the capture): the position read
+    # is column ``width + position`` of every row, never inside the prefix.
+    enc = encode_batches(lm, prompts, batch_size, keep_last=-direction.position)
+    cache = prefix_cache(lm, enc.prefix) if enc.prefix else None
+    out: dict[int, list[float]] = {}
     with capture_resid_pre(lm.arch, list(range(n_layers)), sink):
-        for chunk in batches(prompts, batch_size):
-            batch = encode(lm.tokenizer, chunk).to(lm.device)
-            state["pos"] = batch.last_index + 1 + direction.position
-            with token_mask(batch.attention_mask):
-                lm.model(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids,
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
-            rows += torch.stack([current[layer] for layer in range(n_layers)], dim=1).tolist()
-    return rows
+        for rows, input_ids, mask in enc.batches:
+            state["pos"] = torch.full((len(rows),), input_ids.shape[1] + direction.position)
+            past = repeat_cache(cache, len(rows)) if cache is not None else None
+            forward_after_prefix(lm, past, len(enc.prefix), input_ids, mask, keep=1)
+            values = torch.stack([current[layer] for layer in range(n_layers)], dim=1).tolist()
+            out.update(zip(rows, values, strict=True))
+    return [out[i] for i in range(len(prompts))]
 
 
 def first_token_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
@@ -265,33 +270,51 @@ def harmless_coherence(
 
     prompts: formatted (chat template applied); completions: the unedited model's completions of them.
     KL is measured on ``kl_prompts`` (formatted; a larger set, since it needs no generation) when
-    given, else on ``prompts``, from the same forward pass that gives the CE. KL values: mean, median,
-    max and per prompt.
+    given, else on ``prompts``. One teacher-forced pass per setting gives both: a KL prompt that is
+    also a CE prompt carries its completion (its first-token logits are read at its last prompt
+    token either way). KL values: mean, median, max and per prompt.
     """
     tok = lm.tokenizer
-    ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    cont = [tok(c, add_special_tokens=False)["input_ids"][:max_completion_tokens] for c in completions]
+    kl_rows = list(kl_prompts if kl_prompts is not None else prompts)
+    rows, conts = list(kl_rows), [[] for _ in kl_rows]
+    free = {}  # prompt -> a KL row still without a continuation
+    for i in reversed(range(len(kl_rows))):
+        free[kl_rows[i]] = i
+    ce_rows = []
+    for p, c in zip(prompts, completions, strict=True):
+        ids = tok(c, add_special_tokens=False)["input_ids"][:max_completion_tokens]
+        r = free.pop(p, None)
+        if r is None:
+            r = len(rows)
+            rows.append(p)
+            conts.append([])
+        conts[r] = ids
+        ce_rows.append(r)
+    ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in rows]
     runs: dict[str, ContinuationScores] = {}
     for name in ["baseline", *[s for s in settings if s != "baseline"]]:
         with intervention(lm, name, direction):
-            runs[name] = score_continuations(lm, ctx, cont, batch_size=batch_size, keep_first_logits=True)
-    base = runs["baseline"]
-    assert base.first_logits is not None
+            runs[name] = score_continuations(lm, ctx, conts, batch_size=batch_size, keep_first_logits=True)
+    base = runs["baseline"].first_logits
+    assert base is not None
+    idx = torch.tensor(ce_rows, dtype=torch.long)
     kl: dict[str, Any] = {}
     ce: dict[str, Any] = {}
     for name, s in runs.items():
         assert s.first_logits is not None
-        if name != "baseline" and kl_prompts is None:
-            kl[name] = kl_stats(first_token_kl(base.first_logits, s.first_logits))
+        if name != "baseline":
+            kl[name] = kl_stats(first_token_kl(base[: len(kl_rows)], s.first_logits[: len(kl_rows)]))
         if name in settings:
-            per = (-s.logprob_sum / s.n_tokens.clamp(min=1)).tolist()
-            ce[name] = {"ce": s.ce, "per_completion": [x if math.isfinite(x) else None for x in per]}
-    if kl_prompts is not None:
-        kl = first_token_kls(lm, direction, kl_prompts, settings, batch_size=batch_size)
+            lp, nt = s.logprob_sum[idx], s.n_tokens[idx]
+            per = (-lp / nt.clamp(min=1)).tolist()
+            ce[name] = {
+                "ce": float(-lp.sum() / nt.sum().clamp(min=1)),
+                "per_completion": [x if math.isfinite(x) else None for x in per],
+            }
     return {
         "kl": kl,
         "completion_ce": ce,
         "n_prompts": len(prompts),
-        "n_kl_prompts": len(kl_prompts if kl_prompts is not None else prompts),
-        "n_completion_tokens": int(base.n_tokens.sum()),
+        "n_kl_prompts": len(kl_rows),
+        "n_completion_tokens": int(runs["baseline"].n_tokens[idx].sum()),
     }

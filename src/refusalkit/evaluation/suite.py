@@ -126,6 +126,24 @@ class Suite:
             raise RefusalkitError(f"{path} is missing; run `refusalkit evaluate {self.layout.root}` first")
         return list(read_json(path)["rows"])
 
+    @property
+    def orthogonalized_reuse(self) -> dict[str, Any] | None:
+        """The evaluate stage's check that the orthogonalized weights give the ablation hooks' logits
+        (None when it did not run one)."""
+        path = self.layout.refusal_rates
+        return read_json(path).get("orthogonalized_reuse") if path.is_file() else None
+
+    def computed_settings(self) -> tuple[list[str], dict[str, Any] | None]:
+        """The settings a per-setting measurement computes, and the reuse record when the orthogonalized
+        weights passed the evaluate stage's logit check against the ablation hooks: their numbers are then
+        the ablation's (the same function up to float rounding, 1e-5 of the logits on the default model),
+        not computed twice."""
+        settings = coherence.available_settings(self.lm)
+        reuse = self.orthogonalized_reuse
+        if "orthogonalized" in settings and "ablation" in settings and reuse and reuse.get("passed"):
+            return [x for x in settings if x != "orthogonalized"], {"from": "ablation", **reuse}
+        return settings, None
+
     def completion_keys(self) -> list[str]:
         return sorted(p.stem for p in self.layout.completions_dir.glob("*__*.json"))
 
@@ -217,6 +235,7 @@ def _coherence_inputs(s: Suite) -> dict[str, Any]:
 
 def _coherence(s: Suite) -> dict[str, Any]:
     lm, st = s.lm, s.settings
+    settings, reuse = s.computed_settings()
     rows = s.completions("harmless__baseline")[: st.coherence_n]
     kl_instructions, source = s.kl_instructions
     if len(kl_instructions) < st.kl_n:
@@ -230,10 +249,14 @@ def _coherence(s: Suite) -> dict[str, Any]:
         s.direction,
         format_prompts(lm.tokenizer, [r["instruction"] for r in rows], st.system_prompt),
         [r["completion"] for r in rows],
-        coherence.available_settings(lm),
+        settings,
         batch_size=st.batch_size,
         kl_prompts=format_prompts(lm.tokenizer, kl_instructions, st.system_prompt),
     )
+    if reuse is not None:
+        result["kl"]["orthogonalized"] = result["kl"]["ablation"]
+        result["completion_ce"]["orthogonalized"] = result["completion_ce"]["ablation"]
+        result["orthogonalized_reuse"] = reuse
     return {"measured": True, "kl_source": source, "kl_definition": "exact", **result}
 
 
@@ -241,6 +264,7 @@ def _corpus_inputs(s: Suite) -> dict[str, Any]:
     p = s.corpus_path
     return {
         "select": s.stage_fp("select"),
+        "evaluate": s.stage_fp("evaluate"),  # the orthogonalized reuse check
         "corpus": str(p),
         "sha256": sha256_file(p) if p.is_file() else None,
         "windows": s.settings.corpus_windows,
@@ -253,9 +277,12 @@ def _corpus(s: Suite) -> dict[str, Any]:
     windows = coherence.corpus_windows(
         lm.tokenizer, s.corpus_path, st.corpus_windows, st.corpus_window_tokens
     )
-    result = coherence.corpus_ce(
-        lm, s.direction, windows, coherence.available_settings(lm), batch_size=st.batch_size
-    )
+    settings, reuse = s.computed_settings()
+    result = coherence.corpus_ce(lm, s.direction, windows, settings, batch_size=st.batch_size)
+    if reuse is not None:
+        result["ce"]["orthogonalized"] = result["ce"]["ablation"]
+        result["ce_per_window"]["orthogonalized"] = result["ce_per_window"]["ablation"]
+        result["orthogonalized_reuse"] = reuse
     return {"measured": True, "corpus": str(s.corpus_path), **result}
 
 

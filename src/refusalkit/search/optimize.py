@@ -57,7 +57,12 @@ class OptimizeOptions(BaseModel):
         description="Harmless prompts for the search's KL (data spec); default: DATA_DIR/refusal_direction/"
         "splits/harmless_val.json, else the run's harmless train and val splits.",
     )
-    kl_n: int = Field(100, ge=1, description="Harmless prompts for the search's KL (first N).")
+    kl_n: int = Field(
+        32,
+        ge=1,
+        description="Harmless prompts for the search's KL (first N); verification measures KL on "
+        "--verify-kl-n held-out prompts (100).",
+    )
     batch_size: int = Field(default=32, ge=1, description="Prompts per forward pass.")
     sources: list[str] = Field(
         default=["interpolated", "per_layer"],
@@ -89,7 +94,12 @@ class OptimizeOptions(BaseModel):
     verify_baseline: bool = Field(
         default=True, description="Also verify the unedited model (one more generation pass)."
     )
-    gen_batch_size: int = Field(default=32, ge=1, description="Prompts per generation batch.")
+    gen_batch_size: int = Field(
+        default=128,
+        ge=1,
+        description="Prompts per verification generation batch (a CPU decodes 100 rows in one step "
+        "for about twice the cost of 32).",
+    )
     system_prompt: str | None = Field(default=None, description="System prompt; default: the run's.")
     max_kl: float | None = Field(
         default=None,
@@ -129,7 +139,7 @@ def _spec_prompts(spec: str, n: int | None) -> list[str]:
     return items[:n] if n is not None else items
 
 
-def _prompt_sets(layout: RunLayout, s: Settings, o: OptimizeOptions) -> dict[str, list[str]]:
+def prompt_sets(layout: RunLayout, s: Settings, o: OptimizeOptions) -> dict[str, list[str]]:
     """Instructions for each role: harmful (proxy), harmless (search KL), and the held-out sets."""
     if not layout.splits.is_file():
         raise RefusalkitError(
@@ -305,7 +315,7 @@ def optimize(
     system = o.system_prompt if o.system_prompt is not None else s.system_prompt
     cands = Candidates.load(layout.candidates)
     lm = lm or load_model(s.model, **s.model_kwargs())
-    sets = _prompt_sets(layout, s, o)
+    sets = prompt_sets(layout, s, o)
     ids = refusal_token_ids(lm.tokenizer, s.refusal_tokens)
     study, ran, search_seconds = _search(layout, lm, cands, sets, o, system, ids, say)
     points = [Point.from_trial(t) for t in front_trials(study)]

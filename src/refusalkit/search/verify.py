@@ -99,7 +99,7 @@ class Verifier:
         *,
         max_new_tokens: int,
         batch_size: int = 32,
-        gen_batch_size: int = 32,
+        gen_batch_size: int = 128,
     ) -> None:
         self.lm, self.harmful, self.harmless = lm, harmful, harmless
         self.max_new_tokens, self.batch_size, self.gen_batch_size = max_new_tokens, batch_size, gen_batch_size

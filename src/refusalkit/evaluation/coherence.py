@@ -276,8 +276,8 @@ def harmless_coherence(
     """
     tok = lm.tokenizer
     kl_rows = list(kl_prompts if kl_prompts is not None else prompts)
-    rows, conts = list(kl_rows), [[] for _ in kl_rows]
-    free = {}  # prompt -> a KL row still without a continuation
+    rows, conts = list(kl_rows), [list[int]() for _ in kl_rows]
+    free: dict[str, int] = {}  # prompt -> a KL row still without a continuation
     for i in reversed(range(len(kl_rows))):
         free[kl_rows[i]] = i
     ce_rows = []

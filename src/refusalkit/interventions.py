@@ -218,19 +218,23 @@ class RowSteering:
     read once for all of them (what makes batched generation on a CPU cheap).
 
     ``kinds`` are the distinct settings ([k, d_model] unit directions or zeros, [k, d_model] addition
-    vectors or zeros); ``use(kind_of_row)`` says which kind each row of the next passes is. A row of
+    vectors or zeros, or no additions at all); ``use(kind_of_row)`` says which kind each row of the next
+    passes is. Selection uses it with one kind per candidate direction, several candidates per pass. A row of
     kind ``i`` computes what ``ablate_direction`` / ``add_direction`` compute for that setting alone,
     the same operations in the same precision, up to the matmul's batch-dependent rounding.
     """
 
-    def __init__(self, units: torch.Tensor, additions: torch.Tensor, layer: int) -> None:
-        if units.shape != additions.shape or units.ndim != 2:
-            raise ValueError("units and additions must both be [kinds, d_model]")
+    def __init__(
+        self, units: torch.Tensor, additions: torch.Tensor | None = None, layer: int | None = None
+    ) -> None:
+        if units.ndim != 2 or (additions is not None and additions.shape != units.shape):
+            raise ValueError("units (and additions, if any) must be [kinds, d_model]")
+        if (additions is None) != (layer is None):
+            raise ValueError("additions need the layer they are added at")
         self.units = units.double()
-        self.additions = additions.double()
         self.layer = layer
         self._unit_rows = _PerDevice(self.units)
-        self._add_rows = _PerDevice(self.additions)
+        self._add_rows = _PerDevice(additions.double()) if additions is not None else None
         self._rows: torch.Tensor = torch.arange(units.shape[0])
 
     @property
@@ -247,6 +251,7 @@ class RowSteering:
         return (xf - (xf * u).sum(-1, keepdim=True) * u).to(x.dtype)
 
     def _add(self, x: torch.Tensor) -> torch.Tensor:
+        assert self._add_rows is not None
         delta = self._add_rows.on(x)[self._rows.to(x.device)][:, None, :]  # [b, 1, d]
         mask = _TOKEN_MASK.get()
         if mask is not None and mask.shape[0] == x.shape[0] and mask.shape[1] >= x.shape[1]:
@@ -257,10 +262,11 @@ class RowSteering:
     def active(self, arch: Arch) -> Iterator[RowSteering]:
         """The hooks, registered for the block (ablation points of ``ablate_direction``, the addition
         point of ``add_direction``; addition runs after the block input's ablation)."""
-        if not 0 <= self.layer < arch.n_layers:
-            raise ValueError(f"layer {self.layer} out of range 0..{arch.n_layers - 1}")
         regs = [_register_pre(block, _pre_hook(self._ablate)) for block in arch.blocks]
         regs += [_register_out(mod, _out_hook(self._ablate)) for mod in [*arch.attn_write, *arch.mlp_write]]
-        regs.append(_register_pre(arch.blocks[self.layer], _pre_hook(self._add)))
+        if self.layer is not None:
+            if not 0 <= self.layer < arch.n_layers:
+                raise ValueError(f"layer {self.layer} out of range 0..{arch.n_layers - 1}")
+            regs.append(_register_pre(arch.blocks[self.layer], _pre_hook(self._add)))
         with hooks(regs):
             yield self

@@ -1,7 +1,7 @@
 """The forward passes selection runs per candidate, made cheap.
 
 - Ablation of several candidates in one forward pass: each row of the batch carries its own
-  direction (``ablate_rows``), so few validation prompts still fill a batch and the weights are read
+  direction (``interventions.RowSteering``), so few validation prompts still fill a batch and the weights are read
   once for several candidates.
 - Activation addition at layer l leaves every layer below l untouched, so it restarts at block l
   from the baseline pass's recorded resid_pre[l] (``ResidReplay``): each block is called again with
@@ -28,29 +28,11 @@ from refusalkit.activations import (
     prefix_cache,
     select_cache_rows,
 )
-from refusalkit.interventions import _out_hook, _pre_hook, _register_out, _register_pre, add_direction, hooks
+from refusalkit.interventions import RowSteering, _register_pre, add_direction, hooks
 from refusalkit.models.loading import LoadedModel
 from refusalkit.prompts import Batch
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def ablate_rows(lm: LoadedModel, units: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Directional ablation with one unit direction per batch row: ``units["rows"]`` is [batch, d_model]
-    for the forward pass being run (set it before each pass). Same hook points as ``ablate_direction``."""
-
-    def ablate(x: torch.Tensor) -> torch.Tensor:
-        work = torch.promote_types(x.dtype, torch.float32)
-        u = units["rows"].to(device=x.device, dtype=work)[:, None, :]  # [batch, 1, d]
-        xf = x.to(work)
-        return (xf - (xf * u).sum(-1, keepdim=True) * u).to(x.dtype)
-
-    arch = lm.arch
-    regs = [_register_pre(block, _pre_hook(ablate)) for block in arch.blocks]
-    regs += [_register_out(mod, _out_hook(ablate)) for mod in [*arch.attn_write, *arch.mlp_write]]
-    with hooks(regs):
-        yield
 
 
 Score = Callable[[torch.Tensor, list[int]], torch.Tensor]  # (logits [k*b, vocab], prompt rows) -> [k*b]
@@ -65,14 +47,15 @@ def ablated_logits(
     batch's logits (candidate-major rows; ``rows``: the prompts' indices) are reduced at once: [k, n]."""
     k = directions.shape[0]
     unit = directions.double() / directions.double().norm(dim=-1, keepdim=True)
-    units: dict[str, torch.Tensor] = {"rows": unit.float()}
+    steering = RowSteering(unit)  # one kind per candidate
     n_prefix = len(enc.prefix)
     chunks = []
-    with ablate_rows(lm, units):
+    with steering.active(lm.arch):
+        steering.use(torch.arange(k))  # the prefix: one row per candidate
         cache = prefix_cache(lm, enc.prefix, rows=k) if n_prefix else None
         for rows, input_ids, mask in enc.batches:
             b = len(rows)
-            units["rows"] = unit.float().repeat_interleave(b, 0)  # candidate-major rows
+            steering.use(torch.arange(k).repeat_interleave(b))  # candidate-major rows
             ids, m = input_ids.repeat(k, 1), mask.repeat(k, 1)
             if cache is None:
                 logits = last_logits(lm, Batch(ids, m))

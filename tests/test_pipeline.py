@@ -393,3 +393,23 @@ def test_measure_reuses_ablation_for_orthogonalized_only_after_the_check(
         assert "orthogonalized" in computed
         assert "orthogonalized_reuse" not in cohe and "orthogonalized_reuse" not in corp
         assert cohe["kl"]["orthogonalized"]["per_prompt"] != cohe["kl"]["ablation"]["per_prompt"]
+
+
+def test_evaluate_resumes_only_the_missing_settings(
+    finished: tuple[Path, Any, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted evaluate stage (one setting's file missing) regenerates that setting alone and
+    keeps every other setting's saved completions."""
+    out, lm, _ = finished
+    done = out / "evaluate" / "completions"
+    kept = {p.name: p.read_text() for p in done.glob("*.json")}
+    (done / "harmless__actadd.json").unlink()
+    (out / "evaluate" / "refusal_rates.json").unlink()
+    calls = _count(monkeypatch, "generate")
+    Run(out, _settings(), lm=lm).evaluate()
+    assert calls == [2]  # the two harmless prompts of the one missing setting
+    for name, text in kept.items():
+        if name != "harmless__actadd.json":
+            assert (done / name).read_text() == text
+    again = json.loads((done / "harmless__actadd.json").read_text())
+    assert again["rows"] and again["setting"]["coeff"] == 1.0

@@ -8,9 +8,9 @@ Protocol (heretic 1.4.0's evaluation, as issue 7 states it):
     (DATA_DIR/refusal_direction/splits/harmless_test.json), same template; mean, median, max;
   - time: wall clock of everything from a cold start (model load, extraction, search, verification).
 The search itself never sees these prompts: its refusal proxy runs on the run's harmful validation
-split and its KL on the first 100 prompts of harmless_val.json.
+split and its KL on the first 32 prompts of harmless_val.json (verification: 100 held-out ones).
 
-Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 6] [--verify-n 2] [--max-kl 0.02]
+Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 5] [--verify-n 2] [--max-kl 0.02]
 Runs the real default model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
 """
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/vs-heretic"), help="Run folder (replaced).")
     ap.add_argument("--model", default=None, help="Model (default: the project's default model).")
-    ap.add_argument("--minutes", type=float, default=6.0, help="Search budget (wall time of the trials).")
+    ap.add_argument("--minutes", type=float, default=5.0, help="Search budget (wall time of the trials).")
     ap.add_argument("--trials", type=int, default=200, help="Trial cap (the time budget usually ends first).")
     ap.add_argument("--verify-n", type=int, default=2, help="Front points verified on the protocol.")
     ap.add_argument("--max-kl", type=float, default=0.02, help="Verify and choose within this proxy KL.")

@@ -4,6 +4,7 @@ after an interruption, budgets, clear errors, front/choice/report artifacts."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,10 @@ def test_search_writes_front_and_the_paper_trial_is_the_orthogonalization(
     lm = make_lm("qwen2")
     layout = _run_dir(lm, tmp_path)
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    front = optimize(layout, _opts(), lm=lm, say=_quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        front = optimize(layout, _opts(), lm=lm, say=_quiet)
+    assert not [w for w in caught if "out of range" in str(w.message)]  # the seeds lie in the space
     assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
 
     import optuna
@@ -144,7 +148,7 @@ def test_resume_after_interruption_continues_the_same_study(
     assert len(complete) == 5
     assert [(t.number, t.params, t.values) for t in complete[:2]] == done  # the old trials are kept
     seeds = [t.user_attrs.get("seed") for t in complete]
-    assert seeds.count("paper") == 1 and "paper-dir-proj" in seeds  # the interrupted seed ran on resume
+    assert seeds.count("paper") == 1 and "paper-dir-attn" in seeds  # the interrupted seed ran on resume
     assert max(t.number for t in complete) >= 5  # numbering continued
 
 
@@ -187,7 +191,7 @@ def test_search_without_a_paper_pick(make_lm: Callable[..., Any], tmp_path: Path
     points = points_of(front)
     assert points and all(p.edit.source == "per_layer" for p in points)
     assert all(p.edit.position == -1 for p in points)  # default: the last position only
-    assert all(p.seed in (None, "mid-dir", "mid-dir-proj") for p in points)
+    assert all(p.seed in (None, "mid-dir", "mid-dir-attn") for p in points)
 
 
 def _pt(trial: int, refusal: float, kl: float, verified: tuple[int, float] | None = None) -> Point:

@@ -175,6 +175,18 @@ def _default_positions(layout: RunLayout) -> list[int]:
     return sorted({-1, Direction.load(layout.direction).position})
 
 
+def _space(layout: RunLayout, o: OptimizeOptions, n_layers: int) -> SearchSpace:
+    """The default space, its direction layers widened to hold the paper pick's (its seeds lie inside)."""
+    space = SearchSpace(
+        sources=o.sources, positions=o.positions or _default_positions(layout), edit_embed=o.edit_embed
+    )
+    if layout.direction.with_suffix(".json").is_file():
+        at = Direction.load(layout.direction).layer / max(n_layers - 1, 1)
+        lo, hi = space.layer_range
+        space.layer_range = (min(lo, at), max(hi, at))
+    return space
+
+
 def _seeds(layout: RunLayout, cands: Candidates, space: SearchSpace) -> list[Seed]:
     """The paper's pick, exactly as orthogonalized, then its direction inside the search space."""
     if not layout.direction.with_suffix(".json").is_file():
@@ -182,11 +194,11 @@ def _seeds(layout: RunLayout, cands: Candidates, space: SearchSpace) -> list[See
         # the paper's rules usually pick (a starting point for the sampler, nothing more).
         layer = round(2 * (cands.n_layers - 1) / 3)
         mid = seed_params(layer, -1, cands.n_layers, space)
-        return [Seed("mid-dir" + ("-proj" if p["projected"] else ""), params=p) for p in mid]
+        return [Seed("mid-dir" + suffix, params=p) for suffix, p in mid.items()]
     d = Direction.load(layout.direction)
     out = [Seed("paper", edit=EditParams.orthogonalization(d.layer, d.position))]
-    for params in seed_params(d.layer, d.position, cands.n_layers, space):
-        out.append(Seed("paper-dir" + ("-proj" if params["projected"] else ""), params=params))
+    for suffix, params in seed_params(d.layer, d.position, cands.n_layers, space).items():
+        out.append(Seed("paper-dir" + suffix, params=params))
     return out
 
 
@@ -273,9 +285,7 @@ def _search(
     say: Callable[[str], None],
 ) -> tuple[Any, int, float]:
     """Open (or resume) the study and run this call's trials. Returns (study, trials run, seconds)."""
-    space = SearchSpace(
-        sources=o.sources, positions=o.positions or _default_positions(layout), edit_embed=o.edit_embed
-    )
+    space = _space(layout, o, cands.n_layers)
     study = open_study(layout.study, _fingerprint(lm, layout, sets, ids, space), o.seed, o.startup_trials)
     done = sum(t.values is not None for t in study.get_trials(deepcopy=False))
     if done >= o.trials:

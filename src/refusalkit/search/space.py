@@ -1,8 +1,11 @@
 """The search space: how a trial's suggested numbers become an ``EditParams``, and the seed trials.
 
-Ranges are fractions of the layer count, so one space fits every depth. The kernel ranges follow the
-ones abliteration tools found useful (peak weight 0.8-1.5 in the later 40% of the layers, falloff over
-up to 60% of them); the direction's layer spans 30-90% of the depth.
+Ranges are fractions of the layer count, so one space fits every depth. The kernel shapes follow the
+ones abliteration tools found useful (peak in the later 60% of the layers, falloff over up to 60% of
+them). Each component has its own weight range: on the default model (docs/search.md, "Exploration")
+the MLP writes carried most of the harmless KL and the attention writes little, so the MLP may go
+down to 0.2 and the attention up to 1.8. The direction's layer spans 45-85% of the depth (there, KL
+fell by a factor of 5 from 56% to 67% of the depth, and the paper's rules drop the top 20%).
 """
 
 from __future__ import annotations
@@ -26,13 +29,18 @@ class SearchSpace(BaseModel):
         description="Post-instruction positions to try (negative); default: every candidate position.",
     )
     layer_range: tuple[float, float] = Field(
-        default=(0.3, 0.9), description="Direction layer, as fractions of the last layer index."
+        default=(0.45, 0.85), description="Direction layer, as fractions of the last layer index."
     )
     projected: list[bool] = Field(
         default=[False, True], description="Try the direction projected off the harmless mean."
     )
     norm_preserving: list[bool] = Field(default=[False, True], description="Try the norm-preserving edit.")
-    peak_range: tuple[float, float] = Field(default=(0.8, 1.5), description="Kernel peak weight.")
+    attn_peak_range: tuple[float, float] = Field(
+        default=(0.8, 1.8), description="Attention-output kernel's peak weight."
+    )
+    mlp_peak_range: tuple[float, float] = Field(
+        default=(0.2, 1.5), description="MLP-output kernel's peak weight."
+    )
     peak_position_range: tuple[float, float] = Field(
         default=(0.4, 1.0), description="Kernel peak layer, as fractions of the last layer index."
     )
@@ -51,7 +59,7 @@ def suggest(trial: Any, space: SearchSpace, n_layers: int, n_positions: int) -> 
     positions = space.positions or list(range(-n_positions, 0))
     kernels = {}
     for comp in ("attn", "mlp"):
-        peak = trial.suggest_float(f"{comp}_peak", *space.peak_range)
+        peak = trial.suggest_float(f"{comp}_peak", *getattr(space, f"{comp}_peak_range"))
         lo, hi = space.peak_position_range
         kernels[comp] = Kernel(
             peak=peak,
@@ -75,22 +83,28 @@ def suggest(trial: Any, space: SearchSpace, n_layers: int, n_positions: int) -> 
     )
 
 
-def seed_params(layer: int, position: int, n_layers: int, space: SearchSpace) -> list[dict[str, Any]]:
-    """Trial parameters (in the space's own names) worth trying first around a known direction: the
-    paper's direction erased everywhere at weight 1 without the embedding, then the same projected."""
+# Seed edits around a known direction, each as (attention, MLP) weight everywhere: the direction erased
+# from every write at weight 1 (the paper's orthogonalization without the embedding), and an
+# attention-heavy one (on the default model the MLP writes carried most of the KL: docs/search.md).
+SEED_WEIGHTS: dict[str, tuple[float, float]] = {"": (1.0, 1.0), "-attn": (1.5, 0.5)}
+
+
+def seed_params(layer: int, position: int, n_layers: int, space: SearchSpace) -> dict[str, dict[str, Any]]:
+    """Trial parameters (in the space's own names) worth trying first around a known direction, by
+    name suffix (``SEED_WEIGHTS``): every write edited, plain direction, no falloff."""
     top = n_layers - 1
     base: dict[str, Any] = {
         "source": "interpolated" if "interpolated" in space.sources else space.sources[0],
         "layer": float(layer),
         "position": position,
         "norm_preserving": False,
+        "projected": False if False in space.projected else space.projected[0],
     }
-    full = {f"{c}_{k}": v for c in ("attn", "mlp") for k, v in (("peak", 1.0), ("min_frac", 1.0))}
-    full |= {f"{c}_position": float(top) / 2 for c in ("attn", "mlp")}
-    full |= {f"{c}_width": space.width_range[1] * n_layers for c in ("attn", "mlp")}
+    base |= {f"{c}_min_frac": 1.0 for c in ("attn", "mlp")}
+    base |= {f"{c}_position": float(top) / 2 for c in ("attn", "mlp")}
+    base |= {f"{c}_width": space.width_range[1] * n_layers for c in ("attn", "mlp")}
     if space.edit_embed:
-        full["embed"] = 0.0
-    out = []
-    for projected in dict.fromkeys(space.projected):
-        out.append({**base, **full, "projected": projected})
-    return out
+        base["embed"] = 0.0
+    return {
+        suffix: base | {"attn_peak": attn, "mlp_peak": mlp} for suffix, (attn, mlp) in SEED_WEIGHTS.items()
+    }

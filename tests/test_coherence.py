@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-from refusalkit.activations import last_logits
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.coherence import (
@@ -20,7 +19,6 @@ from refusalkit.evaluation.coherence import (
     corpus_windows,
     direction_projections,
     first_token_kl,
-    first_token_kls,
     harmless_coherence,
     score_continuations,
 )
@@ -134,8 +132,6 @@ def test_kl_on_separate_prompts_with_median_and_max(make_lm: Any) -> None:
         float(values.max())
     )
     assert kl["median"] == pytest.approx(float(values.median()))
-    alone = first_token_kls(lm, d, kl_prompts, ["ablation"])["ablation"]
-    assert kl["per_prompt"] == pytest.approx(alone["per_prompt"], rel=1e-4, abs=1e-7)
 
 
 def test_kl_prompts_are_topped_up_disjoint_from_train_and_val(tmp_path: Path) -> None:
@@ -185,27 +181,6 @@ def test_short_corpus_is_an_error(make_lm: Any, tmp_path: Path) -> None:
     path.write_text("tiny")
     with pytest.raises(RefusalkitError, match="fewer than"):
         corpus_windows(lm.tokenizer, path, 2, 16)
-
-
-def test_first_token_kl_equals_one_prompt_at_a_time(make_lm: Any) -> None:
-    """The batched, prefix-cached KL equals KL(p || q) from whole prompts run one at a time."""
-    lm = make_lm("qwen2")
-    d = _direction(lm)
-    prompts = format_prompts(lm.tokenizer, ["Count to three.", "Describe a cloud.", "Say hi."], "Be brief.")
-
-    def last(p: str) -> torch.Tensor:
-        return last_logits(lm, encode(lm.tokenizer, [p]))[0].double()
-
-    expected = []
-    for p in prompts:
-        base = last(p)
-        with ablate_direction(lm.arch, d.vector):
-            edited = last(p)
-        lp, lq = torch.log_softmax(base, -1), torch.log_softmax(edited, -1)
-        expected.append(float((lp.exp() * (lp - lq)).sum()))
-    got = first_token_kls(lm, d, prompts, ["ablation"], batch_size=2)["ablation"]["per_prompt"]
-    assert max(expected) > 1e-4  # the ablation changed something
-    assert got == pytest.approx(expected, rel=1e-3, abs=1e-6)
 
 
 def test_one_pass_gives_kl_and_ce_as_separate_passes_would(make_lm: Any) -> None:

@@ -26,7 +26,6 @@ from refusalkit.activations import (
     common_prefix_len,
     encode_batches,
     forward_after_prefix,
-    logits_for_prompts,
     prefix_cache,
     repeat_cache,
 )
@@ -231,28 +230,6 @@ def kl_stats(per_prompt: torch.Tensor) -> dict[str, Any]:
         "max": float(per_prompt.max()),
         "per_prompt": per_prompt.tolist(),
     }
-
-
-def first_token_kls(
-    lm: LoadedModel,
-    direction: Direction,
-    prompts: list[str],
-    settings: Sequence[str],
-    *,
-    batch_size: int = 8,
-) -> dict[str, Any]:
-    """KL(unedited || edited) of the next-token distribution at the end of each prompt, per setting.
-
-    prompts: formatted. Returns {setting: kl_stats} for every setting but baseline.
-    """
-    # Last-token logits only, the prompts' shared prefix (the system turn) run once per setting.
-    base = logits_for_prompts(lm, prompts, batch_size)
-    out: dict[str, Any] = {}
-    for name in [s for s in settings if s != "baseline"]:
-        with intervention(lm, name, direction):
-            edited = logits_for_prompts(lm, prompts, batch_size)
-        out[name] = kl_stats(first_token_kl(base, edited))
-    return out
 
 
 def harmless_coherence(

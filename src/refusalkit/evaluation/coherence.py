@@ -31,7 +31,7 @@ from refusalkit.activations import (
 )
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
-from refusalkit.interventions import ablate_direction, add_direction, capture_resid_pre
+from refusalkit.interventions import RowSteering, ablate_direction, add_direction, capture_resid_pre
 from refusalkit.metric import kl_div
 from refusalkit.models.loading import LoadedModel
 from refusalkit.orthogonalize import orthogonalized
@@ -57,6 +57,25 @@ def intervention(
     if setting == "orthogonalized":
         return orthogonalized(lm, direction.vector)
     raise RefusalkitError(f"unknown setting {setting!r}; known: {', '.join(COHERENCE_SETTINGS)}")
+
+
+HOOK_SETTINGS = ("baseline", "ablation", "actadd")  # settings that rows of one batch can mix
+
+
+def row_steering(settings: Sequence[tuple[str, float]], direction: Direction) -> RowSteering:
+    """``intervention`` per batch row: one kind per (setting, actadd coefficient), baseline, ablation
+    or actadd, for passes whose rows mix them (the evaluate stage's shared generation)."""
+    vec = direction.vector.double()
+    zero = torch.zeros_like(vec)
+    units, adds = [], []
+    for name, coeff in settings:
+        if name not in HOOK_SETTINGS:
+            raise RefusalkitError(
+                f"{name} is not an inference-time setting; known: {', '.join(HOOK_SETTINGS)}"
+            )
+        units.append(vec / vec.norm() if name == "ablation" else zero)
+        adds.append(coeff * vec if name == "actadd" else zero)
+    return RowSteering(torch.stack(units), torch.stack(adds), direction.layer)
 
 
 def available_settings(lm: LoadedModel, wanted: Sequence[str] = COHERENCE_SETTINGS) -> list[str]:

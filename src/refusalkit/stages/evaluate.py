@@ -20,10 +20,9 @@ import torch
 
 from refusalkit.activations import logits_for_prompts
 from refusalkit.directions import Direction
-from refusalkit.evaluation.coherence import intervention
+from refusalkit.evaluation.coherence import HOOK_SETTINGS, intervention, row_steering
 from refusalkit.evaluation.refusal import is_refusal, wilson_interval
 from refusalkit.generation import generate
-from refusalkit.interventions import RowSteering
 from refusalkit.layout import RunLayout
 from refusalkit.models.loading import LoadedModel
 from refusalkit.settings import Settings
@@ -35,7 +34,6 @@ from refusalkit.utils import read_json, write_json
 # prompt's greedy next token agrees.
 REUSE_RTOL = 1e-3
 PROMPT_SETS = ("harmful", "harmless")
-HOOK_SETTINGS = ("baseline", "ablation", "actadd")  # settings that rows of one batch can mix
 
 
 @dataclass(frozen=True)
@@ -97,19 +95,6 @@ def _rows(instructions: list[str], texts: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def steering_for(settings: list[EvalSetting], direction: Direction) -> RowSteering:
-    """One kind per hook setting (baseline, ablation, actadd at its coefficient), for batches that mix them."""
-    vec = direction.vector.double()
-    zero = torch.zeros_like(vec)
-    units, adds = [], []
-    for st in settings:
-        if st.name not in HOOK_SETTINGS:
-            raise ValueError(f"{st.name} is not an inference-time setting")
-        units.append(vec / vec.norm() if st.name == "ablation" else zero)
-        adds.append(st.coeff * vec if st.name == "actadd" else zero)
-    return RowSteering(torch.stack(units), torch.stack(adds), direction.layer)
-
-
 def generate_settings(
     lm: LoadedModel, settings: list[EvalSetting], direction: Direction, splits: Any, s: Settings
 ) -> dict[EvalSetting, list[dict[str, Any]]]:
@@ -117,7 +102,7 @@ def generate_settings(
     (each row steered as its own setting), so each decoding step reads the weights once for all."""
     if not settings:
         return {}
-    steering = steering_for(settings, direction)
+    steering = row_steering([(st.name, st.coeff) for st in settings], direction)
     texts_in: list[str] = []
     kinds: list[int] = []
     for k, st in enumerate(settings):

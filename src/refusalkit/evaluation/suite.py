@@ -253,11 +253,17 @@ def _coherence(s: Suite) -> dict[str, Any]:
         batch_size=st.batch_size,
         kl_prompts=format_prompts(lm.tokenizer, kl_instructions, st.system_prompt),
     )
-    if reuse is not None:
-        result["kl"]["orthogonalized"] = result["kl"]["ablation"]
-        result["completion_ce"]["orthogonalized"] = result["completion_ce"]["ablation"]
-        result["orthogonalized_reuse"] = reuse
+    _reuse_ablation(result, ("kl", "completion_ce"), reuse)
     return {"measured": True, "kl_source": source, "kl_definition": "exact", **result}
+
+
+def _reuse_ablation(result: dict[str, Any], keys: tuple[str, ...], reuse: dict[str, Any] | None) -> None:
+    """With a passed reuse check, the orthogonalized numbers under ``keys`` are the ablation's (recorded)."""
+    if reuse is None:
+        return
+    for key in keys:
+        result[key]["orthogonalized"] = result[key]["ablation"]
+    result["orthogonalized_reuse"] = reuse
 
 
 def _corpus_inputs(s: Suite) -> dict[str, Any]:
@@ -279,10 +285,7 @@ def _corpus(s: Suite) -> dict[str, Any]:
     )
     settings, reuse = s.computed_settings()
     result = coherence.corpus_ce(lm, s.direction, windows, settings, batch_size=st.batch_size)
-    if reuse is not None:
-        result["ce"]["orthogonalized"] = result["ce"]["ablation"]
-        result["ce_per_window"]["orthogonalized"] = result["ce_per_window"]["ablation"]
-        result["orthogonalized_reuse"] = reuse
+    _reuse_ablation(result, ("ce", "ce_per_window"), reuse)
     return {"measured": True, "corpus": str(s.corpus_path), **result}
 
 

@@ -236,6 +236,7 @@ class RowSteering:
         self._unit_rows = _PerDevice(self.units)
         self._add_rows = _PerDevice(additions.double()) if additions is not None else None
         self._rows: torch.Tensor = torch.arange(units.shape[0])
+        self._gathered: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def n_kinds(self) -> int:
@@ -244,15 +245,24 @@ class RowSteering:
     def use(self, kind_of_row: torch.Tensor | list[int]) -> None:
         """Set the kind of each row of the passes that follow ([batch] kind indices)."""
         self._rows = torch.as_tensor(kind_of_row, dtype=torch.long)
+        self._gathered.clear()
+
+    def _per_row(self, which: str, table: _PerDevice, x: torch.Tensor) -> torch.Tensor:
+        """[b, 1, d]: ``table``'s vector for each row's kind, gathered once per ``use`` (hooks run
+        about 3 x n_layers times a pass)."""
+        key = (which, x.device, work_dtype(x.dtype))
+        if key not in self._gathered:
+            self._gathered[key] = table.on(x)[self._rows.to(x.device)][:, None, :]
+        return self._gathered[key]
 
     def _ablate(self, x: torch.Tensor) -> torch.Tensor:
-        u = self._unit_rows.on(x)[self._rows.to(x.device)][:, None, :]  # [b, 1, d]
+        u = self._per_row("units", self._unit_rows, x)
         xf = x.to(u.dtype)
         return (xf - (xf * u).sum(-1, keepdim=True) * u).to(x.dtype)
 
     def _add(self, x: torch.Tensor) -> torch.Tensor:
         assert self._add_rows is not None
-        delta = self._add_rows.on(x)[self._rows.to(x.device)][:, None, :]  # [b, 1, d]
+        delta = self._per_row("additions", self._add_rows, x)
         mask = _TOKEN_MASK.get()
         if mask is not None and mask.shape[0] == x.shape[0] and mask.shape[1] >= x.shape[1]:
             delta = mask[:, -x.shape[1] :].to(device=x.device, dtype=delta.dtype)[..., None] * delta

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import torch
 
+from refusalkit.activations import common_prefix_len
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation import capability as C
-from refusalkit.evaluation.coherence import score_continuations
+from refusalkit.evaluation.coherence import MIN_PREFIX, score_continuations
+from refusalkit.interventions import ablate_direction, add_direction
 
 
 @pytest.mark.parametrize(
@@ -142,17 +144,105 @@ def test_mc_scores_against_a_hand_computation() -> None:
     assert s["mc2"] == pytest.approx(0.475398, abs=1e-6)
 
 
-@pytest.mark.parametrize(("family", "attn"), [("qwen2", "eager"), ("gemma2", "eager"), ("qwen2", "sdpa")])
-def test_cached_option_scoring_equals_uncached(make_lm: Any, family: str, attn: str) -> None:
-    lm = make_lm(family, attn=attn)
+def _alone(lm: Any, context: list[int], options: list[list[int]]) -> torch.Tensor:
+    """Each option's summed log-probability from one full pass over context + option, no cache, no pads."""
+    out = []
+    for o in options:
+        ids = torch.tensor([context + o])
+        logp = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits[0].double(), -1)
+        rows = torch.arange(len(context) - 1, len(context) + len(o) - 1)
+        out.append(logp[rows, torch.tensor(o)].sum())
+    return torch.stack(out)
+
+
+QUESTIONS = ("Pick one", "Which of these would you choose on a rainy day?", "Why?")
+OPTIONS = (
+    ("yes", "no, not really", "it depends"),
+    ("an umbrella", "a", "boots and a coat, maybe a hat"),
+    ("because", "no reason at all", "x"),
+)
+
+
+def _questions(lm: Any) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Chat-formatted contexts of different lengths sharing a system turn; options of 1 to ~30 tokens."""
     tok = lm.tokenizer
-    ctx = tok("<|im_start|>user\nPick one<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
-        "input_ids"
+    contexts = [
+        tok(C.format_prompt(tok, q, "Answer briefly."), add_special_tokens=False)["input_ids"]
+        for q in QUESTIONS
     ]
-    opts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("yes", "no, not really", "it depends")]
-    cached = C.option_logprobs(lm, ctx, opts)
-    plain = score_continuations(lm, [ctx] * 3, opts).logprob_sum
-    torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-5)
+    options = [[tok(t, add_special_tokens=False)["input_ids"] for t in opts] for opts in OPTIONS]
+    return contexts, options
+
+
+@pytest.mark.parametrize(("family", "attn"), [("qwen2", "eager"), ("gemma2", "eager"), ("qwen2", "sdpa")])
+def test_batched_option_scoring_equals_each_option_alone(
+    make_lm: Any, monkeypatch: pytest.MonkeyPatch, family: str, attn: str
+) -> None:
+    """All questions scored together (shared prefix, left-padded contexts, options of several questions
+    in one right-padded pass) give each option's log-probability from a pass of its own."""
+    lm = make_lm(family, attn=attn)
+    contexts, options = _questions(lm)
+    assert common_prefix_len(contexts) >= MIN_PREFIX  # the prefix cache is exercised
+    assert len({len(c) for c in contexts}) == 3
+    expected = [_alone(lm, c, o) for c, o in zip(contexts, options, strict=True)]
+    one_pass = C.option_logprobs(lm, contexts, options)  # one context pass, one option pass
+    # Two context groups, and option passes of 3 rows mixing questions of different context lengths.
+    monkeypatch.setattr(C, "QUESTION_ROWS", 2)
+    monkeypatch.setattr(C, "OPTION_ROWS", 3)
+    small = C.option_logprobs(lm, contexts, options)
+    for got in (one_pass, small):
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("setting", ["ablation", "actadd"])
+def test_batched_option_scoring_under_an_intervention(make_lm: Any, setting: str) -> None:
+    """Under an active hook the batched scores equal each question scored on its own under it."""
+    lm = make_lm("qwen2")
+    contexts, options = _questions(lm)
+    torch.manual_seed(1)
+    direction = torch.randn(lm.model.config.hidden_size) * 4
+    if setting == "ablation":
+        edit = ablate_direction(lm.arch, direction)
+    else:
+        edit = add_direction(lm.arch, direction, 1, -1.0)
+    with torch.inference_mode():
+        plain = [_alone(lm, c, o) for c, o in zip(contexts, options, strict=True)]
+    with edit:
+        with torch.inference_mode():
+            expected = [_alone(lm, c, o) for c, o in zip(contexts, options, strict=True)]
+        got = C.option_logprobs(lm, contexts, options)
+    for g, e, p in zip(got, expected, plain, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+        assert (e - p).abs().max() > 1e-2  # the edit changes the scores: the hook was active
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_batched_option_scoring_without_a_shared_prefix(make_lm: Any, attn: str) -> None:
+    """Contexts sharing fewer than MIN_PREFIX tokens run whole (left padded), and one question alone."""
+    lm = make_lm("llama", attn=attn)
+    contexts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 40, 41], [90]]
+    options = [[[9], [10, 11, 12]], [[12, 13], [14], [15, 16, 17, 18]], [[20, 21], [22]]]
+    assert common_prefix_len(contexts) < MIN_PREFIX
+    got = C.option_logprobs(lm, contexts, options)
+    for g, c, o in zip(got, contexts, options, strict=True):
+        torch.testing.assert_close(g, _alone(lm, c, o), atol=1e-4, rtol=1e-5)
+    (single,) = C.option_logprobs(lm, contexts[:1], options[:1])
+    torch.testing.assert_close(single, _alone(lm, contexts[0], options[0]), atol=1e-4, rtol=1e-5)
+
+
+def test_option_batches_keep_logits_under_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(C, "LOGIT_BUDGET", 1000)
+    lengths = [3, 1, 9, 2, 2, 7, 30, 1, 4, 4, 5]
+    chunks = C._option_batches(lengths, vocab=10)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for c in chunks:
+        width = max(lengths[i] for i in c)
+        assert len(c) <= C.OPTION_ROWS
+        assert len(c) == 1 or len(c) * width * 10 <= 1000
+    assert len(chunks) < len(lengths)  # short options share passes
+    monkeypatch.setattr(C, "OPTION_ROWS", 2)
+    assert max(len(c) for c in C._option_batches(lengths, vocab=10)) == 2
 
 
 def test_truthfulqa_on_a_tiny_model(make_lm: Any, tmp_path: Path) -> None:
@@ -189,25 +279,54 @@ def test_lm_eval_missing_is_a_clear_error(make_lm: Any, monkeypatch: pytest.Monk
         C.lm_eval_tasks(make_lm("qwen2"), ["arc_easy"])
 
 
-def test_option_scoring_leaves_the_context_cache_as_it_was(
+def test_option_scoring_leaves_the_prefix_cache_as_it_was(
     make_lm: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The context's KV cache is copied for the options, never extended in place (a cache shared with
-    another caller would otherwise hold the options' keys too)."""
-    from refusalkit.activations import run_prefix
+    """The shared prefix's KV cache is copied for every batch, never extended in place (the second
+    context group would otherwise continue from the first group's tokens)."""
+    from refusalkit.activations import prefix_cache
 
     lm = make_lm("llama")
     seen: list[Any] = []
 
     def spy(lm_: Any, ids: list[int]) -> Any:
-        cache, logits = run_prefix(lm_, ids)
-        seen.append(cache)
-        return cache, logits
+        seen.append(prefix_cache(lm_, ids))
+        return seen[-1]
 
-    monkeypatch.setattr(C, "run_prefix", spy)
-    ctx, opts = [5, 6, 7, 8], [[9], [10, 11, 12]]
-    first = C.option_logprobs(lm, ctx, opts)
+    monkeypatch.setattr(C, "prefix_cache", spy)
+    monkeypatch.setattr(C, "QUESTION_ROWS", 1)
+    shared = list(range(5, 15))
+    contexts = [[*shared, 20], [*shared, 21, 22]]
+    options = [[[9], [10, 11, 12]], [[13, 14]]]
+    first = C.option_logprobs(lm, contexts, options)
     (cache,) = seen
-    assert cache.get_seq_length() == len(ctx)
+    assert cache.get_seq_length() == 10
     assert all(layer.keys.shape[0] == 1 for layer in cache.layers)  # still one row, not repeated
-    torch.testing.assert_close(C.option_logprobs(lm, ctx, opts), first, rtol=0, atol=0)
+    for g, c, o in zip(first, contexts, options, strict=True):
+        torch.testing.assert_close(g, _alone(lm, c, o), atol=1e-4, rtol=1e-5)
+
+
+def test_every_scoring_pass_declares_its_real_tokens(make_lm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hooks read the real-token mask (``token_mask``) to leave pads alone: each pass declares one
+    covering its cached and new columns, marking exactly the non-pad tokens it runs."""
+    from refusalkit.interventions import _TOKEN_MASK
+
+    lm = make_lm("qwen2")
+    contexts, options = _questions(lm)
+    monkeypatch.setattr(C, "OPTION_ROWS", 3)
+    seen: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
+
+    def spy(_module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs["input_ids"]
+        seen.append((ids, _TOKEN_MASK.get(), kwargs["attention_mask"].shape[1]))
+
+    handle = lm.model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        C.option_logprobs(lm, contexts, options)
+    finally:
+        handle.remove()
+    assert len(seen) >= 4  # prefix, contexts, option passes
+    pad = lm.tokenizer.pad_token_id
+    for ids, mask, width in seen:
+        assert mask is not None and mask.shape == (ids.shape[0], width)
+        assert torch.equal(mask[:, -ids.shape[1] :].bool(), ids != pad)

@@ -26,12 +26,21 @@ from typing import Any
 
 import torch
 
-from refusalkit.activations import cache_kwarg, repeat_cache, run_prefix
+from refusalkit.activations import (
+    cache_kwarg,
+    cache_of,
+    common_prefix_len,
+    even_batches,
+    prefix_cache,
+    repeat_cache,
+    select_cache_rows,
+)
 from refusalkit.errors import RefusalkitError
+from refusalkit.evaluation.coherence import LOGIT_BUDGET, MIN_PREFIX
 from refusalkit.generation import generate
 from refusalkit.interventions import token_mask
 from refusalkit.models.loading import LoadedModel
-from refusalkit.prompts import format_prompt, pad_right
+from refusalkit.prompts import format_prompt, pad_left, pad_right
 
 GSM8K_PROMPT_VERSION = "gsm8k-zero-shot-chat/v1"
 GSM8K_INSTRUCTION = (
@@ -176,42 +185,125 @@ def load_truthfulqa(path: str | Path, n: int) -> list[TQAItem]:
     return items
 
 
-@torch.inference_mode()
-def option_logprobs(lm: LoadedModel, context: list[int], options: list[list[int]]) -> torch.Tensor:
-    """Summed log-probability of each option's tokens after a shared context. -> [n_options] float64.
+# Questions whose contexts run as one left-padded pass; the options of those questions then select
+# their rows of its KV cache. Bounds the caches held at once (~57 KB per token on the 1.5B built-in).
+QUESTION_ROWS = 32
+OPTION_ROWS = 64  # most option rows per pass; fewer when their logits would pass LOGIT_BUDGET
 
-    The context runs once (``run_prefix``); a copy of its key/value cache, repeated per option, serves
-    the options, which run as one right-padded batch (pads come after every real token, so they change
-    nothing before them). The context's own cache is never extended in place.
+
+@dataclass
+class _Contexts:
+    """Question contexts run as one batch after the shared prefix.
+
+    cache: KV cache, one row per question (prefix, then the left-padded rest of the context);
+    mask: [q, n_prefix + width] real-token mask of those rows; lengths: [q] real tokens per row, the
+    position of each option's first token; first: [q, vocab] float64 log-probabilities of that token.
     """
-    if not context or any(not o for o in options):
-        raise ValueError("context and every option need at least one token")
-    device = lm.device
-    cache, last = run_prefix(lm, context)
-    first = torch.log_softmax(last.double(), -1)  # [vocab]: the distribution of each option's first token
+
+    cache: Any
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    first: torch.Tensor
+
+
+def _run_contexts(lm: LoadedModel, past: Any, n_prefix: int, rest: list[list[int]]) -> _Contexts:
+    """Run the contexts' tokens after the prefix (``past``: its cache repeated per row, or None when
+    there is no prefix; extended in place) as one left-padded batch, keeping the cache."""
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    batch = pad_right(options, pad).to(device)
-    n, width = batch.input_ids.shape
-    mask = torch.cat(
-        [torch.ones((n, len(context)), dtype=torch.long, device=device), batch.attention_mask], 1
-    )
-    positions = torch.arange(len(context), len(context) + width, device=device).expand(n, width)
+    batch = pad_left(rest, pad)
+    q = len(rest)
+    mask = torch.cat([torch.ones((q, n_prefix), dtype=torch.long), batch.attention_mask], 1)
+    positions = n_prefix + batch.position_ids
+    on_device = mask.to(lm.device)
+    with token_mask(on_device):
+        out = lm.model(
+            input_ids=batch.input_ids.to(lm.device),
+            attention_mask=on_device,
+            position_ids=positions.to(lm.device),
+            use_cache=True,
+            logits_to_keep=1,  # left padded: the last column is every context's last token
+            **({cache_kwarg(lm.model): past} if past is not None else {}),
+        )
+    first = torch.log_softmax(out.logits[:, -1].double(), -1)
+    return _Contexts(cache_of(out), mask, mask.sum(1), first)
+
+
+def _option_batches(lengths: list[int], vocab: int) -> list[list[int]]:
+    """Indices of ``lengths`` (input tokens per option row) in order of length, cut into passes of at
+    most ``OPTION_ROWS`` rows whose logits, [rows, width, vocab] float32, stay under ``LOGIT_BUDGET``."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    out, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while (
+            end < len(order)
+            and end - start < OPTION_ROWS
+            and (end + 1 - start) * lengths[order[end]] * vocab <= LOGIT_BUDGET
+        ):
+            end += 1
+        out.append(order[start:end])
+        start = end
+    return out
+
+
+def _option_pass(lm: LoadedModel, ctx: _Contexts, questions: list[int], opts: list[list[int]]) -> list[float]:
+    """Summed log-probability of tokens 2.. of each option (>= 2 tokens), after the context of row
+    ``questions[i]`` of ``ctx``; the options run right padded, continuing from those cache rows."""
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    batch = pad_right([o[:-1] for o in opts], pad)  # an option's last token is predicted, never read
+    rows = torch.tensor(questions)
+    width = batch.input_ids.shape[1]
+    mask = torch.cat([ctx.mask[rows], batch.attention_mask], 1).to(lm.device)
+    positions = (ctx.lengths[rows][:, None] + torch.arange(width)).to(lm.device)
     with token_mask(mask):
         logits = lm.model(
-            input_ids=batch.input_ids,
+            input_ids=batch.input_ids.to(lm.device),
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            **{cache_kwarg(lm.model): repeat_cache(cache, n)},
-        ).logits  # [n, width, vocab]
-    result = torch.empty(n, dtype=torch.float64)
-    for i, o in enumerate(options):
-        total = first[o[0]]
-        if len(o) > 1:
-            logp = torch.log_softmax(logits[i, : len(o) - 1].double(), -1)  # [len - 1, vocab]
-            target = torch.tensor(o[1:], device=device)
-            total = total + logp.gather(-1, target[:, None]).sum()
-        result[i] = total.cpu()
+            **{cache_kwarg(lm.model): select_cache_rows(ctx.cache, rows)},
+        ).logits  # [rows, width, vocab]
+    out = []
+    for i, o in enumerate(opts):
+        logp = torch.log_softmax(logits[i, : len(o) - 1].double(), -1)  # [len - 1, vocab]
+        target = torch.tensor(o[1:], device=logp.device)
+        out.append(float(logp.gather(-1, target[:, None]).sum()))
+    return out
+
+
+@torch.inference_mode()
+def option_logprobs(
+    lm: LoadedModel, contexts: list[list[int]], options: list[list[list[int]]]
+) -> list[torch.Tensor]:
+    """Summed log-probability of each option's tokens after its question's context, every question
+    at once. contexts: [q] token ids; options: [q][n_options_q] token ids -> [q] of [n_options_q] float64.
+
+    The token prefix all contexts share (the system turn) runs once; the rest of the contexts run in
+    left-padded batches of ``QUESTION_ROWS`` continuing from it, and the options of those questions in
+    right-padded batches, by length, each row continuing from its own question's cache row.
+    """
+    if len(contexts) != len(options):
+        raise ValueError("one list of options per context")
+    if any(not c for c in contexts) or any(not o for opts in options for o in opts):
+        raise ValueError("every context and every option needs at least one token")
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    n_prefix = common_prefix_len(contexts) if len(contexts) > 1 else 0
+    n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
+    prefix = prefix_cache(lm, contexts[0][:n_prefix]) if n_prefix else None
+    result = [torch.empty(len(o), dtype=torch.float64) for o in options]
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    for group in even_batches(order, QUESTION_ROWS):
+        past = repeat_cache(prefix, len(group)) if prefix is not None else None
+        ctx = _run_contexts(lm, past, n_prefix, [contexts[q][n_prefix:] for q in group])
+        rows = [(g, j) for g, q in enumerate(group) for j in range(len(options[q]))]
+        for g, j in rows:
+            result[group[g]][j] = ctx.first[g, options[group[g]][j][0]]
+        longer = [(g, j) for g, j in rows if len(options[group[g]][j]) > 1]
+        for chunk in _option_batches([len(options[group[g]][j]) - 1 for g, j in longer], vocab):
+            picked = [longer[k] for k in chunk]
+            opts = [options[group[g]][j] for g, j in picked]
+            for (g, j), lp in zip(picked, _option_pass(lm, ctx, [g for g, _ in picked], opts), strict=True):
+                result[group[g]][j] += lp
     return result
 
 
@@ -227,13 +319,15 @@ def mc_scores(item: TQAItem, logprob: dict[str, float]) -> dict[str, float]:
 def truthfulqa_mc(lm: LoadedModel, items: list[TQAItem], *, system: str | None = None) -> dict[str, Any]:
     """MC1 and MC2 under whatever intervention is active (see the module docstring)."""
     tok = lm.tokenizer
+    contexts = [
+        tok(format_prompt(tok, item.question, system), add_special_tokens=False)["input_ids"]
+        for item in items
+    ]
+    answers = [item.correct + item.incorrect for item in items]
+    ids = [[tok(a, add_special_tokens=False)["input_ids"] for a in group] for group in answers]
     rows = []
-    for item in items:
-        context = tok(format_prompt(tok, item.question, system), add_special_tokens=False)["input_ids"]
-        answers = item.correct + item.incorrect
-        ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
-        lps = option_logprobs(lm, context, ids)
-        scores = mc_scores(item, dict(zip(answers, lps.tolist(), strict=True)))
+    for item, group, lps in zip(items, answers, option_logprobs(lm, contexts, ids), strict=True):
+        scores = mc_scores(item, dict(zip(group, lps.tolist(), strict=True)))
         rows.append({"n_correct": len(item.correct), "n_incorrect": len(item.incorrect), **scores})
     n = len(rows)
     return {

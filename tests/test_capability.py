@@ -233,14 +233,14 @@ def test_batched_option_scoring_without_a_shared_prefix(make_lm: Any, attn: str)
 
 def test_option_batches_keep_logits_under_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(C, "LOGIT_BUDGET", 1000)
-    lengths = [3, 1, 9, 2, 2, 7, 30, 1, 4, 4, 5]
-    chunks = C._option_batches(lengths, vocab=10)
-    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
-    for c in chunks:
-        width = max(lengths[i] for i in c)
-        assert len(c) <= C.OPTION_ROWS
-        assert len(c) == 1 or len(c) * width * 10 <= 1000
-    assert len(chunks) < len(lengths)  # short options share passes
+    for lengths in ([3, 1, 9, 2, 2, 7, 30, 1, 4, 4, 5], [10] * 20 + [12]):
+        chunks = C._option_batches(lengths, vocab=10)
+        assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+        for c in chunks:
+            width = max(lengths[i] for i in c)
+            assert len(c) <= C.OPTION_ROWS
+            assert len(c) == 1 or len(c) * width * 10 <= 1000
+        assert len(chunks) < len(lengths)  # short options share passes
     monkeypatch.setattr(C, "OPTION_ROWS", 2)
     assert max(len(c) for c in C._option_batches(lengths, vocab=10)) == 2
 

@@ -31,6 +31,7 @@ from refusalkit.activations import (
     cache_of,
     common_prefix_len,
     even_batches,
+    length_batches,
     prefix_cache,
     repeat_cache,
     select_cache_rows,
@@ -229,21 +230,15 @@ def _run_contexts(lm: LoadedModel, past: Any, n_prefix: int, rest: list[list[int
 
 
 def _option_batches(lengths: list[int], vocab: int) -> list[list[int]]:
-    """Indices of ``lengths`` (input tokens per option row) in order of length, cut into passes of at
-    most ``OPTION_ROWS`` rows whose logits, [rows, width, vocab] float32, stay under ``LOGIT_BUDGET``."""
+    """Indices of ``lengths`` (input tokens per option row) in order of length, cut where padding
+    outweighs a pass's fixed cost (``length_batches``), into passes of at most ``OPTION_ROWS`` rows
+    whose logits, [rows, width, vocab] float32, stay under ``LOGIT_BUDGET`` at the longest width."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    out, start = [], 0
-    while start < len(order):
-        end = start + 1
-        while (
-            end < len(order)
-            and end - start < OPTION_ROWS
-            and (end + 1 - start) * lengths[order[end]] * vocab <= LOGIT_BUDGET
-        ):
-            end += 1
-        out.append(order[start:end])
-        start = end
-    return out
+    if not order:
+        return []
+    sizes = [lengths[i] for i in order]
+    rows = max(1, min(OPTION_ROWS, LOGIT_BUDGET // (sizes[-1] * vocab)))
+    return length_batches(order, sizes, rows)
 
 
 def _option_pass(lm: LoadedModel, ctx: _Contexts, questions: list[int], opts: list[list[int]]) -> list[float]:

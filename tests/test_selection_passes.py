@@ -98,3 +98,14 @@ def test_length_batches_split_off_long_prompts() -> None:
     even = length_batches(list(range(40)), [12] * 40, 16)
     assert len(even) == 3 and max(len(b) for b in even) <= 16  # batch_size holds; no extra batches
     assert [i for b in even for i in b] == list(range(40))
+
+
+def test_length_batches_cut_finer_when_passes_cost_less() -> None:
+    # Lengths 17..23 (a selection's harmful prompts): with a pass costing 32 tokens one batch wins
+    # (7 * 23 + 32 < anything cut); at 2 tokens a pass (shared by 16 candidates) padding dominates.
+    lengths = list(range(17, 24))
+    assert length_batches(list(range(7)), lengths, 16) == [list(range(7))]
+    fine = length_batches(list(range(7)), lengths, 16, overhead=2)
+    assert len(fine) > 1 and [i for b in fine for i in b] == list(range(7))
+    padded = sum(len(b) * lengths[b[-1]] + 2 for b in fine)
+    assert padded < 7 * 23 + 2

@@ -68,6 +68,11 @@ class PromptBatches:
     n: int
 
 
+# What one more forward pass costs beyond its tokens (reading every weight once, hooks, Python), in
+# tokens' worth of compute: about 35 on the 0.5B built-in on a 2-core CPU (bench/selection.py).
+BATCH_OVERHEAD_TOKENS = 32
+
+
 def encode_batches(
     lm: LoadedModel,
     prompts: list[str],
@@ -77,11 +82,14 @@ def encode_batches(
     min_prefix: int = 8,
     fill: bool = False,
     keep_last: int = 1,
+    pass_overhead: float = BATCH_OVERHEAD_TOKENS,
 ) -> PromptBatches:
     """Tokenize ``prompts``, split off their common prefix and batch the rest by length: cut where
     padding outweighs a pass's fixed cost (``length_batches``), or, with ``fill`` (generation, where
     every decoding step is a pass), into as few batches as ``batch_size`` allows, of equal size. The
-    prefix leaves at least ``keep_last`` tokens of every prompt in its batch rows."""
+    prefix leaves at least ``keep_last`` tokens of every prompt in its batch rows. ``pass_overhead``:
+    a pass's fixed cost in tokens of padding; divide it by k when each batch runs for k candidates in
+    one pass (selection), which multiplies its padding by k."""
     tok = lm.tokenizer
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
@@ -92,7 +100,7 @@ def encode_batches(
     chunks = (
         even_batches(order, batch_size)
         if fill
-        else length_batches(order, [len(ids[i]) for i in order], batch_size)
+        else length_batches(order, [len(ids[i]) for i in order], batch_size, pass_overhead)
     )
     for chunk in chunks:
         rows = [ids[i][n_prefix:] for i in chunk]
@@ -104,11 +112,6 @@ def encode_batches(
             mask[j, width - len(r) :] = 1
         out.append((chunk, input_ids, mask))
     return PromptBatches(ids[0][:n_prefix] if ids else [], out, len(prompts))
-
-
-# What one more forward pass costs beyond its tokens (reading every weight once, hooks, Python), in
-# tokens' worth of compute: about 35 on the 0.5B built-in on a 2-core CPU (bench/selection.py).
-BATCH_OVERHEAD_TOKENS = 32
 
 
 def even_batches(items: list[Any], batch_size: int) -> list[list[Any]]:
@@ -125,16 +128,18 @@ def even_batches(items: list[Any], batch_size: int) -> list[list[Any]]:
     return out
 
 
-def length_batches(items: list[Any], lengths: list[int], batch_size: int) -> list[list[Any]]:
+def length_batches(
+    items: list[Any], lengths: list[int], batch_size: int, overhead: float = BATCH_OVERHEAD_TOKENS
+) -> list[list[Any]]:
     """Split items sorted by length into batches of at most ``batch_size`` that minimize padded
-    tokens plus a fixed cost per batch (``BATCH_OVERHEAD_TOKENS``): one long prompt gets its own batch
+    tokens plus a fixed cost per batch (``overhead`` tokens): one long prompt gets its own batch
     instead of padding fifteen short ones to its length. Dynamic programming over the sorted order."""
     n = len(items)
     best = [0.0] + [math.inf] * n  # best[i]: cost of the first i items
     cut = [0] * (n + 1)
     for i in range(1, n + 1):
         for j in range(max(0, i - batch_size), i):
-            cost = best[j] + BATCH_OVERHEAD_TOKENS + (i - j) * lengths[i - 1]
+            cost = best[j] + overhead + (i - j) * lengths[i - 1]
             if cost < best[i]:
                 best[i], cut[i] = cost, j
     out, i = [], n

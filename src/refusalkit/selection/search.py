@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from refusalkit.activations import PromptBatches, encode_batches
+from refusalkit.activations import BATCH_OVERHEAD_TOKENS, PromptBatches, encode_batches
 from refusalkit.directions import Candidates
 from refusalkit.metric import kl_function, refusal_metric
 from refusalkit.models.loading import LoadedModel
@@ -48,8 +48,11 @@ class Scorer:
     ) -> None:  # fmt: skip
         self.lm, self.candidates, self.ids = lm, candidates, refusal_ids
         self.kl_fn = kl_function(rules.kl_definition)
-        self.harmful = encode_batches(lm, harmful_val, batch_size)
-        self.harmless = encode_batches(lm, harmless_val, batch_size)
+        # Every batch runs once per candidate sharing its pass (up to MAX_SHARED of them), so its padding
+        # costs that many times over while the pass's fixed cost does not: batches cut by length finer.
+        overhead = BATCH_OVERHEAD_TOKENS / MAX_SHARED
+        self.harmful = encode_batches(lm, harmful_val, batch_size, pass_overhead=overhead)
+        self.harmless = encode_batches(lm, harmless_val, batch_size, pass_overhead=overhead)
         # Candidates per forward pass: each pass reads every weight once (on a CPU, as long as tens of
         # tokens of compute), so candidates share passes up to a token budget per pass.
         self.share_harmful = _share(self.harmful)

@@ -20,7 +20,9 @@ from refusalkit.evaluation.coherence import (
     direction_projections,
     first_token_kl,
     harmless_coherence,
+    intervention,
     score_continuations,
+    score_settings,
 )
 from refusalkit.evaluation.suite import KL_POOL, Suite
 from refusalkit.interventions import ablate_direction
@@ -239,3 +241,56 @@ def test_direction_projections_equal_hidden_states(make_lm: Any, position: int) 
             hs = lm.model(**{"input_ids": b.input_ids}, output_hidden_states=True).hidden_states
         expected = [float(hs[layer][0, position].double() @ u) for layer in range(lm.arch.n_layers)]
         assert row == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("chat", [True, False])
+def test_actadd_restarted_at_its_layer_equals_the_hooked_pass(
+    make_lm: Any, family: str, chat: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chat: formatted prompts share a system-turn prefix (its cache replayed too); plain ones do not.
+    import refusalkit.evaluation.coherence as coh
+
+    replayed = []
+    real = coh.run_blocks
+    monkeypatch.setattr(coh, "run_blocks", lambda *a, **k: replayed.append(1) or real(*a, **k))
+    lm = make_lm(family)
+    tok = lm.tokenizer
+    texts = ["Name a color.", "Count to three, slowly please.", "Hi"]
+    prompts = format_prompts(tok, texts) if chat else texts
+    ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    conts = [tok(t, add_special_tokens=False)["input_ids"] for t in (" Blue, mostly.", "", " One two")]
+    d = _direction(lm)
+    d.layer = 2
+    runs = score_settings(lm, d, ctx, conts, ["baseline", "actadd"], batch_size=2, keep_first_logits=True)
+    with intervention(lm, "actadd", d):
+        hooked = score_continuations(lm, ctx, conts, batch_size=2, keep_first_logits=True)
+    assert runs["actadd"].first_logits is not None and hooked.first_logits is not None
+    assert not torch.allclose(runs["actadd"].first_logits, runs["baseline"].first_logits, atol=1e-2)
+    torch.testing.assert_close(runs["actadd"].first_logits, hooked.first_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(runs["actadd"].logprob_sum, hooked.logprob_sum, atol=1e-4, rtol=1e-5)
+    assert len(replayed) > 2  # the self-check and the batches ran as a restart, not as hooked passes
+
+
+def test_actadd_falls_back_to_the_hooked_pass_when_a_restart_is_not_exact(
+    make_lm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import refusalkit.evaluation.coherence as coh
+
+    lm = make_lm("qwen2")
+    tok = lm.tokenizer
+    ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in format_prompts(tok, ["Name a color.", "Hi"])]
+    d = _direction(lm)
+    real = coh.head_logits
+    calls = []
+
+    def off(lm_: Any, h: torch.Tensor) -> torch.Tensor:  # a head that the replay gets wrong
+        calls.append(1)
+        return real(lm_, h) + 1.0
+
+    monkeypatch.setattr(coh, "head_logits", off)
+    runs = score_settings(lm, d, ctx, [[], []], ["baseline", "actadd"], keep_first_logits=True)
+    with intervention(lm, "actadd", d):
+        hooked = score_continuations(lm, ctx, [[], []], keep_first_logits=True)
+    assert calls == [1]  # only the self-check replayed
+    torch.testing.assert_close(runs["actadd"].first_logits, hooked.first_logits)

@@ -13,8 +13,9 @@ setting) and orthogonalized (weights). CE is the mean negative log-likelihood pe
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +36,21 @@ from refusalkit.interventions import RowSteering, ablate_direction, add_directio
 from refusalkit.metric import kl_div
 from refusalkit.models.loading import LoadedModel
 from refusalkit.orthogonalize import orthogonalized
-from refusalkit.prompts import pad_left
+from refusalkit.prompts import Batch, pad_left
+from refusalkit.restart import Calls, Recorder, head_logits, run_blocks
+
+log = logging.getLogger(__name__)
 
 COHERENCE_SETTINGS = ("baseline", "ablation", "actadd", "orthogonalized")
 MIN_PREFIX = 8  # a shorter shared prefix is not worth a pass of its own
 LOGIT_BUDGET = 1 << 27  # floats of logits held at once (512 MiB in float32); batches shrink to fit
 
 
+ACTADD_COEFF = -1.0  # actadd in the coherence measurements: the jailbreak setting
+
+
 def intervention(
-    lm: LoadedModel, setting: str, direction: Direction, coeff: float = -1.0
+    lm: LoadedModel, setting: str, direction: Direction, coeff: float = ACTADD_COEFF
 ) -> AbstractContextManager[Any]:
     """The context manager that puts ``lm`` in ``setting``: the one mapping from a setting's name to an
     edit, for the evaluate and measure stages. ``coeff`` scales actadd (-1: the jailbreak setting, +1:
@@ -94,11 +101,79 @@ class ContinuationScores:
     logprob_sum: torch.Tensor
     n_tokens: torch.Tensor
     first_logits: torch.Tensor | None = None
+    replay: ContinuationReplay | None = None  # with score_continuations(record_at=...)
 
     @property
     def ce(self) -> float:
         """Token-weighted mean cross-entropy (nats) over every scored token."""
         return float(-self.logprob_sum.sum() / self.n_tokens.sum().clamp(min=1))
+
+
+Plan = list[tuple[list[int], Batch, int]]  # (rows, left-padded batch, positions whose logits are kept)
+
+
+@dataclass
+class ContinuationReplay:
+    """An unedited ``score_continuations`` pass recorded at one layer, to be restarted there with a
+    vector added (``refusalkit.restart``): the actadd setting without recomputing the layers below."""
+
+    layer: int
+    continuations: list[list[int]]
+    plan: Plan
+    prefix_calls: Calls | None
+    batch_calls: list[Calls]
+    cache_key: str | None
+    first_batch: torch.Tensor  # [b, vocab] the first batch's last-position logits, for the self-check
+
+
+def _plan(
+    lm: LoadedModel, contexts: list[list[int]], continuations: list[list[int]], batch_size: int
+) -> tuple[int, Plan]:
+    """The shared prefix length and the batches: rows sorted by length, left-padded after the prefix,
+    each batch small enough that its kept logits stay under ``LOGIT_BUDGET`` floats."""
+    n = len(contexts)
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    n_prefix = common_prefix_len(contexts) if n > 1 else 0
+    n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
+    order = sorted(range(n), key=lambda i: len(contexts[i]) + len(continuations[i]))
+    plan: Plan = []
+    start = 0
+    while start < n:
+        keep = max(len(continuations[i]) for i in order[start : start + batch_size]) + 1
+        size = max(1, min(batch_size, LOGIT_BUDGET // (keep * vocab)))
+        chunk = order[start : start + size]
+        keep = max(len(continuations[i]) for i in chunk) + 1
+        rows = [(contexts[i] + continuations[i])[n_prefix:] for i in chunk]
+        plan.append((chunk, pad_left(rows, pad), keep))
+        start += len(chunk)
+    return n_prefix, plan
+
+
+class _Collector:
+    """Summed log-probabilities (and first-token logits) of continuations, batch by batch."""
+
+    def __init__(self, lm: LoadedModel, continuations: list[list[int]], keep_first_logits: bool) -> None:
+        n = len(continuations)
+        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+        self.continuations = continuations
+        self.lp_sum = torch.zeros(n, dtype=torch.float64)
+        self.first = torch.empty((n, vocab), dtype=torch.float32) if keep_first_logits else None
+
+    def add(self, chunk: list[int], logits: torch.Tensor, keep: int) -> None:
+        """logits: [b, keep, vocab] of the batch holding rows ``chunk``."""
+        for row, i in enumerate(chunk):
+            c = len(self.continuations[i])
+            if self.first is not None:
+                self.first[i] = logits[row, keep - c - 1].cpu()
+            if c:
+                logp = torch.log_softmax(logits[row, keep - c - 1 : keep - 1].double(), dim=-1)  # [c, vocab]
+                target = torch.tensor(self.continuations[i], device=logp.device)
+                self.lp_sum[i] = logp.gather(-1, target[:, None]).sum().cpu()
+
+    def scores(self) -> ContinuationScores:
+        counts = torch.tensor([len(c) for c in self.continuations], dtype=torch.long)
+        return ContinuationScores(self.lp_sum, counts, self.first)
 
 
 @torch.inference_mode()
@@ -109,6 +184,7 @@ def score_continuations(
     *,
     batch_size: int = 16,
     keep_first_logits: bool = False,
+    record_at: int | None = None,
 ) -> ContinuationScores:
     """Log-likelihood of each continuation given its context (token ids; each context non-empty).
 
@@ -116,40 +192,77 @@ def score_continuations(
     ``max continuation length + 1`` positions' logits are computed. The token prefix every context
     shares (a chat template's system turn) runs once, under the active hooks, and batches continue from
     its KV cache. Batches shrink so that the logits held at once stay under ``LOGIT_BUDGET`` floats.
+    With ``record_at`` (a layer; run without interventions), the result carries a
+    ``ContinuationReplay`` for ``replay_added``.
     """
     if any(not c for c in contexts):
         raise ValueError("every context needs at least one token")
-    n = len(contexts)
-    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-    lp_sum = torch.zeros(n, dtype=torch.float64)
-    counts = torch.tensor([len(c) for c in continuations], dtype=torch.long)
-    first = torch.empty((n, vocab), dtype=torch.float32) if keep_first_logits else None
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    n_prefix = common_prefix_len(contexts) if n > 1 else 0
-    n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
-    cache = prefix_cache(lm, contexts[0][:n_prefix]) if n_prefix else None
-    order = sorted(range(n), key=lambda i: len(contexts[i]) + len(continuations[i]))
-    start = 0
-    while start < n:
-        keep = max(len(continuations[i]) for i in order[start : start + batch_size]) + 1
-        size = max(1, min(batch_size, LOGIT_BUDGET // (keep * vocab)))
-        chunk = order[start : start + size]
-        keep = max(len(continuations[i]) for i in chunk) + 1
-        batch = pad_left([(contexts[i] + continuations[i])[n_prefix:] for i in chunk], pad)
+    n_prefix, plan = _plan(lm, contexts, continuations, batch_size)
+    rec = Recorder(lm, [record_at]) if record_at is not None else None
+    recorded: list[Calls] = []
+
+    def recording() -> AbstractContextManager[Calls]:
+        return rec.recording() if rec is not None else nullcontext({})
+
+    with recording() as calls:
+        cache = prefix_cache(lm, contexts[0][:n_prefix]) if n_prefix else None
+    prefix_calls = calls if n_prefix else None
+    out = _Collector(lm, continuations, keep_first_logits)
+    first_batch = torch.empty(0)
+    for chunk, batch, keep in plan:
         past = repeat_cache(cache, len(chunk)) if cache is not None else None
-        logits = forward_after_prefix(
-            lm, past, n_prefix, batch.input_ids, batch.attention_mask, keep=keep
-        ).float()  # [b, keep, vocab]
-        for row, i in enumerate(chunk):
-            c = len(continuations[i])
-            if first is not None:
-                first[i] = logits[row, keep - c - 1].cpu()
-            if c:
-                logp = torch.log_softmax(logits[row, keep - c - 1 : keep - 1].double(), dim=-1)  # [c, vocab]
-                target = torch.tensor(continuations[i], device=logp.device)
-                lp_sum[i] = logp.gather(-1, target[:, None]).sum().cpu()
-        start += len(chunk)
-    return ContinuationScores(lp_sum, counts, first)
+        with recording() as calls:
+            logits = forward_after_prefix(
+                lm, past, n_prefix, batch.input_ids, batch.attention_mask, keep=keep
+            ).float()  # [b, keep, vocab]
+        recorded.append(calls)
+        first_batch = logits[:, -1] if not first_batch.numel() else first_batch
+        out.add(chunk, logits, keep)
+    scores = out.scores()
+    if rec is not None and record_at is not None:
+        scores.replay = ContinuationReplay(
+            record_at, continuations, plan, prefix_calls, recorded, rec.cache_key, first_batch
+        )
+    return scores
+
+
+@torch.inference_mode()
+def replay_added(
+    lm: LoadedModel, replay: ContinuationReplay, vector: torch.Tensor, *, keep_first_logits: bool = False
+) -> ContinuationScores | None:
+    """The recorded pass's scores with ``vector`` ([d_model], raw) added to resid_pre[layer] at every
+    real token (``add_direction``'s numbers), computed from that layer on. None when replaying the
+    first batch without a vector does not give its recorded logits (rel. 1e-4): run the hooked pass."""
+    try:
+        again = next(_replay(lm, replay, torch.zeros_like(vector), 1))[:, -1]
+    except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as exc:
+        log.warning("restarting at a layer does not work for this model (%s); using a full pass", exc)
+        return None
+    err = float((again - replay.first_batch).abs().max()) / (float(replay.first_batch.abs().max()) or 1.0)
+    if err > 1e-4:
+        log.warning("restarting at a layer changes the logits (rel. error %.1e); using a full pass", err)
+        return None
+    out = _Collector(lm, replay.continuations, keep_first_logits)
+    for (chunk, _batch, keep), logits in zip(replay.plan, _replay(lm, replay, vector), strict=True):
+        out.add(chunk, logits, keep)
+    return out.scores()
+
+
+def _replay(
+    lm: LoadedModel, replay: ContinuationReplay, vector: torch.Tensor, n_batches: int | None = None
+) -> Iterator[torch.Tensor]:
+    """Each batch's [b, keep, vocab] logits, restarted at the recorded layer with ``vector`` added."""
+    from transformers import DynamicCache
+
+    cache = None
+    if replay.prefix_calls is not None:
+        cache = DynamicCache(config=lm.model.config)
+        run_blocks(lm, replay.prefix_calls, replay.layer, vector[None], None, cache, replay.cache_key)
+    steps = list(zip(replay.plan, replay.batch_calls, strict=True))[:n_batches]
+    for (chunk, batch, keep), calls in steps:
+        past = repeat_cache(cache, len(chunk)) if cache is not None else None
+        h = run_blocks(lm, calls, replay.layer, vector[None], batch.attention_mask, past, replay.cache_key)
+        yield head_logits(lm, h[:, -keep:])
 
 
 @torch.inference_mode()
@@ -187,6 +300,35 @@ def direction_projections(
 def first_token_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
     """KL(base || edited) per prompt. [n, vocab] x [n, vocab] -> [n] float64."""
     return kl_div(base_logits, edited_logits)
+
+
+def score_settings(
+    lm: LoadedModel, direction: Direction, contexts: list[list[int]], continuations: list[list[int]],
+    settings: Sequence[str], *, batch_size: int = 16, keep_first_logits: bool = False,
+) -> dict[str, ContinuationScores]:  # fmt: skip
+    """``score_continuations`` under each setting (``intervention``), in the order given. When baseline
+    comes before actadd, actadd restarts from the baseline's pass at the direction's layer
+    (``replay_added``: the same numbers, without recomputing the layers below it)."""
+    runs: dict[str, ContinuationScores] = {}
+    record = direction.layer if "actadd" in settings else None
+    for name in settings:
+        base = runs.get("baseline")
+        if name == "actadd" and base is not None and base.replay is not None:
+            added = replay_added(
+                lm, base.replay, ACTADD_COEFF * direction.vector.double(), keep_first_logits=keep_first_logits
+            )
+            base.replay = None  # its recorded activations are not needed any more
+            if added is not None:
+                runs[name] = added
+                continue
+        with intervention(lm, name, direction):
+            runs[name] = score_continuations(
+                lm, contexts, continuations, batch_size=batch_size, keep_first_logits=keep_first_logits,
+                record_at=record if name == "baseline" else None,
+            )  # fmt: skip
+    for s in runs.values():
+        s.replay = None
+    return runs
 
 
 # ---- corpus ------------------------------------------------------------------------------------------
@@ -227,11 +369,10 @@ def corpus_ce(
 ) -> dict[str, Any]:
     """Mean next-token CE over the windows (every token after the first is scored), per setting."""
     out: dict[str, Any] = {"ce": {}, "ce_per_window": {}}
-    for name in settings:
-        with intervention(lm, name, direction):
-            s = score_continuations(
-                lm, [w[:1] for w in windows], [w[1:] for w in windows], batch_size=batch_size
-            )
+    runs = score_settings(
+        lm, direction, [w[:1] for w in windows], [w[1:] for w in windows], settings, batch_size=batch_size
+    )
+    for name, s in runs.items():
         out["ce"][name] = s.ce
         out["ce_per_window"][name] = (-s.logprob_sum / s.n_tokens).tolist()
     out["n_tokens_scored"] = int(sum(len(w) - 1 for w in windows))
@@ -287,10 +428,8 @@ def harmless_coherence(
         conts[r] = ids
         ce_rows.append(r)
     ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in rows]
-    runs: dict[str, ContinuationScores] = {}
-    for name in ["baseline", *[s for s in settings if s != "baseline"]]:
-        with intervention(lm, name, direction):
-            runs[name] = score_continuations(lm, ctx, conts, batch_size=batch_size, keep_first_logits=True)
+    names = ["baseline", *[s for s in settings if s != "baseline"]]
+    runs = score_settings(lm, direction, ctx, conts, names, batch_size=batch_size, keep_first_logits=True)
     base = runs["baseline"].first_logits
     assert base is not None
     idx = torch.tensor(ce_rows, dtype=torch.long)

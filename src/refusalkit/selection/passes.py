@@ -4,21 +4,18 @@
   direction (``interventions.RowSteering``), so few validation prompts still fill a batch and the weights are read
   once for several candidates.
 - Activation addition at layer l leaves every layer below l untouched, so it restarts at block l
-  from the baseline pass's recorded resid_pre[l] (``ResidReplay``): each block is called again with
-  the keyword arguments the model gave it in the baseline pass (mask, rotary embeddings), only the
-  KV cache is a fresh one. A self-check replays the baseline; if that does not reproduce the model's
+  from the baseline pass's recorded resid_pre[l] (``ResidReplay``, built on ``refusalkit.restart``):
+  each block is called again with the keyword arguments the model gave it in the baseline pass (mask,
+  rotary embeddings), only the KV cache is a fresh one. A self-check replays the baseline; if that does not reproduce the model's
   own logits (an architecture this replay does not fit), addition runs as an ordinary hooked pass.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from refusalkit.activations import (
     PromptBatches,
@@ -28,9 +25,10 @@ from refusalkit.activations import (
     prefix_cache,
     select_cache_rows,
 )
-from refusalkit.interventions import RowSteering, _register_pre, add_direction, hooks
+from refusalkit.interventions import RowSteering, add_direction
 from refusalkit.models.loading import LoadedModel
 from refusalkit.prompts import Batch
+from refusalkit.restart import Calls, Recorder, head_logits, run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -80,41 +78,6 @@ def _assemble(enc: PromptBatches, chunks: list[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-class _Recorder:
-    """Pre-hooks that keep each block's input and call arguments during one forward pass (the KV
-    cache argument left out: a replay passes its own)."""
-
-    def __init__(self, lm: LoadedModel, layers: list[int]) -> None:
-        self.lm, self.layers = lm, layers
-        self.cache_key: str | None = None  # the blocks' name for their KV-cache argument
-
-    @contextmanager
-    def recording(self) -> Iterator[dict[int, tuple[torch.Tensor, dict[str, Any]]]]:
-        from transformers import Cache
-
-        calls: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
-
-        def make(layer: int) -> Any:
-            def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                if args[1:]:
-                    raise TypeError("decoder block called with extra positional arguments")
-                hidden = args[0] if args else kwargs["hidden_states"]
-                rest = {}
-                for k, v in kwargs.items():
-                    if isinstance(v, Cache):
-                        self.cache_key = k
-                    elif k != "hidden_states":
-                        rest[k] = v
-                calls[layer] = (hidden if layer in self.layers else hidden[:, :0], rest)
-
-            return hook
-
-        blocks = self.lm.arch.blocks
-        regs = [_register_pre(blocks[i], make(i)) for i in range(min(self.layers), len(blocks))]
-        with hooks(regs):
-            yield calls
-
-
 class ResidReplay:
     """A baseline pass over encoded prompts that can be restarted at any recorded layer.
 
@@ -124,8 +87,8 @@ class ResidReplay:
 
     def __init__(self, lm: LoadedModel, enc: PromptBatches, layers: list[int]) -> None:
         self.lm, self.enc, self.layers = lm, enc, sorted(set(layers))
-        rec = _Recorder(lm, self.layers)
-        self.prefix_calls: dict[int, tuple[torch.Tensor, dict[str, Any]]] | None = None
+        rec = Recorder(lm, self.layers)
+        self.prefix_calls: Calls | None = None
         self.cache = None
         with torch.inference_mode():
             if enc.prefix:
@@ -185,57 +148,18 @@ class ResidReplay:
         cache = None
         if self.prefix_calls is not None:
             cache = DynamicCache(config=self.lm.model.config)
-            self._blocks(self.prefix_calls, layer, vectors, None, cache)
+            run_blocks(self.lm, self.prefix_calls, layer, vectors, None, cache, self.cache_key)
         out = []
         for calls, (rows, _ids, mask) in zip(self.batch_calls, self.enc.batches, strict=True):
             b = len(rows)
             past = select_cache_rows(cache, torch.arange(k).repeat_interleave(b)) if cache else None
-            h = self._blocks(calls, layer, vectors, mask, past)
+            h = run_blocks(self.lm, calls, layer, vectors, mask, past, self.cache_key)
             out.append(_reduced(self._head(h[:, -1:]).cpu(), rows, k, score))
         return _assemble(self.enc, out)
 
-    def _blocks(
-        self, calls: dict[int, tuple[torch.Tensor, dict[str, Any]]], layer: int, vectors: torch.Tensor,
-        mask: torch.Tensor | None, cache: Any,
-    ) -> torch.Tensor:  # fmt: skip
-        """Blocks ``layer``.. on the recorded resid_pre[layer] plus each vector: [k * b, seq, d] out,
-        candidate-major rows (every recorded per-row argument repeated k times)."""
-        k, h = vectors.shape[0], calls[layer][0]
-        b = h.shape[0]
-        work = torch.promote_types(h.dtype, torch.float32)
-        delta = vectors.double().to(device=h.device, dtype=work).repeat_interleave(b, 0)[:, None, :]
-        m = torch.ones(h.shape[:2]) if mask is None else mask[:, -h.shape[1] :]
-        m = m.to(device=h.device, dtype=work).repeat(k, 1)[..., None]
-        # As add_direction: float32 at least, pad positions never steered, one rounding.
-        h = (h.to(work).repeat(k, 1, 1) + m * delta).to(h.dtype)
-        for i in range(layer, len(self.lm.arch.blocks)):
-            kwargs = {name: _repeat_rows(v, b, k) for name, v in calls[i][1].items()}
-            if self.cache_key is not None:
-                kwargs[self.cache_key] = cache
-            out = self.lm.arch.blocks[i](h, **kwargs)
-            h = out[0] if isinstance(out, tuple) else out
-        return h
-
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """[b, 1, d] last resid_post -> [b, vocab] float32 logits, as the model's own head does."""
-        arch = self.lm.arch
-        logits = arch.unembed(arch.final_norm(h))[:, -1].float()
-        cap = getattr(self.lm.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-
-def _repeat_rows(value: Any, b: int, k: int) -> Any:
-    """A recorded block argument for k candidates: tensors with b rows (the batch) repeated k times,
-    candidate-major; one-row tensors broadcast as they are; anything else unchanged."""
-    if k == 1:
-        return value
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b and b > 1:
-        return value.repeat(k, *([1] * (value.dim() - 1)))
-    if isinstance(value, tuple):
-        return tuple(_repeat_rows(v, b, k) for v in value)
-    return value
+        return head_logits(self.lm, h)[:, -1]
 
 
 def _in_input_order(enc: PromptBatches, chunks: list[torch.Tensor]) -> torch.Tensor:

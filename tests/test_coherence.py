@@ -279,7 +279,9 @@ def test_actadd_falls_back_to_the_hooked_pass_when_a_restart_is_not_exact(
 
     lm = make_lm("qwen2")
     tok = lm.tokenizer
-    ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in format_prompts(tok, ["Name a color.", "Hi"])]
+    ctx = [
+        tok(p, add_special_tokens=False)["input_ids"] for p in format_prompts(tok, ["Name a color.", "Hi"])
+    ]
     d = _direction(lm)
     real = coh.head_logits
     calls = []

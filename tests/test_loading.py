@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import CHATML, tiny_model, tiny_tokenizer
 from refusalkit.errors import RefusalkitError
-from refusalkit.models.loading import fingerprint, load_model
+from refusalkit.models.loading import contiguous_head_input, fingerprint, load_model
 from refusalkit.models.registry import ensure_converted
 
 
@@ -49,3 +50,19 @@ def test_missing_model_paths(tmp_path: Path) -> None:
         load_model(str(tmp_path / "empty"), device="cpu")
     with pytest.raises(RefusalkitError, match="unknown built-in model"):
         ensure_converted("no-such-model")
+
+
+def test_loaded_model_head_sees_contiguous_input(tmp_path: Path) -> None:
+    # transformers slices the kept positions into a strided view; the head gets a contiguous copy
+    # (torch's batched matmul path for strided input is ~4x slower), same logits.
+    lm = load_model(str(_save(tmp_path, with_template=True)), device="cpu")
+    seen: list[bool] = []
+    lm.arch.unembed.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.inference_mode():
+        kept = lm.model(input_ids=ids, logits_to_keep=2).logits
+        full = lm.model(input_ids=ids).logits
+    assert seen == [True, True]
+    torch.testing.assert_close(kept, full[:, -2:], atol=1e-5, rtol=1e-5)
+    contiguous_head_input(lm.arch.unembed)  # a second call adds no second hook
+    assert len(lm.arch.unembed._forward_pre_hooks) == 2

@@ -97,6 +97,22 @@ def fingerprint(folder: str) -> str:
     return "files-sha256:" + h.hexdigest()
 
 
+def _contiguous(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+def contiguous_head_input(head: torch.nn.Module) -> None:
+    """Make the output head's input contiguous before it runs. transformers hands the head a strided
+    view of the last positions (``logits_to_keep``); torch's matmul sends a strided 3-D input down its
+    batched path, the [vocab, d_model] weight broadcast per row: about 4x slower than one matrix
+    product for the default model's 151936-token head on a CPU (0.76 s vs 0.17 s for 24 rows),
+    several seconds per pass in selection. Copying the few kept positions costs nothing in comparison."""
+    if not any(h is _contiguous for h in head._forward_pre_hooks.values()):
+        head.register_forward_pre_hook(_contiguous)
+
+
 def load_model(
     spec: str,
     *,
@@ -151,6 +167,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     arch = resolve_arch(model, arch_override)
+    contiguous_head_input(arch.unembed)
     name = spec if spec in BUILTIN_MODELS else Path(spec).name or spec
     return LoadedModel(
         model=model,

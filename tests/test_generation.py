@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from refusalkit.activations import logits_for_prompts
 from refusalkit.generation import eos_ids, generate, generate_ids
 from refusalkit.interventions import RowSteering, ablate_direction, add_direction, token_mask
 from refusalkit.prompts import encode, format_prompts
@@ -106,13 +107,29 @@ def test_rows_of_different_settings_share_batches(make_lm: Callable[..., Any], s
     alone = {k: [r[: r.index(stop) + 1] if stop in r else r for r in rows] for k, rows in alone.items()}
     kinds = [k for k in (2, 0, 1) for _ in prompts]  # kinds in another order than their index
     mixed_prompts = [p for _ in (2, 0, 1) for p in prompts]
+    first: dict[int, torch.Tensor] = {}
     with steering.active(lm.arch):
         mixed = generate_ids(
-            lm, mixed_prompts, max_new_tokens=8, batch_size=7, steering=steering, kinds=kinds
-        )
+            lm, mixed_prompts, max_new_tokens=8, batch_size=7, steering=steering, kinds=kinds,
+            first_logits=first,
+        )  # fmt: skip
     expected = [row for k in (2, 0, 1) for row in alone[k]]
     assert mixed == expected
     assert min(len(r) for r in mixed) < 8  # some rows finished early
+    # each row's first-step logits are its setting's next-token logits of the prompt
+    assert sorted(first) == list(range(len(mixed_prompts)))
+    with ablate_direction(lm.arch, v):
+        ablated = logits_for_prompts(lm, prompts, batch_size=5)
+    n = len(prompts)
+    torch.testing.assert_close(
+        torch.stack([first[i] for i in range(2 * n, 3 * n)]), ablated, atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        torch.stack([first[i] for i in range(n, 2 * n)]),
+        logits_for_prompts(lm, prompts, 5),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_steering_needs_its_kinds(make_lm: Callable[..., Any]) -> None:

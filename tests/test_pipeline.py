@@ -67,6 +67,7 @@ CALLS = {
     "mean_activations": extract,
     "score_candidates": select,
     "generate": evaluate,
+    "logits_for_prompts": evaluate,
     "export_checkpoint": export,
     "carve": data,
     "load_model": pipeline,
@@ -183,6 +184,24 @@ def test_changed_setting_reruns_from_its_stage(
     assert calls == [(len(COMPLETIONS) - 1) * 2]
     rates = json.loads((out / "evaluate" / "refusal_rates.json").read_text())
     assert rates["max_new_tokens"] == 3
+
+
+def test_reuse_check_takes_the_ablation_logits_from_its_generation(
+    finished: tuple[Path, Any, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, lm, _ = finished
+    passes = _count(monkeypatch, "logits_for_prompts")
+    Run(out, _settings(max_new_tokens=3), lm=lm).evaluate()
+    assert passes == [
+        1
+    ]  # the orthogonalized weights' pass only: the ablation's logits came with its completions
+    ortho = json.loads((out / "evaluate" / "completions" / "harmful__orthogonalized.json").read_text())
+    assert ortho["reused"]["passed"] and ortho["reused"]["max_logit_diff"] <= ortho["reused"]["tolerance"]
+    # resumed with the ablation's completions on disk: its logits are computed for the check
+    (out / "evaluate" / "completions" / "harmful__orthogonalized.json").unlink()
+    passes.clear()
+    Run(out, _settings(max_new_tokens=3), lm=lm).evaluate()
+    assert passes == [1, 1]
 
 
 def test_all_filtered_keeps_extract_and_writes_scores(make_lm: Callable[..., Any], tmp_path: Path) -> None:

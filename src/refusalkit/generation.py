@@ -48,17 +48,18 @@ def generate(
     desc: str = "generating",
     steering: RowSteering | None = None,
     kinds: list[int] | None = None,
+    first_logits: dict[int, torch.Tensor] | None = None,
 ) -> list[str]:
     """Greedy completions of formatted prompts, in input order, up to ``max_new_tokens`` or EOS.
 
     Plain argmax decoding, as the paper's code: sampling and penalty settings in the model's
     generation config are not applied. Prompts are sorted by length and cut into equal batches of at
     most ``batch_size``, left padded. With ``steering`` (its hooks active around the call), prompt i
-    is steered as kind ``kinds[i]``.
+    is steered as kind ``kinds[i]``. ``first_logits``: as in ``generate_ids``.
     """
     ids = generate_ids(
         lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc,
-        steering=steering, kinds=kinds,
+        steering=steering, kinds=kinds, first_logits=first_logits,
     )  # fmt: skip
     return lm.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
 
@@ -73,8 +74,11 @@ def generate_ids(
     desc: str = "generating",
     steering: RowSteering | None = None,
     kinds: list[int] | None = None,
+    first_logits: dict[int, torch.Tensor] | None = None,
 ) -> list[list[int]]:
-    """The new token ids of each prompt's greedy completion (ending with EOS if it was reached)."""
+    """The new token ids of each prompt's greedy completion (ending with EOS if it was reached).
+    ``first_logits``, when given, receives each prompt's next-token logits at the end of the prompt
+    (prompt index -> [vocab] float32): the logits a separate pass over the prompts would give."""
     if not prompts:
         return []
     if (steering is None) != (kinds is None) or (kinds is not None and len(kinds) != len(prompts)):
@@ -100,10 +104,12 @@ def generate_ids(
                 if row_kinds is not None
                 else repeat_cache(cache, len(rows))
             )
-        tokens = _greedy(
+        tokens, first = _greedy(
             lm, past, len(enc.prefix), input_ids, mask, max_new_tokens, stop, steering, row_kinds
         )
         out.update(zip(rows, tokens, strict=True))
+        if first_logits is not None and first.numel():
+            first_logits.update(zip(rows, first.float().cpu(), strict=True))
     return [out[i] for i in range(len(prompts))]
 
 
@@ -111,8 +117,9 @@ def _greedy(
     lm: LoadedModel, past: Any, n_prefix: int, input_ids: torch.Tensor, mask: torch.Tensor,
     max_new_tokens: int, stop: set[int], steering: RowSteering | None = None,
     row_kinds: torch.Tensor | None = None,
-) -> list[list[int]]:  # fmt: skip
-    """New token ids per row of a left-padded batch that follows a prefix held in ``past`` (or none)."""
+) -> tuple[list[list[int]], torch.Tensor]:  # fmt: skip
+    """New token ids per row of a left-padded batch that follows a prefix held in ``past`` (or none),
+    and the first step's logits [b, vocab]."""
     if steering is not None and row_kinds is not None:
         steering.use(row_kinds)
     b, device = input_ids.shape[0], lm.device
@@ -122,6 +129,7 @@ def _greedy(
     active = list(range(b))  # batch row -> input row
     new: list[list[int]] = [[] for _ in range(b)]
     key = cache_kwarg(lm.model)
+    first = torch.empty(0)
     for t in range(max_new_tokens):
         with token_mask(full_mask):
             out = lm.model(
@@ -129,6 +137,8 @@ def _greedy(
                 logits_to_keep=1, **({key: past} if past is not None else {}),
             )  # fmt: skip
         past = cache_of(out)
+        if t == 0:
+            first = out.logits[:, -1]
         nxt = out.logits[:, -1].argmax(-1)
         going = []
         for j, (row, tok) in enumerate(zip(active, nxt.tolist(), strict=True)):
@@ -148,4 +158,4 @@ def _greedy(
         step = nxt[:, None]
         full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-    return new
+    return new, first

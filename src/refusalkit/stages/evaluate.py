@@ -70,11 +70,14 @@ def artifacts(layout: RunLayout) -> list[Path]:
 
 
 def reuse_check(
-    lm: LoadedModel, direction: Direction, test_prompts: list[str], batch_size: int
-) -> dict[str, Any]:
-    """Whether orthogonalized weights give the ablation's next-token logits on ``test_prompts``."""
-    with intervention(lm, "ablation", direction):
-        hooked = logits_for_prompts(lm, test_prompts, batch_size).float()
+    lm: LoadedModel, direction: Direction, test_prompts: list[str], batch_size: int,
+    hooked: torch.Tensor | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Whether orthogonalized weights give the ablation's next-token logits on ``test_prompts``
+    (``hooked``: those logits when the ablation's generation kept them, else computed here)."""
+    if hooked is None:
+        with intervention(lm, "ablation", direction):
+            hooked = logits_for_prompts(lm, test_prompts, batch_size).float()
     with intervention(lm, "orthogonalized", direction):
         weights = logits_for_prompts(lm, test_prompts, batch_size).float()
     diff = float((hooked - weights).abs().max())
@@ -96,10 +99,12 @@ def _rows(instructions: list[str], texts: list[str]) -> list[dict[str, Any]]:
 
 
 def generate_settings(
-    lm: LoadedModel, settings: list[EvalSetting], direction: Direction, splits: Any, s: Settings
-) -> dict[EvalSetting, list[dict[str, Any]]]:
+    lm: LoadedModel, settings: list[EvalSetting], direction: Direction, splits: Any, s: Settings,
+    first_logits: dict[EvalSetting, torch.Tensor] | None = None,
+) -> dict[EvalSetting, list[dict[str, Any]]]:  # fmt: skip
     """Completions of every hook setting's test prompts, all settings sharing the generation batches
-    (each row steered as its own setting), so each decoding step reads the weights once for all."""
+    (each row steered as its own setting), so each decoding step reads the weights once for all.
+    ``first_logits`` receives each setting's next-token logits of its prompts ([n, vocab])."""
     if not settings:
         return {}
     steering = row_steering([(st.name, st.coeff) for st in settings], direction)
@@ -109,15 +114,18 @@ def generate_settings(
         ps = prompts(lm, splits[f"{st.prompt_set}_test"], s)
         texts_in += ps
         kinds += [k] * len(ps)
+    first: dict[int, torch.Tensor] = {}
     with steering.active(lm.arch):
         texts = generate(
             lm, texts_in, max_new_tokens=s.max_new_tokens, batch_size=s.gen_batch_size,
-            desc="completions", steering=steering, kinds=kinds,
+            desc="completions", steering=steering, kinds=kinds, first_logits=first,
         )  # fmt: skip
     out, start = {}, 0
     for st in settings:
         instructions = splits[f"{st.prompt_set}_test"]
         out[st] = _rows(instructions, texts[start : start + len(instructions)])
+        if first_logits is not None and first:
+            first_logits[st] = torch.stack([first[i] for i in range(start, start + len(instructions))])
         start += len(instructions)
     return out
 
@@ -153,11 +161,18 @@ def evaluate(
         found[setting] = (rows, reuse)
 
     todo = [st for st in settings if st not in found and st.name in HOOK_SETTINGS]
-    for setting, rows in generate_settings(lm, todo, direction, splits, s).items():
+    first: dict[EvalSetting, torch.Tensor] = {}
+    for setting, rows in generate_settings(lm, todo, direction, splits, s, first).items():
         save(setting, rows, None)
     for setting in [st for st in settings if st not in found]:  # orthogonalized
-        ablation = found.get(EvalSetting(setting.prompt_set, "ablation"))
-        save(setting, *_orthogonalized(lm, setting, direction, splits, s, ablation[0] if ablation else None))
+        key = EvalSetting(setting.prompt_set, "ablation")
+        ablation = found.get(key)
+        save(
+            setting,
+            *_orthogonalized(
+                lm, setting, direction, splits, s, ablation[0] if ablation else None, first.get(key)
+            ),
+        )
     for setting in settings:
         rows, reuse = found[setting]
         rates.setdefault(setting.prompt_set, {})[setting.name] = _rate(rows, setting.coeff)
@@ -174,12 +189,14 @@ def _orthogonalized(
     splits: Any,
     s: Settings,
     ablation: list[dict[str, Any]] | None,
+    ablation_logits: torch.Tensor | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """The orthogonalized weights' rows (the ablation's, when the logit check passes), and the check."""
+    """The orthogonalized weights' rows (the ablation's, when the logit check passes), and the check
+    (against ``ablation_logits``, the ablation generation's first logits, when it kept them)."""
     instructions = splits[f"{setting.prompt_set}_test"]
     check = None
     if ablation is not None:
-        check = reuse_check(lm, direction, prompts(lm, instructions, s), s.batch_size)
+        check = reuse_check(lm, direction, prompts(lm, instructions, s), s.batch_size, ablation_logits)
         if check["passed"]:
             return [dict(r) for r in ablation], {"from": "ablation", **check}
     with intervention(lm, setting.name, direction):

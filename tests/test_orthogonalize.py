@@ -185,3 +185,22 @@ def test_half_precision_weights_equal_hooks(
     diff = float((edited - hooked).abs().max()) / scale
     assert diff <= tol, diff
     assert lm.arch.embed.weight.dtype == dtype
+
+
+def test_edit_in_blocks_equals_the_whole_matrix_formula(
+    make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Blocks of a few rows/columns (BLOCK elements) give the numbers of the one-piece float64 formula.
+    import refusalkit.orthogonalize as orth
+
+    lm = make_lm("qwen2")
+    d = lm.arch.embed.weight.shape[1]
+    r = torch.randn(d, generator=torch.Generator().manual_seed(5))
+    u = r.double() / r.double().norm()
+    emb, out = lm.arch.embed.weight.detach().clone(), lm.arch.mlp_write[0].weight.detach().clone()
+    want_emb = (emb.double() - (emb.double() @ u)[:, None] * u[None, :]).float()
+    want_out = (out.double() - u[:, None] * (u[None, :] @ out.double())).float()
+    monkeypatch.setattr(orth, "BLOCK", 3 * d + 1)  # 3 rows, or fewer than 4 columns, per block
+    orthogonalize_weights(lm, r)
+    assert torch.equal(lm.arch.embed.weight, want_emb)
+    assert torch.equal(lm.arch.mlp_write[0].weight, want_out)

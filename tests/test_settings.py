@@ -33,7 +33,7 @@ def test_precedence(tmp_path: Path) -> None:
     config = _toml(tmp_path, 'preset = "paper"\nn_val = 5\nn_test = 6\nseed = 1\nmodel = "from-toml"\n')
     env = {"REFUSALKIT_N_TEST": "7", "REFUSALKIT_SEED": "2", "REFUSALKIT_MODEL": "from-env"}
     s = build_settings({"model": "from-flag", "batch_size": None}, config=config, environ=env)
-    assert s.batch_size == 16  # default (a None flag is "not given")
+    assert s.batch_size == 32  # default (a None flag is "not given")
     assert s.n_train == 128  # preset over default
     assert s.max_new_tokens == 256  # preset
     assert s.n_val == 5  # TOML over preset

@@ -71,7 +71,12 @@ class RunOptions(_Options):
     )
     preset: str | None = Field(None, description="Named settings bundle: 'paper' or 'quick'.")
     seed: int = Field(42, description="Seed for sampling and splits.")
-    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Prompts per forward pass (on a CPU, passes of a few hundred tokens run the matrix "
+        "products well below their speed: 118 GFLOP/s for 80 tokens, 175 for 650 on a 2-core CPU).",
+    )
     data_dir: str = Field(
         default_factory=default_data_dir, description="Folder of the shared data sets (presets)."
     )

@@ -50,7 +50,8 @@ class Recorder:
                         self.cache_key = k
                     elif k != "hidden_states":
                         rest[k] = v
-                calls[layer] = (hidden if layer in self.layers else hidden[:, :0], rest)
+                # other layers keep no input (an empty slice would hold the whole tensor alive)
+                calls[layer] = (hidden if layer in self.layers else hidden.new_empty(0), rest)
 
             return hook
 

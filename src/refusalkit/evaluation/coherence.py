@@ -215,8 +215,10 @@ def score_continuations(
             logits = forward_after_prefix(
                 lm, past, n_prefix, batch.input_ids, batch.attention_mask, keep=keep
             ).float()  # [b, keep, vocab]
-        recorded.append(calls)
-        first_batch = logits[:, -1] if not first_batch.numel() else first_batch
+        if rec is not None:
+            recorded.append(calls)
+            if not first_batch.numel():  # a copy: a view would hold the batch's [b, keep, vocab] alive
+                first_batch = logits[:, -1].clone()
         out.add(chunk, logits, keep)
     scores = out.scores()
     if rec is not None and record_at is not None:

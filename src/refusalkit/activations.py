@@ -54,6 +54,13 @@ def common_prefix_len(rows: list[list[int]], keep_last: int = 1) -> int:
     return max(n, 0)
 
 
+def shared_prefix_len(rows: list[list[int]], min_prefix: int = 8, keep_last: int = 1) -> int:
+    """The prefix worth running once for ``rows``: ``common_prefix_len`` when there are two rows or
+    more and it is at least ``min_prefix`` tokens (a shorter one is not worth a pass of its own), else 0."""
+    n = common_prefix_len(rows, keep_last) if len(rows) > 1 else 0
+    return n if n >= min_prefix else 0
+
+
 @dataclass
 class PromptBatches:
     """Formatted prompts tokenized once, for passes that run them many times (selection).
@@ -93,9 +100,7 @@ def encode_batches(
     tok = lm.tokenizer
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-    n_prefix = common_prefix_len(ids, keep_last) if share_prefix and len(ids) > 1 else 0
-    if n_prefix < min_prefix:
-        n_prefix = 0
+    n_prefix = shared_prefix_len(ids, min_prefix, keep_last) if share_prefix else 0
     out = []
     chunks = (
         even_batches(order, batch_size)

@@ -29,12 +29,12 @@ import torch
 from refusalkit.activations import (
     cache_kwarg,
     cache_of,
-    common_prefix_len,
     even_batches,
     length_batches,
     prefix_cache,
     repeat_cache,
     select_cache_rows,
+    shared_prefix_len,
 )
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.coherence import LOGIT_BUDGET, MIN_PREFIX
@@ -282,8 +282,7 @@ def option_logprobs(
     if any(not c for c in contexts) or any(not o for opts in options for o in opts):
         raise ValueError("every context and every option needs at least one token")
     vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-    n_prefix = common_prefix_len(contexts) if len(contexts) > 1 else 0
-    n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
+    n_prefix = shared_prefix_len(contexts, MIN_PREFIX)
     prefix = prefix_cache(lm, contexts[0][:n_prefix]) if n_prefix else None
     result = [torch.empty(len(o), dtype=torch.float64) for o in options]
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from refusalkit.activations import (
-    common_prefix_len,
     encode_batches,
     forward_after_prefix,
     prefix_cache,
     repeat_cache,
+    shared_prefix_len,
 )
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
@@ -134,8 +134,7 @@ def _plan(
     n = len(contexts)
     vocab = int(lm.model.get_output_embeddings().weight.shape[0])
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    n_prefix = common_prefix_len(contexts) if n > 1 else 0
-    n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
+    n_prefix = shared_prefix_len(contexts, MIN_PREFIX)
     order = sorted(range(n), key=lambda i: len(contexts[i]) + len(continuations[i]))
     plan: Plan = []
     start = 0

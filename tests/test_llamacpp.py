@@ -13,7 +13,6 @@ a quick direction (prints the numbers with -s).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +44,14 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("REFUSALKIT_CACHE")
-    os.environ["REFUSALKIT_CACHE"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["REFUSALKIT_CACHE"]
-    else:
-        os.environ["REFUSALKIT_CACHE"] = old
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private model cache for one tiny-model test. Per test, not per module: a module-wide override
+    stayed set while the real-model tests below ran, so they converted the 1.5B model (6.7 GB) into a
+    temporary cache beside the user's, and CI's disk ran out."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("REFUSALKIT_CACHE", str(path))
+    return path
 
 
 def _hf_logprobs(lm: LoadedModel, ids: list[int]) -> np.ndarray:

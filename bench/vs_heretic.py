@@ -57,6 +57,12 @@ def main() -> None:
         help="Also verify the unedited model, after the timed part (+1 generation pass, timed apart).",
     )
     ap.add_argument("--startup-trials", type=int, default=4, help="Random trials before TPE models.")
+    ap.add_argument(
+        "--proxy-new-tokens",
+        type=int,
+        default=0,
+        help="Greedy tokens per harmful validation prompt judged in each trial (0: first-token logits only).",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("refusalkit.search").setLevel(logging.INFO)
@@ -81,6 +87,7 @@ def main() -> None:
         minutes=args.minutes,
         seed=args.seed,
         startup_trials=args.startup_trials,
+        proxy_new_tokens=args.proxy_new_tokens,
         verify_n=args.verify_n,
         verify_harmful=str(data / "processed" / "jailbreakbench.json"),
         verify_harmless=str(data / "splits" / "harmless_test.json"),

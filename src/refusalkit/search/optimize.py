@@ -64,6 +64,12 @@ class OptimizeOptions(BaseModel):
         "--verify-kl-n held-out prompts (100).",
     )
     batch_size: int = Field(default=32, ge=1, description="Prompts per forward pass.")
+    proxy_new_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Greedy tokens per harmful prompt judged by both marker lists in each trial (catches "
+        "replies that turn to a refusal after the first token); 0: the first token's logits only.",
+    )
     sources: list[str] = Field(
         default=["interpolated", "per_layer"],
         description="Direction sources to search: interpolated, per_layer, candidate.",
@@ -203,16 +209,17 @@ def _seeds(layout: RunLayout, cands: Candidates, space: SearchSpace) -> list[See
 
 
 def _filter_refused(scorer: ProxyScorer) -> None:
-    """Keep the harmful prompts the unedited model refuses (metric > 0), as the paper's selection does."""
-    metric = scorer.harmful_metric()
-    kept = [p for p, m in zip(scorer.harmful, metric.tolist(), strict=True) if m > 0]
+    """Keep the harmful prompts the unedited model refuses (metric > 0, as the paper's selection does,
+    or, with a generated proxy, a judge's marker in its first tokens)."""
+    kept = [p for p, r in zip(scorer.harmful, scorer.refusing(), strict=True) if r]
     if len(kept) >= 2:
         scorer.harmful = kept
 
 
 def _fingerprint(
-    lm: LoadedModel, layout: RunLayout, sets: dict[str, list[str]], ids: list[int], space: SearchSpace
-) -> str:
+    lm: LoadedModel, layout: RunLayout, sets: dict[str, list[str]], ids: list[int], space: SearchSpace,
+    o: OptimizeOptions,
+) -> str:  # fmt: skip
     parts = {
         "model": lm.fingerprint,
         "candidates": sha256_file(layout.candidates),
@@ -220,6 +227,7 @@ def _fingerprint(
         "harmless": sha256_text("\n".join(sets["harmless"])),
         "refusal_ids": ids,
         "space": space.model_dump(mode="json"),
+        "proxy_new_tokens": o.proxy_new_tokens,
     }
     return sha256_text(json.dumps(parts, sort_keys=True))[:16]
 
@@ -286,12 +294,15 @@ def _search(
 ) -> tuple[Any, int, float]:
     """Open (or resume) the study and run this call's trials. Returns (study, trials run, seconds)."""
     space = _space(layout, o, cands.n_layers)
-    study = open_study(layout.study, _fingerprint(lm, layout, sets, ids, space), o.seed, o.startup_trials)
+    study = open_study(layout.study, _fingerprint(lm, layout, sets, ids, space, o), o.seed, o.startup_trials)
     done = sum(t.values is not None for t in study.get_trials(deepcopy=False))
     if done >= o.trials:
         return study, 0, 0.0  # nothing to run: no baseline pass needed
     fmt = lambda xs: format_prompts(lm.tokenizer, xs, system)  # noqa: E731
-    scorer = ProxyScorer(lm, fmt(sets["harmful"]), fmt(sets["harmless"]), ids, o.batch_size)
+    scorer = ProxyScorer(
+        lm, fmt(sets["harmful"]), fmt(sets["harmless"]), ids, o.batch_size,
+        new_tokens=o.proxy_new_tokens, gen_batch_size=o.gen_batch_size,
+    )  # fmt: skip
     t_harmful = time.perf_counter()
     _filter_refused(scorer)
     estimate = scorer.baseline_seconds + (time.perf_counter() - t_harmful)

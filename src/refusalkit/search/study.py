@@ -27,7 +27,10 @@ from refusalkit.search.space import SearchSpace, suggest
 log = logging.getLogger(__name__)
 
 STUDY_NAME = "edit-search"
-OBJECTIVES = ("expected refusal (mean P of refusal tokens, harmful val)", "first-token KL mean (harmless)")
+OBJECTIVES = (
+    "expected refusal (harmful val: mean P of refusal tokens; 1 where a judge marks the first tokens)",
+    "first-token KL mean (harmless)",
+)
 
 
 def require_optuna() -> Any:

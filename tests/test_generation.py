@@ -80,6 +80,26 @@ def test_finished_rows_stop_and_leave_the_batch(make_lm: Callable[..., Any]) -> 
     assert min(lengths) < 8 and max(lengths) == 8  # some rows stopped early, some ran to the limit
 
 
+def test_done_ends_a_prompt_early_and_leaves_the_others_as_they_were(make_lm: Callable[..., Any]) -> None:
+    """``done(i, ids)`` ends prompt i where it says so (its completion is the prefix up to there), the
+    other prompts' completions are unchanged, and it is asked with the prompt's own index and tokens."""
+    lm = make_lm("qwen2")
+    prompts = format_prompts(lm.tokenizer, INSTRUCTIONS, SYSTEM)
+    full = generate_ids(lm, prompts, max_new_tokens=8, batch_size=2)
+    assert all(len(x) == 8 for x in full), "the fixture needs completions that reach the limit"
+    asked: list[tuple[int, list[int]]] = []
+
+    def done(i: int, ids: list[int]) -> bool:
+        asked.append((i, list(ids)))
+        return i in (1, 3) and len(ids) == 3
+
+    ours = generate_ids(lm, prompts, max_new_tokens=8, batch_size=2, done=done)
+    assert ours[1] == full[1][:3] and ours[3] == full[3][:3]
+    assert [ours[i] for i in (0, 2, 4)] == [full[i] for i in (0, 2, 4)]
+    assert all(ids == full[i][: len(ids)] for i, ids in asked)  # each prompt's own tokens so far
+    assert {i for i, _ in asked} == set(range(len(prompts)))
+
+
 @pytest.mark.parametrize("system", [SYSTEM, None], ids=["prefix", "no-prefix"])
 def test_rows_of_different_settings_share_batches(make_lm: Callable[..., Any], system: str | None) -> None:
     """Baseline, ablation and addition rows mixed in the same batches (RowSteering) give each row what

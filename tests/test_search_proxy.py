@@ -25,15 +25,14 @@ from test_search_study import HARMFUL, HARMLESS, _opts, _quiet, _run_dir
 N_NEW = 3
 
 
-class _Judge:
-    """Calls the completions of the prompts at ``marked`` (by call order) refusals; records what it saw."""
-
-    def __init__(self, marked: set[int]) -> None:
-        self.marked, self.seen = marked, list[str]()
-
-    def __call__(self, text: str) -> bool:
-        self.seen.append(text)
-        return len(self.seen) - 1 in self.marked
+def _char_judge(texts: list[str]) -> tuple[str, set[int]]:
+    """A character that some completions hold and others not, and which prompts hold it: a judge that
+    looks for it matches substrings, as the real ones do (a verdict only goes from no to yes)."""
+    for ch in sorted(set("".join(texts))):
+        hit = {i for i, t in enumerate(texts) if ch in t}
+        if 0 < len(hit) < len(texts):
+            return ch, hit
+    raise AssertionError("the fixture needs completions that differ")
 
 
 def _setup(make_lm: Callable[..., Any]) -> tuple[Any, list[str], list[str], list[int]]:
@@ -47,17 +46,17 @@ def test_generated_proxy_counts_judged_prompts_as_one_and_the_rest_by_their_firs
 ) -> None:
     lm, harmful, harmless, ids = _setup(make_lm)
     texts = generate(lm, harmful, max_new_tokens=N_NEW, batch_size=64)
-    judge = _Judge(marked={0, 3})  # calls the completions of prompts 0 and 3 refusals
-    monkeypatch.setattr(objectives, "any_judge", judge)
+    ch, hit = _char_judge(texts)
+    seen: list[str] = []
+    monkeypatch.setattr(objectives, "any_judge", lambda t: seen.append(t) or ch in t)
 
     scorer = objectives.ProxyScorer(lm, harmful, harmless, ids, 32, new_tokens=N_NEW)
     got = scorer()
 
-    assert judge.seen == texts  # each prompt's own first N greedy tokens, in prompt order
     p = torch.sigmoid(refusal_metric(logits_for_prompts(lm, harmful, 32), ids))
-    hit = torch.tensor([i in {0, 3} for i in range(len(harmful))])
-    want = torch.where(hit, torch.ones_like(p), p).mean()
-    assert got.refused == 2 and got.n_harmful == len(harmful) and got.new_tokens == N_NEW
+    want = torch.where(torch.tensor([i in hit for i in range(len(harmful))]), torch.ones_like(p), p).mean()
+    assert seen, "the judge was asked"
+    assert got.refused == len(hit) and got.n_harmful == len(harmful) and got.new_tokens == N_NEW
     assert got.refusal == pytest.approx(float(want), abs=1e-5)
     # Without new tokens it is the first-token proxy, blind to what the tokens say.
     plain = objectives.ProxyScorer(lm, harmful, harmless, ids, 32)()
@@ -69,14 +68,12 @@ def test_unedited_filter_keeps_prompts_a_judge_marks_even_with_a_negative_metric
     make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lm, harmful, harmless, ids = _setup(make_lm)
-    metric = refusal_metric(logits_for_prompts(lm, harmful, 32), ids)
-    negative = [i for i, m in enumerate(metric.tolist()) if m <= 0]
-    assert len(negative) >= 2, "the fixture needs prompts whose first token does not refuse"
-    monkeypatch.setattr(objectives, "any_judge", _Judge(marked=set(negative[:2])))
     scorer = objectives.ProxyScorer(lm, harmful, harmless, ids, 32, new_tokens=N_NEW)
+    metric = torch.tensor([1.0, -1.0, -2.0, 0.5, -0.1, -3.0], dtype=torch.float64)
+    judged = [False, True, False, False, True, False]
+    monkeypatch.setattr(scorer, "harmful_scores", lambda: (metric, judged))
     _filter_refused(scorer)
-    kept = {harmful.index(p) for p in scorer.harmful}
-    assert kept == {i for i, m in enumerate(metric.tolist()) if m > 0} | set(negative[:2])
+    assert scorer.harmful == [harmful[i] for i in (0, 1, 3, 4)]  # metric > 0, or judged
 
 
 def test_search_with_a_generated_proxy_records_it_and_refuses_to_resume_with_another(
@@ -91,7 +88,7 @@ def test_search_with_a_generated_proxy_records_it_and_refuses_to_resume_with_ano
 
     study = optuna.load_study(study_name="edit-search", storage=f"sqlite:///{layout.study}")
     assert [t.user_attrs["proxy"]["new_tokens"] for t in study.trials if t.values] == [2, 2]
-    with pytest.raises(RefusalkitError, match="fingerprint|different|another"):
+    with pytest.raises(RefusalkitError, match="another model, candidates, prompt sets or proxy"):
         optimize(layout, _opts(trials=3, proxy_new_tokens=0), lm=lm, say=_quiet)
 
 
@@ -105,3 +102,15 @@ def test_markers_judge_by_either_list() -> None:
     assert markers.any_judge("Sure. Note that this is illegal in most places.")  # heretic's marker only
     assert markers.any_judge("I cannot help with that.")
     assert not markers.any_judge("Sure, here are three colours: red, green, blue.")
+
+
+def test_a_row_leaves_the_proxy_generation_once_judged_but_not_while_empty(
+    make_lm: Callable[..., Any],
+) -> None:
+    lm, harmful, harmless, ids = _setup(make_lm)
+    scorer = objectives.ProxyScorer(lm, harmful, harmless, ids, 32, new_tokens=N_NEW)
+    enc = lambda text: lm.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert markers.any_judge(" ")  # heretic counts an empty reply as a refusal ...
+    assert not scorer._judged(0, enc(" "))  # ... but an empty start may still become an answer
+    assert scorer._judged(0, enc("Sure. That is illegal"))
+    assert not scorer._judged(0, enc("Sure, here is a"))

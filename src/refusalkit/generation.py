@@ -11,6 +11,7 @@ setting.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,17 +50,18 @@ def generate(
     steering: RowSteering | None = None,
     kinds: list[int] | None = None,
     first_logits: dict[int, torch.Tensor] | None = None,
+    done: Callable[[int, list[int]], bool] | None = None,
 ) -> list[str]:
     """Greedy completions of formatted prompts, in input order, up to ``max_new_tokens`` or EOS.
 
     Plain argmax decoding, as the paper's code: sampling and penalty settings in the model's
     generation config are not applied. Prompts are sorted by length and cut into equal batches of at
     most ``batch_size``, left padded. With ``steering`` (its hooks active around the call), prompt i
-    is steered as kind ``kinds[i]``. ``first_logits``: as in ``generate_ids``.
+    is steered as kind ``kinds[i]``. ``first_logits``, ``done``: as in ``generate_ids``.
     """
     ids = generate_ids(
         lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc,
-        steering=steering, kinds=kinds, first_logits=first_logits,
+        steering=steering, kinds=kinds, first_logits=first_logits, done=done,
     )  # fmt: skip
     return lm.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
 
@@ -75,10 +77,13 @@ def generate_ids(
     steering: RowSteering | None = None,
     kinds: list[int] | None = None,
     first_logits: dict[int, torch.Tensor] | None = None,
+    done: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """The new token ids of each prompt's greedy completion (ending with EOS if it was reached).
     ``first_logits``, when given, receives each prompt's next-token logits at the end of the prompt
-    (prompt index -> [vocab] float32): the logits a separate pass over the prompts would give."""
+    (prompt index -> [vocab] float32): the logits a separate pass over the prompts would give.
+    ``done(i, ids)``, when given, is asked after each step about prompt i's new ids so far; True ends
+    that prompt's completion there, as EOS would (for callers that need only a prefix's verdict)."""
     if not prompts:
         return []
     if (steering is None) != (kinds is None) or (kinds is not None and len(kinds) != len(prompts)):
@@ -104,8 +109,9 @@ def generate_ids(
                 if row_kinds is not None
                 else repeat_cache(cache, len(rows))
             )
+        finished = None if done is None else (lambda j, ids, rows=rows: done(rows[j], ids))
         tokens, first = _greedy(
-            lm, past, len(enc.prefix), input_ids, mask, max_new_tokens, stop, steering, row_kinds
+            lm, past, len(enc.prefix), input_ids, mask, max_new_tokens, stop, steering, row_kinds, finished
         )
         out.update(zip(rows, tokens, strict=True))
         if first_logits is not None and first.numel():
@@ -116,10 +122,10 @@ def generate_ids(
 def _greedy(
     lm: LoadedModel, past: Any, n_prefix: int, input_ids: torch.Tensor, mask: torch.Tensor,
     max_new_tokens: int, stop: set[int], steering: RowSteering | None = None,
-    row_kinds: torch.Tensor | None = None,
+    row_kinds: torch.Tensor | None = None, done: Callable[[int, list[int]], bool] | None = None,
 ) -> tuple[list[list[int]], torch.Tensor]:  # fmt: skip
     """New token ids per row of a left-padded batch that follows a prefix held in ``past`` (or none),
-    and the first step's logits [b, vocab]."""
+    and the first step's logits [b, vocab]. ``done(row, ids)`` can end a row early."""
     if steering is not None and row_kinds is not None:
         steering.use(row_kinds)
     b, device = input_ids.shape[0], lm.device
@@ -143,7 +149,7 @@ def _greedy(
         going = []
         for j, (row, tok) in enumerate(zip(active, nxt.tolist(), strict=True)):
             new[row].append(tok)
-            if tok not in stop:
+            if tok not in stop and not (done is not None and done(row, new[row])):
                 going.append(j)
         if not going or t == max_new_tokens - 1:
             break

@@ -7,7 +7,8 @@ prompts with metric > 0 is recorded beside it. That proxy is blind to a reply th
 then refuses, or calls the request illegal, a few tokens in; heretic's markers count those. With
 ``new_tokens=N`` each prompt also gets its first N greedy tokens (the same pass's first step gives the
 logits above for free), judged by both marker lists (``search.markers``): a prompt whose tokens hold a
-marker counts 1, any other its P, and ``refused`` counts the judged ones.
+marker counts 1, any other its P, and ``refused`` counts the judged ones. A prompt stops generating
+as soon as its tokens hold a marker (the verdict cannot change), so refusing edits cost less.
 
 Harm is first-token KL(original || edited) on harmless prompts, whose unedited logits are computed once
 and reused by every trial.
@@ -102,10 +103,17 @@ class ProxyScorer:
         first: dict[int, torch.Tensor] = {}
         texts = generate(
             self.lm, self.harmful, max_new_tokens=self.new_tokens, batch_size=self.gen_batch_size,
-            desc="proxy", first_logits=first,
+            desc="proxy", first_logits=first, done=self._judged,
         )  # fmt: skip
         logits = torch.stack([first[i] for i in range(len(self.harmful))])
         return refusal_metric(logits, self.refusal_ids), [any_judge(t) for t in texts]
+
+    def _judged(self, _i: int, ids: list[int]) -> bool:
+        """A prompt whose tokens so far hold a marker is judged whatever follows (both judges match
+        substrings anywhere, so a verdict can only go from no to yes as the text grows): its row leaves
+        the generation batch. An empty text (which heretic counts as a refusal) waits for its tokens."""
+        text = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+        return bool(text.strip()) and any_judge(text)
 
     def harmful_metric(self) -> torch.Tensor:
         """[n_harmful] refusal metric under the active edit (float64)."""

@@ -96,7 +96,7 @@ def open_study(path: Path, fingerprint: str, seed: int, startup_trials: int) -> 
         study.set_user_attr("objectives", list(OBJECTIVES))
     elif saved != fingerprint:
         raise RefusalkitError(
-            f"{path} holds a search made with another model, candidates or prompt sets; move or delete it "
+            f"{path} holds a search made with another model, candidates, prompt sets or proxy; move or delete it "
             "to start a new search (its trials are not comparable with this one's)"
         )
     return study

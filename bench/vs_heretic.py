@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument(
         "--proxy-new-tokens",
         type=int,
-        default=0,
+        default=24,
         help="Greedy tokens per harmful validation prompt judged in each trial (0: first-token logits only).",
     )
     args = ap.parse_args()

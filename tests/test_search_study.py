@@ -91,8 +91,9 @@ def test_search_writes_front_and_the_paper_trial_is_the_orthogonalization(
     # Score the paper's orthogonalization directly; the enqueued trial must report the same numbers.
     ids = refusal_token_ids(lm.tokenizer, ["I", "As"])
     scorer = objectives.ProxyScorer(
-        lm, format_prompts(lm.tokenizer, HARMFUL), format_prompts(lm.tokenizer, HARMLESS), ids, 32
-    )
+        lm, format_prompts(lm.tokenizer, HARMFUL), format_prompts(lm.tokenizer, HARMLESS), ids, 32,
+        new_tokens=_opts().proxy_new_tokens,
+    )  # fmt: skip
     _filter_refused(scorer)
     with orthogonalized(lm, Direction.load(layout.direction).vector):
         want = scorer()
@@ -191,7 +192,7 @@ def test_search_without_a_paper_pick(make_lm: Callable[..., Any], tmp_path: Path
     points = points_of(front)
     assert points and all(p.edit.source == "per_layer" for p in points)
     assert all(p.edit.position == -1 for p in points)  # default: the last position only
-    assert all(p.seed in (None, "mid-dir", "mid-dir-attn") for p in points)
+    assert all(p.seed in (None, "mid-dir", "mid-dir-attn", "mid-dir-attn-light") for p in points)
 
 
 def _pt(trial: int, refusal: float, kl: float, verified: tuple[int, float] | None = None) -> Point:

@@ -65,7 +65,7 @@ class OptimizeOptions(BaseModel):
     )
     batch_size: int = Field(default=32, ge=1, description="Prompts per forward pass.")
     proxy_new_tokens: int = Field(
-        default=0,
+        default=24,
         ge=0,
         description="Greedy tokens per harmful prompt judged by both marker lists in each trial (catches "
         "replies that turn to a refusal after the first token); 0: the first token's logits only.",

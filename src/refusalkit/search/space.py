@@ -84,9 +84,15 @@ def suggest(trial: Any, space: SearchSpace, n_layers: int, n_positions: int) -> 
 
 
 # Seed edits around a known direction, each as (attention, MLP) weight everywhere: the direction erased
-# from every write at weight 1 (the paper's orthogonalization without the embedding), and an
-# attention-heavy one (on the default model the MLP writes carried most of the KL: docs/search.md).
-SEED_WEIGHTS: dict[str, tuple[float, float]] = {"": (1.0, 1.0), "-attn": (1.5, 0.5)}
+# from every write at weight 1 (the paper's orthogonalization without the embedding), an
+# attention-heavy one (on the default model the MLP writes carried most of the KL: docs/search.md), and
+# the lightest MLP edit the space allows, so that a short search starts with points spread along the
+# refusal-KL trade-off rather than waiting for the sampler to find its low-KL end.
+SEED_WEIGHTS: dict[str, tuple[float, float]] = {
+    "": (1.0, 1.0),
+    "-attn": (1.5, 0.5),
+    "-attn-light": (1.8, 0.2),
+}
 
 
 def seed_params(layer: int, position: int, n_layers: int, space: SearchSpace) -> dict[str, dict[str, Any]]:

@@ -153,8 +153,14 @@ def test_serve_command_prints_its_address_and_stops_on_ctrl_c(chat_run: Path) ->
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("GET", "/")
         assert conn.getresponse().status == 200
+        conn.close()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"still running 60 s after Ctrl-C; its stderr:\n{proc.communicate()[1][-3000:]}")
+        assert code == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -145,7 +145,12 @@ def test_serve_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_serve_command_prints_its_address_and_stops_on_ctrl_c(chat_run: Path) -> None:
     argv = [sys.executable, "-m", "refusalkit.serve", str(chat_run), "--no-browser", "--port", "0"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a suite started in the background (nohup, `&`) hands its children SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt.
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("refusalkit serve: http://127.0.0.1:"), line + proc.stderr.read()  # type: ignore[union-attr]

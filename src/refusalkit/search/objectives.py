@@ -115,10 +115,6 @@ class ProxyScorer:
         text = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
         return bool(text.strip()) and any_judge(text)
 
-    def harmful_metric(self) -> torch.Tensor:
-        """[n_harmful] refusal metric under the active edit (float64)."""
-        return self.harmful_scores()[0]
-
     def refusing(self) -> list[bool]:
         """Which harmful prompts the model refuses under the active edit, by the proxy's own reading."""
         metric, judged = self.harmful_scores()

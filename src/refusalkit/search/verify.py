@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from refusalkit.activations import logits_for_prompts
 from refusalkit.generation import generate
 from refusalkit.models.loading import LoadedModel
-from refusalkit.search.markers import HERETIC_REFUSAL_MARKERS, JUDGES, heretic_refusal
+from refusalkit.search.markers import JUDGES
 from refusalkit.search.objectives import KLStats, kl_stats
 
 
@@ -67,4 +67,4 @@ class Verifier:
         return Verified(refused, len(texts), kl, self.max_new_tokens, time.perf_counter() - t0)
 
 
-__all__ = ["HERETIC_REFUSAL_MARKERS", "JUDGES", "Verified", "Verifier", "heretic_refusal"]
+__all__ = ["Verified", "Verifier"]

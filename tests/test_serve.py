@@ -144,20 +144,23 @@ def test_serve_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_serve_command_prints_its_address_and_stops_on_ctrl_c(chat_run: Path) -> None:
-    argv = [sys.executable, "-m", "refusalkit.serve", str(chat_run), "--no-browser", "--port", "0"]
     # Ctrl-C as in a terminal: a suite started in the background (nohup, `&`) hands its children SIGINT
-    # ignored, and Python then never raises KeyboardInterrupt.
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    # ignored, and Python then never raises KeyboardInterrupt; the server gets Python's handler back
+    # before it starts (in the child itself: a preexec_fn is unsafe in a parent with threads).
+    start = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'refusalkit.serve'; runpy.run_module('refusalkit.serve', run_name='__main__')"
+    )
+    argv = [sys.executable, "-c", start, str(chat_run), "--no-browser", "--port", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("refusalkit serve: http://127.0.0.1:"), line + proc.stderr.read()  # type: ignore[union-attr]
         port = int(line.split(":")[3].split("/")[0])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("GET", "/")
-        assert conn.getresponse().status == 200
+        response = conn.getresponse()
+        assert response.status == 200 and b"refusalkit" in response.read()
         conn.close()
         proc.send_signal(signal.SIGINT)
         try:
@@ -165,7 +168,9 @@ def test_serve_command_prints_its_address_and_stops_on_ctrl_c(chat_run: Path) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail(f"still running 60 s after Ctrl-C; its stderr:\n{proc.communicate()[1][-3000:]}")
-        assert code == 0
+        err = proc.communicate()[1]
+        assert code == 0, f"exit {code} after Ctrl-C; its stderr:\n{err[-3000:]}"
+        assert err.rstrip().endswith("stopped"), err[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -4,8 +4,9 @@ model's answers side by side, streamed, with the run's headline numbers and a li
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,7 +28,7 @@ class ServeOptions(BaseModel):
     max_new_tokens: int = Field(256, ge=1, description="Most new tokens per answer.")
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace) -> NoReturn:
     from refusalkit.chat.engine import load_chat_model
     from refusalkit.serve.server import make_server
 
@@ -46,10 +47,14 @@ def run_serve(args: argparse.Namespace) -> int:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-        model.close()
-    return 0
+    server.server_close()
+    # The process ends here, without the interpreter's finalization: a request thread (a daemon) may be
+    # inside a generation, running torch code without the GIL, and finalizing under it can crash the
+    # process (an abort, exit -6, was seen once in CI after Ctrl-C; its cause was not isolated). The model
+    # lives in this process only, so nothing is left to restore or save.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

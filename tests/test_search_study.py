@@ -271,3 +271,13 @@ def test_verification_picks_within_max_kl_then_fills_up() -> None:
     assert [p.trial for p in _to_verify(pts, 2, None)] == [0, 1]
     assert [p.trial for p in _to_verify(pts, 2, 0.02)] == [3, 4]
     assert [p.trial for p in _to_verify(pts, 3, 0.02)] == [3, 4, 2]  # filled up by increasing KL
+    # one point per KL budget first (the lowest expected refusal within it), then n more
+    assert [p.trial for p in _to_verify(pts, 0, None, [0.04, 0.005])] == [2, 4]
+    assert [p.trial for p in _to_verify(pts, 1, 0.02, [0.04, 0.005])] == [2, 4, 3]
+    assert [p.trial for p in _to_verify(pts, 1, None, [1e-9, 0.5])] == [0, 1]  # nothing within; no repeat
+
+
+def test_verify_at_reads_a_comma_list_and_refuses_nonpositive_budgets() -> None:
+    assert OptimizeOptions(verify_at="0.02, 0.003").verify_at == [0.02, 0.003]  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="KL budgets must be positive"):
+        OptimizeOptions(verify_at=[0.02, 0.0])

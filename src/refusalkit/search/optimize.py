@@ -58,10 +58,10 @@ class OptimizeOptions(BaseModel):
         "splits/harmless_val.json, else the run's harmless train and val splits.",
     )
     kl_n: int = Field(
-        32,
+        100,
         ge=1,
-        description="Harmless prompts for the search's KL (first N); verification measures KL on "
-        "--verify-kl-n held-out prompts (100).",
+        description="Harmless prompts for the search's KL (first N; a KL's heavy tail needs about 100); "
+        "verification measures KL on --verify-kl-n held-out prompts.",
     )
     batch_size: int = Field(default=32, ge=1, description="Prompts per forward pass.")
     proxy_new_tokens: int = Field(
@@ -81,6 +81,11 @@ class OptimizeOptions(BaseModel):
     edit_embed: bool = Field(False, description="Also search the token-embedding edit (slower per trial).")
     verify_n: int = Field(
         default=3, ge=0, description="Front points to verify on held-out prompts with full generations."
+    )
+    verify_at: list[float] = Field(
+        default=[],
+        description="Also verify, for each of these KL budgets (proxy KL, comma-separated), the front point "
+        "with the lowest expected refusal within it: points at the damage levels you would compare at.",
     )
     verify_harmful: str | None = Field(
         default=None,
@@ -124,6 +129,18 @@ class OptimizeOptions(BaseModel):
     @classmethod
     def _split_positions(cls, v: object) -> object:
         return [int(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @field_validator("verify_at", mode="before")
+    @classmethod
+    def _split_budgets(cls, v: object) -> object:
+        return [float(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @field_validator("verify_at")
+    @classmethod
+    def _positive_budgets(cls, v: list[float]) -> list[float]:
+        if any(x <= 0 for x in v):
+            raise ValueError(f"KL budgets must be positive, got {v}")
+        return v
 
     @field_validator("sources")
     @classmethod
@@ -232,13 +249,21 @@ def _fingerprint(
     return sha256_text(json.dumps(parts, sort_keys=True))[:16]
 
 
-def _to_verify(points: list[Point], n: int, max_kl: float | None) -> list[Point]:
-    """The ``n`` front points with the lowest expected refusal among those within ``max_kl`` (proxy);
-    when fewer lie within it, the next ones by increasing KL (the proxy KL is on other prompts)."""
+def _to_verify(
+    points: list[Point], n: int, max_kl: float | None, at: list[float] | tuple[float, ...] = ()
+) -> list[Point]:
+    """For each KL budget in ``at``, the front point with the lowest expected refusal within it (proxy);
+    then ``n`` more: the lowest expected refusal among points within ``max_kl``, and when fewer lie
+    within it, the next ones by increasing KL (the proxy KL is on other prompts)."""
     by_refusal = sorted(points, key=lambda p: (p.proxy["refusal"], p.proxy["kl"]["mean"]))
+    picked: list[Point] = []
+    for budget in at:
+        best = next((p for p in by_refusal if p.proxy["kl"]["mean"] <= budget), None)
+        if best is not None and best not in picked:
+            picked.append(best)
     inside = [p for p in by_refusal if max_kl is None or p.proxy["kl"]["mean"] <= max_kl]
     outside = sorted((p for p in points if p not in inside), key=lambda p: p.proxy["kl"]["mean"])
-    return (inside + outside)[:n]
+    return picked + [p for p in inside + outside if p not in picked][:n]
 
 
 def _verify(
@@ -252,7 +277,7 @@ def _verify(
 ) -> None:
     """Verify the chosen front points (and the unedited model) unless ``cache`` holds their results."""
     done: dict[int, Any] = cache.setdefault("points", {})
-    todo = [p for p in _to_verify(points, o.verify_n, o.max_kl) if p.trial not in done]
+    todo = [p for p in _to_verify(points, o.verify_n, o.max_kl, o.verify_at) if p.trial not in done]
     need_base = o.verify_baseline and cache.get("baseline") is None
     v_of: Verifier | None = verifier() if todo or need_base else None
     if need_base and v_of is not None:
@@ -350,7 +375,7 @@ def optimize(
             max_new_tokens=o.verify_max_new_tokens, batch_size=o.batch_size, gen_batch_size=o.gen_batch_size,
         )  # fmt: skip
 
-    if o.verify_n:
+    if o.verify_n or o.verify_at:
         _verify(lm, cands, points, verifier, o, cache, say)
     for p in points:  # this call's verifications and earlier ones on the same held-out sets
         p.verified = cache["points"].get(p.trial)

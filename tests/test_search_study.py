@@ -21,7 +21,7 @@ from refusalkit.metric import refusal_token_ids
 from refusalkit.orthogonalize import orthogonalized
 from refusalkit.prompts import format_prompts
 from refusalkit.search import objectives
-from refusalkit.search.edit import EditParams
+from refusalkit.search.edit import EditParams, Kernel
 from refusalkit.search.front import Point, choose, points_of, read_front
 from refusalkit.search.optimize import OptimizeOptions, _filter_refused, optimize
 from refusalkit.search.report import search_section
@@ -281,3 +281,43 @@ def test_verify_at_reads_a_comma_list_and_refuses_nonpositive_budgets() -> None:
     assert OptimizeOptions(verify_at="0.02, 0.003").verify_at == [0.02, 0.003]  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="KL budgets must be positive"):
         OptimizeOptions(verify_at=[0.02, 0.0])
+
+
+def test_scaled_edit_multiplies_every_weight() -> None:
+    e = EditParams(
+        source="interpolated", layer=1.5, attn=Kernel(peak=1.5, position=2, minimum=0.5, width=2), embed=0.4
+    )
+    half = e.scaled(0.5)
+    assert half.attn.weights(5) == [w * 0.5 for w in e.attn.weights(5)]
+    assert half.mlp.weights(5) == [0.5] * 5 and half.embed == pytest.approx(0.2)
+    assert half.model_copy(update={"attn": e.attn, "mlp": e.mlp, "embed": e.embed}) == e  # nothing else moved
+
+
+def test_search_aims_a_trial_at_a_kl_level_no_trial_reached(
+    make_lm: Callable[..., Any], tmp_path: Path
+) -> None:
+    import optuna
+
+    lm = make_lm("qwen2")
+    layout = _run_dir(lm, tmp_path)
+    optimize(layout, _opts(trials=1, verify_n=0), lm=lm, say=_quiet)  # the paper's trial alone
+    study = optuna.load_study(study_name="edit-search", storage=f"sqlite:///{layout.study}")
+    paper_kl = study.trials[0].values[1]
+    level = paper_kl / 10
+    study = None
+    # The seeds still queued run first; then one trial aimed at the level, from the point nearest above it.
+    optimize(layout, _opts(trials=6, verify_n=0, verify_at=[level]), lm=lm, say=_quiet)
+    study = optuna.load_study(study_name="edit-search", storage=f"sqlite:///{layout.study}")
+    done = [t for t in study.trials if t.values is not None]
+    aimed = [t for t in done if t.user_attrs.get("seed") == f"aim-kl-{level:g}"]
+    assert aimed, [t.user_attrs.get("seed") for t in done]
+    first = aimed[0]
+    assert all("aim" not in t.user_attrs.get("seed", "") for t in done if t.number < first.number)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    before = [t for t in done if t.number < first.number]
+    start = min((t for t in before if t.values[1] > level), key=lambda t: t.values[1])
+    factor = (0.8 * level / start.values[1]) ** 0.5
+    want = EditParams.model_validate(start.user_attrs["edit"]).scaled(factor)
+    assert EditParams.model_validate(first.user_attrs["edit"]) == want
+    assert first.values[1] < start.values[1]  # a smaller edit of the same shape costs less KL
+    assert len(aimed) <= 2

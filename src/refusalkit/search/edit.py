@@ -95,6 +95,15 @@ class EditParams(BaseModel):
     def kernels(self, n_layers: int) -> dict[str, list[float]]:
         return {"attn": self.attn.weights(n_layers), "mlp": self.mlp.weights(n_layers)}
 
+    def scaled(self, factor: float) -> EditParams:
+        """The same edit with every weight (kernel peaks and minima, the embedding's) times ``factor``."""
+        k = lambda kern: kern.model_copy(  # noqa: E731
+            update={"peak": kern.peak * factor, "minimum": kern.minimum * factor}
+        )
+        return self.model_copy(
+            update={"attn": k(self.attn), "mlp": k(self.mlp), "embed": self.embed * factor}
+        )
+
 
 @dataclass
 class Target:

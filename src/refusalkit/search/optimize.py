@@ -84,8 +84,9 @@ class OptimizeOptions(BaseModel):
     )
     verify_at: list[float] = Field(
         default=[],
-        description="Also verify, for each of these KL budgets (proxy KL, comma-separated), the front point "
-        "with the lowest expected refusal within it: points at the damage levels you would compare at.",
+        description="KL budgets (proxy KL, comma-separated) to compare at: the search aims a trial at each "
+        "one no trial has reached (the front point nearest above it, weights scaled down), and the front "
+        "point with the lowest expected refusal within each is verified first.",
     )
     verify_harmful: str | None = Field(
         default=None,
@@ -335,7 +336,7 @@ def _search(
     ran = run_search(
         study, lm, cands, scorer, space, Budget(o.trials, o.minutes * 60 if o.minutes else None),
         seeds=_seeds(layout, cands, space), trial_estimate=estimate,
-        progress=lambda i, n: say(f"trial {i}/{n}") if i % 5 == 0 else None,
+        progress=lambda i, n: say(f"trial {i}/{n}") if i % 5 == 0 else None, kl_targets=o.verify_at,
     )  # fmt: skip
     return study, ran, time.perf_counter() - t0
 

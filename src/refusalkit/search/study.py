@@ -171,8 +171,12 @@ def run_search(
     seeds: list[Seed] | None = None,
     trial_estimate: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    kl_targets: tuple[float, ...] | list[float] = (),
 ) -> int:
     """Run trials until the study holds ``budget.trials`` completed ones or the time is spent.
+
+    kl_targets: KL levels the front should reach (``_aim``): once the queued seeds have run, each level
+    no trial has reached yet gets a trial aimed at it.
 
     trial_estimate: seconds one trial is expected to take (default: the scorer's baseline pass); a
     time budget smaller than that raises before any trial runs. Returns the number of trials run.
@@ -194,12 +198,48 @@ def run_search(
         if budget.seconds is not None and time.perf_counter() - start + estimate > budget.seconds:
             log.info("time budget reached after %d trials", ran)
             break
+        aimed = _aim(study, kl_targets)
+        if aimed is not None:
+            _enqueue(study, [aimed])
         took = _run_trial(study, lm, cands, scorer, space)
         estimate = max(took, 0.5 * estimate + 0.5 * took)
         ran += 1
         if progress is not None:
             progress(ran, todo)
     return ran
+
+
+AIM_TRIES = 2  # aimed trials per KL level; the second starts from the first's result
+AIM_MARGIN = 0.8  # aim this far below the level: the KL's growth is only roughly quadratic
+
+
+def _aim(study: Any, levels: tuple[float, ...] | list[float]) -> Seed | None:
+    """A trial aimed at the first KL level no completed trial has reached, or None.
+
+    The front point nearest above the level is scaled down: for small edits the first-token KL grows
+    about as the square of the edit's weights, so weights times sqrt(margin * level / KL) land near the
+    level with the same shape (direction, kernels, options). Runs once the queue is empty (seeds
+    first), at most ``AIM_TRIES`` times per level (counted in the study, so a resumed search keeps
+    count); the sampler goes on where an aimed trial did not reach its level.
+    """
+    optuna = require_optuna()
+    if not levels or study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        return None
+    done = _completed(study)
+    tried = [t.user_attrs.get("seed", "") for t in study.get_trials(deepcopy=False)]
+    for level in levels:
+        name = f"aim-kl-{level:g}"
+        if not done or any(t.values[1] <= level for t in done) or tried.count(name) >= AIM_TRIES:
+            continue
+        above = [t for t in front_trials(study) if t.values[1] > level and "edit" in t.user_attrs]
+        if not above:
+            continue
+        start = min(above, key=lambda t: t.values[1])
+        factor = (AIM_MARGIN * level / start.values[1]) ** 0.5
+        edit = EditParams.model_validate(start.user_attrs["edit"]).scaled(factor)
+        log.info("trial aimed at KL %g: trial %d's edit, weights x %.3f", level, start.number, factor)
+        return Seed(name, edit=edit)
+    return None
 
 
 def front_trials(study: Any) -> list[Any]:

@@ -114,3 +114,38 @@ def test_a_row_leaves_the_proxy_generation_once_judged_but_not_while_empty(
     assert not scorer._judged(0, enc(" "))  # ... but an empty start may still become an answer
     assert scorer._judged(0, enc("Sure. That is illegal"))
     assert not scorer._judged(0, enc("Sure, here is a"))
+
+
+def test_verification_stops_rows_every_judge_marked_and_counts_as_full_completions(
+    make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refusalkit.generation import generate_ids
+    from refusalkit.search import verify
+
+    lm, harmful, harmless, _ids = _setup(make_lm)
+    n_new = 6
+    full = generate_ids(lm, harmful, max_new_tokens=n_new, batch_size=64)
+    dec = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    a, _ = _char_judge([dec(ids) for ids in full])
+    other = next(c for c in sorted(set("".join(dec(ids) for ids in full))) if c != a)
+    # Substring judges, as the real ones: "one" marks `a`, "two" marks `a` or `other`.
+    judges = {"one": lambda t: a in t, "two": lambda t: a in t or other in t}
+    monkeypatch.setattr(verify, "JUDGES", judges)
+    stopped_at: dict[int, int] = {}
+    real = verify.generate
+
+    def spy(*args: Any, done: Any, **kw: Any) -> list[str]:
+        def seen(i: int, ids: list[int]) -> bool:
+            stopped_at[i] = len(ids)
+            return bool(done(i, ids))
+
+        return real(*args, done=seen, **kw)
+
+    monkeypatch.setattr(verify, "generate", spy)
+    got = verify.Verifier(lm, harmful, harmless, max_new_tokens=n_new)()
+    texts = [dec(ids) for ids in full]
+    assert got.refused == {name: sum(j(t) for t in texts) for name, j in judges.items()}
+    for i, ids in enumerate(full):  # each row ran until every judge marked it, or to its end
+        k = next((k for k in range(1, len(ids) + 1) if dec(ids[:k]).strip() and a in dec(ids[:k])), len(ids))
+        assert stopped_at[i] == k, (i, stopped_at[i], k)
+    assert sum(stopped_at.values()) < sum(map(len, full)), "the fixture needs a row marked before its end"

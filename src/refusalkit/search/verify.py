@@ -53,6 +53,14 @@ class Verifier:
         self.max_new_tokens, self.batch_size, self.gen_batch_size = max_new_tokens, batch_size, gen_batch_size
         self.base_harmless = logits_for_prompts(lm, harmless, batch_size)
 
+    def _judged(self, _i: int, ids: list[int]) -> bool:
+        """A completion every judge already calls a refusal keeps that verdict whatever follows (the
+        judges match substrings anywhere, so a verdict only goes from no to yes as the text grows): its
+        row leaves the batch. The counts equal those of full completions; refusing edits (and the
+        unedited model) cost fewer decoding steps. An empty text waits for its tokens."""
+        text = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+        return bool(text.strip()) and all(judge(text) for judge in JUDGES.values())
+
     def __call__(self, desc: str = "verify") -> Verified:
         t0 = time.perf_counter()
         texts = generate(
@@ -61,6 +69,7 @@ class Verifier:
             max_new_tokens=self.max_new_tokens,
             batch_size=self.gen_batch_size,
             desc=desc,
+            done=self._judged,
         )
         refused = {name: sum(judge(t) for t in texts) for name, judge in JUDGES.items()}
         kl = kl_stats(self.base_harmless, logits_for_prompts(self.lm, self.harmless, self.batch_size))

@@ -44,12 +44,18 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="Model (default: the project's default model).")
     ap.add_argument("--minutes", type=float, default=5.0, help="Search budget (wall time of the trials).")
     ap.add_argument("--trials", type=int, default=200, help="Trial cap (the time budget usually ends first).")
-    ap.add_argument("--verify-n", type=int, default=2, help="Front points verified on the protocol.")
-    ap.add_argument("--max-kl", type=float, default=0.02, help="Verify and choose within this proxy KL.")
+    ap.add_argument(
+        "--verify-n",
+        type=int,
+        default=1,
+        help="Front points verified on the protocol besides the --verify-at ones (lowest proxy refusal within --max-kl).",
+    )
+    ap.add_argument("--max-kl", type=float, default=0.03, help="Verify and choose within this proxy KL.")
     ap.add_argument(
         "--verify-at",
-        default="",
-        help="KL budgets (comma-separated): verify the best proxy point within each first (optimize --verify-at).",
+        default="0.0165,0.0028",
+        help="KL levels (comma-separated; proxy KL): the search aims a trial at each, and the best point within "
+        "each is verified first (optimize --verify-at). Default: just under heretic's 0.017 and 0.0029.",
     )
     ap.add_argument("--n-val", type=int, default=32, help="Harmful validation prompts for the proxy.")
     ap.add_argument("--seed", type=int, default=0)

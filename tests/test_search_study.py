@@ -25,7 +25,7 @@ from refusalkit.search.edit import EditParams, Kernel
 from refusalkit.search.front import Point, choose, points_of, read_front
 from refusalkit.search.optimize import OptimizeOptions, _filter_refused, optimize
 from refusalkit.search.report import search_section
-from refusalkit.search.study import front_trials, open_study
+from refusalkit.search.study import AIM_AT, AIM_TRIES, aim_factor, front_trials, open_study
 from refusalkit.utils import write_json
 from test_search_edit import make_candidates
 
@@ -316,8 +316,22 @@ def test_search_aims_a_trial_at_a_kl_level_no_trial_reached(
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
     before = [t for t in done if t.number < first.number]
     start = min((t for t in before if t.values[1] > level), key=lambda t: t.values[1])
-    factor = (0.8 * level / start.values[1]) ** 0.5
-    want = EditParams.model_validate(start.user_attrs["edit"]).scaled(factor)
+    factor = (AIM_AT * level / start.values[1]) ** 0.5  # one point: the square law
+    assert first.user_attrs["aim"] == {"from": start.number, "factor": pytest.approx(factor)}
+    want = EditParams.model_validate(start.user_attrs["edit"]).scaled(first.user_attrs["aim"]["factor"])
     assert EditParams.model_validate(first.user_attrs["edit"]) == want
     assert first.values[1] < start.values[1]  # a smaller edit of the same shape costs less KL
-    assert len(aimed) <= 2
+    assert len(aimed) <= AIM_TRIES
+    for later in aimed[1:]:  # further tries start from the same base, with the power read off the tries
+        assert later.user_attrs["aim"]["from"] == start.number
+
+
+def test_aim_factor_reads_the_power_off_two_points_and_assumes_the_square_with_one() -> None:
+    c, p = 0.03, 1.7
+    kl = lambda f: c * f**p  # noqa: E731
+    assert aim_factor([(1.0, c)], 0.0075) == pytest.approx(0.5)  # sqrt(0.0075 / 0.03)
+    assert aim_factor([(1.0, c), (0.6, kl(0.6))], kl(0.4)) == pytest.approx(0.4)
+    far = [(1.0, c), (0.9, kl(0.9)), (0.3, kl(0.3))]
+    assert aim_factor(far, kl(0.35)) == pytest.approx(0.35)  # the two nearest the target
+    flat = [(1.0, c), (0.5, c * 0.99)]  # power ~0: noise or saturation; the square law from the nearest
+    assert aim_factor(flat, c / 4) == pytest.approx(0.5 * (0.25 / 0.99) ** 0.5)

@@ -10,6 +10,7 @@ can only improve on them. Every trial records its full ``EditParams`` and proxy 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class Seed:
     name: str
     edit: EditParams | None = None
     params: dict[str, Any] | None = None
+    attrs: dict[str, Any] | None = None  # more user attributes to record (an aimed trial's base and factor)
 
 
 def _completed(study: Any) -> list[Any]:
@@ -113,7 +115,7 @@ def _recover_stale(study: Any) -> None:
 
 def _enqueue(study: Any, seeds: list[Seed]) -> None:
     for s in seeds:
-        attrs: dict[str, Any] = {"seed": s.name, "seed_params": s.params or {}}
+        attrs: dict[str, Any] = {"seed": s.name, "seed_params": s.params or {}} | (s.attrs or {})
         if s.edit is not None:
             attrs["edit"] = s.edit.model_dump(mode="json")
         study.enqueue_trial(s.params or {}, user_attrs=attrs)
@@ -121,7 +123,7 @@ def _enqueue(study: Any, seeds: list[Seed]) -> None:
 
 def _requeue(study: Any, attrs: dict[str, Any]) -> None:
     """Enqueue a seed trial again from the user attributes it was enqueued with."""
-    keep: dict[str, Any] = {k: attrs[k] for k in ("seed", "seed_params") if k in attrs}
+    keep: dict[str, Any] = {k: attrs[k] for k in ("seed", "seed_params", "aim") if k in attrs}
     if "edit" in attrs and not attrs.get("seed_params"):
         keep["edit"] = attrs["edit"]  # a fixed edit (the paper's); a sampled seed re-suggests its params
     study.enqueue_trial(attrs.get("seed_params") or {}, user_attrs=keep)
@@ -209,18 +211,39 @@ def run_search(
     return ran
 
 
-AIM_TRIES = 2  # aimed trials per KL level; the second starts from the first's result
-AIM_MARGIN = 0.8  # aim this far below the level: the KL's growth is only roughly quadratic
+AIM_TRIES = 3  # aimed trials per KL level
+AIM_BAND = 0.85  # a level counts as reached by a trial with KL in [AIM_BAND * level, level]
+AIM_AT = 0.93  # where in the band an aimed trial aims
+
+
+def aim_factor(points: list[tuple[float, float]], target: float) -> float:
+    """The weight factor expected to give first-token KL ``target``, from (factor, KL) points of one
+    edit shape (the first at factor 1). KL grows as a power of the weights: about the square for
+    small edits (one point: that is assumed), about 1.7 on the default model between 0.3 and 0.8; with
+    two or more points the power is read off the two nearest the target (a secant in log-log)."""
+    logs = [(math.log(f), math.log(kl)) for f, kl in points if f > 0 and kl > 0]
+    y = math.log(target)
+    if not logs:
+        raise ValueError("no point with a positive factor and KL")
+    near = sorted(logs, key=lambda p: abs(p[1] - y))[:2]
+    power = 2.0
+    if len(near) == 2 and near[0][0] != near[1][0]:
+        slope = (near[1][1] - near[0][1]) / (near[1][0] - near[0][0])
+        if 0.5 <= slope <= 4.0:  # otherwise noise or a saturated edit: keep the square law
+            power = slope
+    x0, y0 = near[0]
+    return math.exp(x0 + (y - y0) / power)
 
 
 def _aim(study: Any, levels: tuple[float, ...] | list[float]) -> Seed | None:
     """A trial aimed at the first KL level no completed trial has reached, or None.
 
-    The front point nearest above the level is scaled down: for small edits the first-token KL grows
-    about as the square of the edit's weights, so weights times sqrt(margin * level / KL) land near the
-    level with the same shape (direction, kernels, options). Runs once the queue is empty (seeds
-    first), at most ``AIM_TRIES`` times per level (counted in the study, so a resumed search keeps
-    count); the sampler goes on where an aimed trial did not reach its level.
+    A level is reached by a trial with KL in [``AIM_BAND`` x level, level]. The front point nearest
+    above the level (else the front's highest KL) is the base; its weights are scaled (same direction,
+    kernel shapes and options) by ``aim_factor`` towards ``AIM_AT`` x level, and each further try of the
+    level uses the base and the tries so far. Runs once the queue is empty (seeds first), at most
+    ``AIM_TRIES`` times per level (counted in the study, so a resumed search keeps count); the sampler
+    goes on where no aimed trial reached its level.
     """
     optuna = require_optuna()
     if not levels or study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
@@ -229,16 +252,22 @@ def _aim(study: Any, levels: tuple[float, ...] | list[float]) -> Seed | None:
     tried = [t.user_attrs.get("seed", "") for t in study.get_trials(deepcopy=False)]
     for level in levels:
         name = f"aim-kl-{level:g}"
-        if not done or any(t.values[1] <= level for t in done) or tried.count(name) >= AIM_TRIES:
+        if any(AIM_BAND * level <= t.values[1] <= level for t in done) or tried.count(name) >= AIM_TRIES:
             continue
-        above = [t for t in front_trials(study) if t.values[1] > level and "edit" in t.user_attrs]
-        if not above:
-            continue
-        start = min(above, key=lambda t: t.values[1])
-        factor = (AIM_MARGIN * level / start.values[1]) ** 0.5
-        edit = EditParams.model_validate(start.user_attrs["edit"]).scaled(factor)
-        log.info("trial aimed at KL %g: trial %d's edit, weights x %.3f", level, start.number, factor)
-        return Seed(name, edit=edit)
+        family = [t for t in done if t.user_attrs.get("seed") == name and "aim" in t.user_attrs]
+        by_number = {t.number: t for t in done}
+        base = by_number.get(family[0].user_attrs["aim"]["from"]) if family else None
+        if base is None:
+            usable = [t for t in front_trials(study) if "edit" in t.user_attrs and t.values[1] > 0]
+            above = [t for t in usable if t.values[1] > level]
+            if not usable:
+                continue
+            base = min(above, key=lambda t: t.values[1]) if above else max(usable, key=lambda t: t.values[1])
+        points = [(1.0, base.values[1])] + [(t.user_attrs["aim"]["factor"], t.values[1]) for t in family]
+        factor = aim_factor(points, AIM_AT * level)
+        edit = EditParams.model_validate(base.user_attrs["edit"]).scaled(factor)
+        log.info("trial aimed at KL %g: trial %d's edit, weights x %.3f", level, base.number, factor)
+        return Seed(name, edit=edit, attrs={"aim": {"from": base.number, "factor": factor}})
     return None
 
 

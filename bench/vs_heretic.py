@@ -10,7 +10,7 @@ Protocol (heretic 1.4.0's evaluation, as issue 7 states it):
 The search itself never sees these prompts: its refusal proxy runs on the run's harmful validation
 split and its KL on the first 32 prompts of harmless_val.json (verification: 100 held-out ones).
 
-Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 5] [--verify-n 2] [--max-kl 0.02]
+Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 5] [--verify-at 0.0165,0.0028] [--verify-n 1] [--max-kl 0.03]
 Runs the real default model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
 """
 

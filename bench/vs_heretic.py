@@ -8,9 +8,9 @@ Protocol (heretic 1.4.0's evaluation, as issue 7 states it):
     (DATA_DIR/refusal_direction/splits/harmless_test.json), same template; mean, median, max;
   - time: wall clock of everything from a cold start (model load, extraction, search, verification).
 The search itself never sees these prompts: its refusal proxy runs on the run's harmful validation
-split and its KL on the first 32 prompts of harmless_val.json (verification: 100 held-out ones).
+split and its KL on the first 100 prompts of harmless_val.json (verification: 100 held-out ones).
 
-Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 5] [--verify-at 0.0165,0.0028] [--verify-n 1] [--max-kl 0.03]
+Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 6] [--kl-n 100] [--verify-at 0.0165,0.0028] [--verify-n 1] [--max-kl 0.03]
 Runs the real default model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
 """
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/vs-heretic"), help="Run folder (replaced).")
     ap.add_argument("--model", default=None, help="Model (default: the project's default model).")
-    ap.add_argument("--minutes", type=float, default=5.0, help="Search budget (wall time of the trials).")
+    ap.add_argument("--minutes", type=float, default=6.0, help="Search budget (wall time of the trials).")
     ap.add_argument("--trials", type=int, default=200, help="Trial cap (the time budget usually ends first).")
     ap.add_argument(
         "--verify-n",
@@ -70,9 +70,9 @@ def main() -> None:
     ap.add_argument(
         "--kl-n",
         type=int,
-        default=32,
-        help="Harmless prompts for the search's KL (optimize's default is 100; 32 keeps a trial ~23 s "
-        "cheaper inside the 15-minute protocol, and the verified points are measured on 100 held-out ones).",
+        default=100,
+        help="Harmless prompts for the search's KL (optimize's default; 32 makes a trial about 17 s cheaper, "
+        "but the proxy KL then read 7-12%% above the held-out KL). Verified points: 100 held-out prompts.",
     )
     ap.add_argument("--startup-trials", type=int, default=4, help="Random trials before TPE models.")
     ap.add_argument(

@@ -35,10 +35,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
 class PageServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # Closing the server does not wait for its request threads (daemon threads); socketserver joins
-    # them by default, which can hold Ctrl-C up behind a connection that is still open.
-    block_on_close = False
+    daemon_threads = True  # closing never waits for request threads (socketserver joins only non-daemon ones)
 
     def __init__(
         self, address: tuple[str, int], model: ChatModel, run_dir: Path, max_new_tokens: int

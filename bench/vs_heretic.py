@@ -11,6 +11,7 @@ The search itself never sees these prompts: its refusal proxy runs on the run's 
 split and its KL on the first 100 prompts of harmless_val.json (verification: 100 held-out ones).
 
 Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 6] [--kl-n 100] [--verify-at 0.0165,0.0028] [--verify-n 1] [--max-kl 0.03]
+       [--heretic-json runs/heretic/result.json]
 Runs the real default model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
 """
 
@@ -29,6 +30,7 @@ from refusalkit.search.front import format_front, points_of, read_front
 from refusalkit.search.optimize import OptimizeOptions, optimize
 from refusalkit.search.verify import Verified, Verifier
 from refusalkit.settings import build_settings
+from refusalkit.utils import read_json
 
 SYSTEM = "You are a helpful assistant."
 # heretic 1.4.0 on the default model, same 2-core CPU (float32, 12 trials, its defaults otherwise, batch
@@ -59,6 +61,13 @@ def main() -> None:
     )
     ap.add_argument("--n-val", type=int, default=32, help="Harmful validation prompts for the proxy.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--heretic-json",
+        type=Path,
+        default=None,
+        help="heretic timed on this machine (bench/heretic_run.py --json): printed beside refusalkit's front, "
+        "with the ratio of wall times; without it, the issue's numbers from another machine.",
+    )
     ap.add_argument(
         "--keep", action="store_true", help="Resume an existing run folder instead of replacing it."
     )
@@ -144,13 +153,35 @@ def main() -> None:
         b = baseline.refused
         print(f"{'unedited model':<28}{b['heretic']:>17}{b['paper']:>7}{0.0:>9.4f}")
     print(f"{'paper pick (issue 7)':<28}{PAPER_PICK[0]:>17}{PAPER_PICK[1]:>7}{PAPER_PICK[2]:>9.3f}")
-    for refusals, kl in HERETIC_FRONT:
-        print(f"{'heretic 1.4.0 (issue 7)':<28}{refusals:>17}{'-':>7}{kl:>9.4f}")
-    print(f"(heretic baseline: {HERETIC_BASELINE}/100 refusals by its markers; 46 minutes for 12 trials)")
+    heretic = read_json(args.heretic_json) if args.heretic_json else None
+    if heretic is None:
+        for refusals, kl in HERETIC_FRONT:
+            print(f"{'heretic 1.4.0 (issue 7)':<28}{refusals:>17}{'-':>7}{kl:>9.4f}")
+        print(f"(heretic baseline: {HERETIC_BASELINE}/100 refusals by its markers; 46 minutes for 12 trials)")
+    else:
+        for p in heretic["front"]:
+            who = f"heretic trial {p['trial']} ({p['found_after_s'] / 60:.0f} min)"
+            print(f"{who:<28}{p['refusals']:>17}{'-':>7}{p['kl']:>9.4f}")
+        hs = heretic["seconds"]
+        n_all = heretic["settings"]["trials"]
+        all_of = (
+            ""
+            if hs["all_trials_measured"]
+            else f"; {n_all} trials extrapolated: {hs['all_trials'] / 60:.1f} min"
+        )
+        print(
+            f"(heretic {heretic['version']} on this machine: baseline {heretic['base_refusals']}/100 by its markers; "
+            f"{hs['total'] / 60:.1f} min for {heretic['trials']} trials, {hs['per_trial_mean']:.0f} s each{all_of})"
+        )
     print(
         f"\nwall time from a cold start: {total / 60:.1f} min (load {t_load:.0f} s, extract {t_extract:.0f} s, "
         f"search {secs['search']:.0f} s for {front['trials_run']} trials, verification {secs['verify']:.0f} s)"
     )
+    if heretic is not None:
+        print(
+            f"heretic's wall time for {heretic['settings']['trials']} trials / refusalkit's, this machine: "
+            f"{heretic['seconds']['all_trials'] / total:.2f}"
+        )
     if baseline is not None:
         print(f"(unedited model verified after the clock stopped: {baseline.seconds:.0f} s, not counted)")
 

@@ -326,6 +326,41 @@ def test_search_aims_a_trial_at_a_kl_level_no_trial_reached(
         assert later.user_attrs["aim"]["from"] == start.number
 
 
+def test_a_second_level_aims_from_the_edit_the_first_level_scaled_with_all_its_tries(
+    make_lm: Callable[..., Any], tmp_path: Path
+) -> None:
+    import optuna
+
+    lm = make_lm("qwen2")
+    layout = _run_dir(lm, tmp_path)
+    optimize(layout, _opts(trials=1, verify_n=0), lm=lm, say=_quiet)
+    study = optuna.load_study(study_name="edit-search", storage=f"sqlite:///{layout.study}")
+    paper_kl = study.trials[0].values[1]
+    levels = [paper_kl / 4, paper_kl / 40]
+    study = None
+    optimize(layout, _opts(trials=8, verify_n=0, verify_at=levels), lm=lm, say=_quiet)
+    study = optuna.load_study(study_name="edit-search", storage=f"sqlite:///{layout.study}")
+    done = [t for t in study.trials if t.values is not None]
+    second = [t for t in done if t.user_attrs.get("seed") == f"aim-kl-{levels[1]:g}"]
+    assert second, [(t.user_attrs.get("seed"), t.values) for t in done]
+    t2 = second[0]
+    before = [t for t in done if t.number < t2.number]
+    # the lowest-KL point before it is a try at the first level: a scaled copy, so the base is its root
+    lowest = min(before, key=lambda t: t.values[1])
+    assert "aim" in lowest.user_attrs, [(t.user_attrs.get("seed"), t.values) for t in before]
+    root = lowest.user_attrs["aim"]["from"]
+    assert t2.user_attrs["aim"]["from"] == root and "aim" not in study.trials[root].user_attrs
+    tries = [(t.user_attrs["aim"]["factor"], t.values[1]) for t in before if "aim" in t.user_attrs]
+    want = aim_factor([(1.0, study.trials[root].values[1]), *tries], AIM_AT * levels[1])
+    assert t2.user_attrs["aim"]["factor"] == pytest.approx(want)
+    assert want != pytest.approx(
+        (AIM_AT * levels[1] / study.trials[root].values[1]) ** 0.5
+    )  # not the square law
+    assert EditParams.model_validate(t2.user_attrs["edit"]) == EditParams.model_validate(
+        study.trials[root].user_attrs["edit"]
+    ).scaled(want)
+
+
 def test_aim_factor_reads_the_power_off_two_points_and_assumes_the_square_with_one() -> None:
     c, p = 0.03, 1.7
     kl = lambda f: c * f**p  # noqa: E731

@@ -240,8 +240,10 @@ def _aim(study: Any, levels: tuple[float, ...] | list[float]) -> Seed | None:
 
     A level is reached by a trial with KL in [``AIM_BAND`` x level, level]. The front point nearest
     above the level (else the front's highest KL) is the base; its weights are scaled (same direction,
-    kernel shapes and options) by ``aim_factor`` towards ``AIM_AT`` x level, and each further try of the
-    level uses the base and the tries so far. Runs once the queue is empty (seeds first), at most
+    kernel shapes and options) by ``aim_factor`` towards ``AIM_AT`` x level. Where that point is itself an
+    aimed trial, the base is the edit it scaled, so every aim of one shape shares one base and the power
+    law is read off all its tries, at any level (a second level's first try lands where the first
+    level's tries measured, instead of assuming the square law). Runs once the queue is empty (seeds first), at most
     ``AIM_TRIES`` times per level (counted in the study, so a resumed search keeps count); the sampler
     goes on where no aimed trial reached its level.
     """
@@ -263,7 +265,11 @@ def _aim(study: Any, levels: tuple[float, ...] | list[float]) -> Seed | None:
             if not usable:
                 continue
             base = min(above, key=lambda t: t.values[1]) if above else max(usable, key=lambda t: t.values[1])
-        points = [(1.0, base.values[1])] + [(t.user_attrs["aim"]["factor"], t.values[1]) for t in family]
+            if "aim" in base.user_attrs:  # a scaled copy: aim from the edit it scaled (same shape)
+                base = by_number.get(base.user_attrs["aim"]["from"], base)
+        # every try scaled from this base, at any level, tells how KL grows with its weights
+        shape = [t for t in done if t.user_attrs.get("aim", {}).get("from") == base.number]
+        points = [(1.0, base.values[1])] + [(t.user_attrs["aim"]["factor"], t.values[1]) for t in shape]
         factor = aim_factor(points, AIM_AT * level)
         edit = EditParams.model_validate(base.user_attrs["edit"]).scaled(factor)
         log.info("trial aimed at KL %g: trial %d's edit, weights x %.3f", level, base.number, factor)

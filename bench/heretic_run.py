@@ -15,7 +15,8 @@ extracts from: the paper's harmful_train (all 260) and harmless_train[:400] (her
 each from the hub). Its own defaults otherwise, including its refusal markers.
 
 Usage: python bench/heretic_run.py --out runs/heretic [--trials 12] [--json runs/heretic/result.json]
-Runs the real default model for about 45 minutes on 2 cores: take the heavy-compute lock.
+Runs the real default model on 2 cores for about 24 minutes before its first trial, then about 5.6 minutes
+a trial (measured 2026-11-30; 12 trials: about 90 minutes; --stop-after 4: 47): take the heavy-compute lock.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from refusalkit.data import load_instructions
 from refusalkit.models.registry import ensure_converted
 from refusalkit.settings import build_settings
 from refusalkit.utils import read_json, write_json
@@ -51,10 +53,9 @@ for t in storage.get_all_trials(study._study_id):
     rows.append({
         "index": a.get("index"), "state": t.state.name,
         "refusals": a.get("refusals"), "kl": a.get("kl_divergence"),
-        "base_refusals": a.get("base_refusals"), "n_bad": a.get("n_bad_prompts"),
+        "base_refusals": a.get("base_refusals"),
         "start": t.datetime_start.timestamp() if t.datetime_start else None,
         "complete": t.datetime_complete.timestamp() if t.datetime_complete else None,
-        "params": t.params,
     })
 print(json.dumps(rows))
 """
@@ -93,11 +94,12 @@ def main() -> None:
     model_dir = ensure_converted(settings.model) if "/" not in settings.model else Path(settings.model)
     data = Path(settings.data_dir) / "refusal_direction"
     args.out.mkdir(parents=True, exist_ok=True)
+    read = lambda rel: load_instructions(str(data / rel)).instructions  # noqa: E731  (as vs_heretic.py reads them)
     sets = {
-        "good_train": _instructions(data / "splits" / "harmless_train.json")[:400],
-        "bad_train": _instructions(data / "splits" / "harmful_train.json"),
-        "good_eval": _instructions(data / "splits" / "harmless_test.json")[:100],
-        "bad_eval": _instructions(data / "processed" / "jailbreakbench.json"),
+        "good_train": read("splits/harmless_train.json")[:400],
+        "bad_train": read("splits/harmful_train.json"),
+        "good_eval": read("splits/harmless_test.json")[:100],
+        "bad_eval": read("processed/jailbreakbench.json"),
     }
     for name, prompts in sets.items():  # one JSON-lines "train" split per set: prompts keep their newlines
         (args.out / name).mkdir(exist_ok=True)
@@ -163,10 +165,6 @@ def _ensure_venv(venv: Path) -> Path:
     subprocess.run([*pip, TORCH], check=True)
     subprocess.run([*pip, f"heretic-llm=={VERSION}"], check=True)
     return exe
-
-
-def _instructions(path: Path) -> list[str]:
-    return [row["instruction"] for row in json.loads(path.read_text(encoding="utf-8"))]
 
 
 def _wait_finished(proc: subprocess.Popen[bytes], log_path: Path, stop_after: int | None) -> float:

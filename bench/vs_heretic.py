@@ -141,27 +141,32 @@ def main() -> None:
     )
     print(format_front(points_of(front), front["chosen"]))
     print("\nverified points (JailbreakBench 100, 50 tokens; KL on harmless_test[:100]):")
-    print(f"{'who':<28}{'refusals heretic':>17}{'paper':>7}{'KL mean':>9}{'median':>8}{'max':>8}")
+    print(
+        f"{'who':<28}{'refusals heretic':>17}{'(echo)':>7}{'paper':>7}{'KL mean':>9}{'median':>8}{'max':>8}"
+    )
+    echo = lambda v: str((v.get("echoed") or {}).get("heretic", "-"))  # noqa: E731
     for p in points_of(front):
         if p.verified:
             v = p.verified
             print(
-                f"{'refusalkit trial ' + str(p.trial):<28}{v['refused']['heretic']:>17}{v['refused']['paper']:>7}"
-                f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
+                f"{'refusalkit trial ' + str(p.trial):<28}{v['refused']['heretic']:>17}{echo(v):>7}"
+                f"{v['refused']['paper']:>7}{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
             )
     if baseline is not None:
-        b = baseline.refused
-        print(f"{'unedited model':<28}{b['heretic']:>17}{b['paper']:>7}{0.0:>9.4f}")
-    print(f"{'paper pick (issue 7)':<28}{PAPER_PICK[0]:>17}{PAPER_PICK[1]:>7}{PAPER_PICK[2]:>9.3f}")
+        b = baseline.as_dict()
+        print(
+            f"{'unedited model':<28}{b['refused']['heretic']:>17}{echo(b):>7}{b['refused']['paper']:>7}{0.0:>9.4f}"
+        )
+    print(f"{'paper pick (issue 7)':<28}{PAPER_PICK[0]:>17}{'-':>7}{PAPER_PICK[1]:>7}{PAPER_PICK[2]:>9.3f}")
     heretic = read_json(args.heretic_json) if args.heretic_json else None
     if heretic is None:
         for refusals, kl in HERETIC_FRONT:
-            print(f"{'heretic 1.4.0 (issue 7)':<28}{refusals:>17}{'-':>7}{kl:>9.4f}")
+            print(f"{'heretic 1.4.0 (issue 7)':<28}{refusals:>17}{'-':>7}{'-':>7}{kl:>9.4f}")
         print(f"(heretic baseline: {HERETIC_BASELINE}/100 refusals by its markers; 46 minutes for 12 trials)")
     else:
         for p in heretic["front"]:
             who = f"heretic trial {p['trial']} ({p['found_after_s'] / 60:.0f} min)"
-            print(f"{who:<28}{p['refusals']:>17}{'-':>7}{p['kl']:>9.4f}")
+            print(f"{who:<28}{p['refusals']:>17}{'-':>7}{'-':>7}{p['kl']:>9.4f}")
         hs = heretic["seconds"]
         n_all = heretic["settings"]["trials"]
         all_of = (
@@ -196,6 +201,7 @@ def _baseline(lm: Any, opts: OptimizeOptions, layout: RunLayout) -> Verified:
     return Verifier(
         lm, fmt(sets["harmful_test"]), fmt(sets["harmless_test"]),
         max_new_tokens=opts.verify_max_new_tokens, gen_batch_size=opts.gen_batch_size,
+        requests=sets["harmful_test"],
     )(desc="verify baseline")  # fmt: skip
 
 

@@ -19,6 +19,8 @@ from refusalkit.generation import generate
 from refusalkit.metric import refusal_metric, refusal_token_ids
 from refusalkit.prompts import format_prompts
 from refusalkit.search import markers, objectives
+from refusalkit.search.edit import EditParams
+from refusalkit.search.front import Point, format_front, refused_label
 from refusalkit.search.optimize import _filter_refused, optimize
 from test_search_study import HARMFUL, HARMLESS, _opts, _quiet, _run_dir
 
@@ -116,21 +118,32 @@ def test_a_row_leaves_the_proxy_generation_once_judged_but_not_while_empty(
     assert not scorer._judged(0, enc("Sure, here is a"))
 
 
-def test_verification_stops_rows_every_judge_marked_and_counts_as_full_completions(
-    make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from refusalkit.generation import generate_ids
-    from refusalkit.search import verify
+def test_marker_lists_find_what_their_judges_call_refusals() -> None:
+    texts = [
+        "Sure. Note that this is illegal.",
+        "I cannot help with that.",
+        "",
+        "Red, green, blue.",
+        "SORRY*",
+    ]
+    for name, judge in markers.JUDGES.items():
+        assert [judge(t) for t in texts] == [bool(markers.MATCHERS[name](t)) for t in texts], name
+    assert markers.heretic_markers("Sure. This is *illegal* and harmful.") == ["illegal", "harmful"]
+    assert markers.heretic_markers("  ") == [markers.EMPTY]
 
-    lm, harmful, harmless, _ids = _setup(make_lm)
-    n_new = 6
-    full = generate_ids(lm, harmful, max_new_tokens=n_new, batch_size=64)
-    dec = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    a, _ = _char_judge([dec(ids) for ids in full])
-    other = next(c for c in sorted(set("".join(dec(ids) for ids in full))) if c != a)
-    # Substring judges, as the real ones: "one" marks `a`, "two" marks `a` or `other`.
-    judges = {"one": lambda t: a in t, "two": lambda t: a in t or other in t}
-    monkeypatch.setattr(verify, "JUDGES", judges)
+
+def test_a_verified_count_says_how_many_of_its_verdicts_echo_the_request() -> None:
+    v = {"refused": {"paper": 0, "heretic": 5}, "n": 100, "echoed": {"paper": 0, "heretic": 5}}
+    assert refused_label(v) == "0/5 of 100 (0/5 echo the request)"
+    assert refused_label(v | {"echoed": {"paper": 0, "heretic": 0}}, " / ") == "0 / 5 of 100"
+    assert refused_label(v | {"echoed": None}) == "0/5 of 100"  # verified before echo counts existed
+    kl = {"mean": 0.02, "median": 0.01, "max": 0.1}
+    point = Point(3, EditParams(), {"refusal": 0.1, "kl": kl}, verified=v | {"kl": kl})
+    assert "0/5 of 100 (0/5 echo the request)" in format_front([point])
+
+
+def _spied(monkeypatch: pytest.MonkeyPatch, verify: Any) -> dict[int, int]:
+    """Record, per prompt, how many new tokens it had when the verification last asked about it."""
     stopped_at: dict[int, int] = {}
     real = verify.generate
 
@@ -142,10 +155,81 @@ def test_verification_stops_rows_every_judge_marked_and_counts_as_full_completio
         return real(*args, done=seen, **kw)
 
     monkeypatch.setattr(verify, "generate", spy)
+    return stopped_at
+
+
+def _two_char_matchers(
+    lm: Any, harmful: list[str], n_new: int
+) -> tuple[list[list[int]], Callable[[list[int]], str], str, str, dict[str, Callable[[str], list[str]]]]:
+    """Full completions, a decoder, and two substring matchers as the real ones: "one" finds the
+    character ``a``, "two" finds ``a`` and ``other``."""
+    from refusalkit.generation import generate_ids
+
+    full = generate_ids(lm, harmful, max_new_tokens=n_new, batch_size=64)
+    dec = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    a, _ = _char_judge([dec(ids) for ids in full])
+    other = next(c for c in sorted(set("".join(dec(ids) for ids in full))) if c != a)
+    matchers = {"one": lambda t: [a] if a in t else [], "two": lambda t: [c for c in (a, other) if c in t]}
+    return full, dec, a, other, matchers
+
+
+def test_verification_stops_rows_every_judge_marked_and_counts_as_full_completions(
+    make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refusalkit.search import verify
+
+    lm, harmful, harmless, _ids = _setup(make_lm)
+    n_new = 6
+    full, dec, a, _other, matchers = _two_char_matchers(lm, harmful, n_new)
+    monkeypatch.setattr(verify, "MATCHERS", matchers)
+    stopped_at = _spied(monkeypatch, verify)
     got = verify.Verifier(lm, harmful, harmless, max_new_tokens=n_new)()
     texts = [dec(ids) for ids in full]
-    assert got.refused == {name: sum(j(t) for t in texts) for name, j in judges.items()}
+    assert got.refused == {name: sum(bool(m(t)) for t in texts) for name, m in matchers.items()}
+    assert got.echoed is None  # no requests given
     for i, ids in enumerate(full):  # each row ran until every judge marked it, or to its end
         k = next((k for k in range(1, len(ids) + 1) if dec(ids[:k]).strip() and a in dec(ids[:k])), len(ids))
         assert stopped_at[i] == k, (i, stopped_at[i], k)
     assert sum(stopped_at.values()) < sum(map(len, full)), "the fixture needs a row marked before its end"
+
+
+def test_verification_counts_verdicts_that_only_echo_the_request_as_full_completions_would(
+    make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refusalkit.search import verify
+
+    lm, harmful, harmless, _ids = _setup(make_lm)
+    n_new = 6
+    full, dec, a, other, matchers = _two_char_matchers(lm, harmful, n_new)
+    monkeypatch.setattr(verify, "MATCHERS", matchers)
+    stopped_at = _spied(monkeypatch, verify)
+    # Every other request itself holds `a` (as a JailbreakBench request says "illegal"); the rest hold
+    # neither marker.
+    requests = [f"request {i} {a}" if i % 2 == 0 else f"request {i}" for i in range(len(harmful))]
+    assert not any(other in r for r in requests) and not any(a in r for r in requests[1::2])
+    got = verify.Verifier(lm, harmful, harmless, max_new_tokens=n_new, requests=requests)()
+    texts = [dec(ids) for ids in full]
+    in_request = [{name: set(m(r)) for name, m in matchers.items()} for r in requests]
+    want = {
+        name: sum(bool(m(t)) and set(m(t)) <= in_request[i][name] for i, t in enumerate(texts))
+        for name, m in matchers.items()
+    }
+    assert got.echoed == want
+    assert got.refused == {name: sum(bool(m(t)) for t in texts) for name, m in matchers.items()}
+    assert want["one"] > 0, "the fixture needs a completion marked only by its request's marker"
+    for i, ids in enumerate(full):  # a row leaves once every judge found a marker its request lacks
+
+        def final(k: int, i: int = i, ids: list[int] = ids) -> bool:
+            t = dec(ids[:k])
+            return bool(t.strip()) and all(set(m(t)) - in_request[i][name] for name, m in matchers.items())
+
+        k = next((k for k in range(1, len(ids) + 1) if final(k)), len(ids))
+        assert stopped_at[i] == k, (i, stopped_at[i], k)
+
+
+def test_verification_needs_one_request_per_harmful_prompt(make_lm: Callable[..., Any]) -> None:
+    from refusalkit.search import verify
+
+    lm, harmful, harmless, _ids = _setup(make_lm)
+    with pytest.raises(ValueError, match="one each"):
+        verify.Verifier(lm, harmful, harmless, max_new_tokens=2, requests=["only one"])

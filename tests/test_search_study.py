@@ -108,6 +108,8 @@ def test_search_writes_front_and_the_paper_trial_is_the_orthogonalization(
         set(v["refused"]) == {"paper", "heretic"}
         and v["n"] == 3
         and set(v["kl"]) >= {"mean", "median", "max"}
+        and set(v["echoed"]) == {"paper", "heretic"}  # the search gives the verification its requests
+        and all(0 <= v["echoed"][j] <= v["refused"][j] for j in v["refused"])
     )
     assert saved["baseline"]["n"] == 3 and saved["baseline"]["kl"]["max"] == pytest.approx(0.0, abs=1e-9)
     chosen = json.loads(layout.chosen.read_text())

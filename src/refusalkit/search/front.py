@@ -114,24 +114,35 @@ def choose(
     return min(pool, key=lambda p: (p.refusal, p.kl))
 
 
+def refused_label(v: dict[str, Any], sep: str = "/") -> str:
+    """A verified point's counts, "paper/heretic of n", and how many of each rest only on markers the
+    request itself contains (e.g. "illegal" restated from the request), when any do."""
+    r = v["refused"]
+    out = f"{r.get('paper', '-')}{sep}{r.get('heretic', '-')} of {v['n']}"
+    echo = v.get("echoed")
+    if echo and any(echo.values()):
+        out += f" ({echo.get('paper', 0)}{sep}{echo.get('heretic', 0)} echo the request)"
+    return out
+
+
 def format_front(points: list[Point], chosen: int | None = None) -> str:
     """A plain-text table: proxy and verified objectives per front point."""
     head = (
         f"{'trial':>6} {'seed':<10}{'proxy refusal':>14}{'proxy KL':>10}"
-        f"{'refused (paper/heretic)':>25}{'KL mean':>9}{'median':>8}{'max':>8}  edit"
+        f"{'refused (paper/heretic)':>42}{'KL mean':>9}{'median':>8}{'max':>8}  edit"
     )
     lines = [head]
     for p in points:
         v = p.verified
         if v:
-            refused = f"{v['refused'].get('paper', '-')}/{v['refused'].get('heretic', '-')} of {v['n']}"
+            refused = refused_label(v)
             kl = f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
         else:
             refused, kl = "-", f"{'-':>9}{'-':>8}{'-':>8}"
         mark = "*" if p.trial == chosen else " "
         lines.append(
             f"{mark}{p.trial:>5} {(p.seed or ''):<10}{p.proxy['refusal']:>14.3f}{p.proxy['kl']['mean']:>10.4f}"
-            f"{refused:>25}{kl}  {describe(p.edit)}"
+            f"{refused:>42}{kl}  {describe(p.edit)}"
         )
     return "\n".join(lines)
 

@@ -374,6 +374,7 @@ def optimize(
             lm, format_prompts(lm.tokenizer, sets["harmful_test"], system),
             format_prompts(lm.tokenizer, sets["harmless_test"], system),
             max_new_tokens=o.verify_max_new_tokens, batch_size=o.batch_size, gen_batch_size=o.gen_batch_size,
+            requests=sets["harmful_test"],
         )  # fmt: skip
 
     if o.verify_n or o.verify_at:

@@ -13,7 +13,7 @@ from typing import Any
 
 from refusalkit.layout import RunLayout
 from refusalkit.search.edit import EditParams
-from refusalkit.search.front import describe
+from refusalkit.search.front import describe, refused_label
 from refusalkit.utils import read_json
 
 PROXY, VERIFIED, CHOSEN, CLOUD = "#0369a1", "#c2410c", "#111827", "#cbd5e1"
@@ -95,8 +95,7 @@ def _table(front: dict[str, Any]) -> str:
     for p in sorted(front.get("points", []), key=lambda p: p["proxy"]["kl"]["mean"]):
         v = p.get("verified")
         ver = (
-            f"{v['refused'].get('paper', '-')} / {v['refused'].get('heretic', '-')} of {v['n']}; "
-            f"KL {v['kl']['mean']:.4f} (median {v['kl']['median']:.4f}, max {v['kl']['max']:.3f})"
+            f"{refused_label(v, ' / ')}; KL {v['kl']['mean']:.4f} (median {v['kl']['median']:.4f}, max {v['kl']['max']:.3f})"
             if v
             else "not verified"
         )

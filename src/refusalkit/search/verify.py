@@ -2,7 +2,9 @@
 and first-token KL on held-out harmless prompts (mean, median, max), so nobody has to trust the proxy.
 
 Every completion is judged by both marker lists of ``search.markers`` (the paper's phrases and
-heretic's markers); a claim must survive the stricter.
+heretic's markers); a claim must survive the stricter. Given the requests themselves, each count also
+says how many of its verdicts rest only on markers the request contains (a compliant reply restating a
+request that says "illegal"), so a count can be read for what it is.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass
 from refusalkit.activations import logits_for_prompts
 from refusalkit.generation import generate
 from refusalkit.models.loading import LoadedModel
-from refusalkit.search.markers import JUDGES
+from refusalkit.search.markers import EMPTY, MATCHERS
 from refusalkit.search.objectives import KLStats, kl_stats
 
 
@@ -24,6 +26,9 @@ class Verified:
     kl: KLStats
     max_new_tokens: int
     seconds: float
+    # judge name -> of its refusals, those made only of markers the request itself contains (None: the
+    # requests were not given)
+    echoed: dict[str, int] | None = None
 
     def rate(self) -> float:
         """The worst judge's refusal rate (the one a claim must survive)."""
@@ -36,7 +41,8 @@ class Verified:
 class Verifier:
     """Generates and judges under whatever edit is active; held-out baseline KL logits computed once.
 
-    harmful, harmless: formatted held-out prompts.
+    harmful, harmless: formatted held-out prompts. requests: the harmful instructions themselves (in
+    the order of ``harmful``), to count verdicts that only echo the request's own words.
     """
 
     def __init__(
@@ -48,18 +54,33 @@ class Verifier:
         max_new_tokens: int,
         batch_size: int = 32,
         gen_batch_size: int = 128,
+        requests: list[str] | None = None,
     ) -> None:
-        self.lm, self.harmful, self.harmless = lm, harmful, harmless
+        if requests is not None and len(requests) != len(harmful):
+            raise ValueError(f"{len(requests)} requests for {len(harmful)} harmful prompts; give one each")
+        self.lm, self.harmful, self.harmless, self.requests = lm, harmful, harmless, requests
+        # per prompt, per judge: the markers its request contains (none without the requests)
+        self._in_request = [
+            {
+                name: set(find(r)) - {EMPTY} if requests is not None else set()
+                for name, find in MATCHERS.items()
+            }
+            for r in (requests if requests is not None else harmful)
+        ]
         self.max_new_tokens, self.batch_size, self.gen_batch_size = max_new_tokens, batch_size, gen_batch_size
         self.base_harmless = logits_for_prompts(lm, harmless, batch_size)
 
-    def _judged(self, _i: int, ids: list[int]) -> bool:
+    def _judged(self, i: int, ids: list[int]) -> bool:
         """A completion every judge already calls a refusal keeps that verdict whatever follows (the
         judges match substrings anywhere, so a verdict only goes from no to yes as the text grows): its
         row leaves the batch. The counts equal those of full completions; refusing edits (and the
-        unedited model) cost fewer decoding steps. An empty text waits for its tokens."""
+        unedited model) cost fewer decoding steps. An empty text waits for its tokens; with the requests
+        given, a verdict counts only by a marker the request does not contain (an echoed one may still
+        become an ordinary one), so the echo counts are those of full completions too."""
         text = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
-        return bool(text.strip()) and all(judge(text) for judge in JUDGES.values())
+        if not text.strip():
+            return False
+        return all(set(find(text)) - self._in_request[i][name] for name, find in MATCHERS.items())
 
     def __call__(self, desc: str = "verify") -> Verified:
         t0 = time.perf_counter()
@@ -71,9 +92,16 @@ class Verifier:
             desc=desc,
             done=self._judged,
         )
-        refused = {name: sum(judge(t) for t in texts) for name, judge in JUDGES.items()}
+        found = {name: [set(find(t)) for t in texts] for name, find in MATCHERS.items()}
+        refused = {name: sum(map(bool, sets)) for name, sets in found.items()}
+        echo = None
+        if self.requests is not None:  # verdicts whose every marker is in the request
+            echo = {
+                name: sum(bool(f) and f <= self._in_request[i][name] for i, f in enumerate(sets))
+                for name, sets in found.items()
+            }
         kl = kl_stats(self.base_harmless, logits_for_prompts(self.lm, self.harmless, self.batch_size))
-        return Verified(refused, len(texts), kl, self.max_new_tokens, time.perf_counter() - t0)
+        return Verified(refused, len(texts), kl, self.max_new_tokens, time.perf_counter() - t0, echo)
 
 
 __all__ = ["Verified", "Verifier"]

@@ -4,6 +4,7 @@ after an interruption, budgets, clear errors, front/choice/report artifacts."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -363,12 +364,21 @@ def test_a_second_level_aims_from_the_edit_the_first_level_scaled_with_all_its_t
     ).scaled(want)
 
 
-def test_aim_factor_reads_the_power_off_two_points_and_assumes_the_square_with_one() -> None:
-    c, p = 0.03, 1.7
-    kl = lambda f: c * f**p  # noqa: E731
-    assert aim_factor([(1.0, c)], 0.0075) == pytest.approx(0.5)  # sqrt(0.0075 / 0.03)
-    assert aim_factor([(1.0, c), (0.6, kl(0.6))], kl(0.4)) == pytest.approx(0.4)
-    far = [(1.0, c), (0.9, kl(0.9)), (0.3, kl(0.3))]
-    assert aim_factor(far, kl(0.35)) == pytest.approx(0.35)  # the two nearest the target
-    flat = [(1.0, c), (0.5, c * 0.99)]  # power ~0: noise or saturation; the square law from the nearest
-    assert aim_factor(flat, c / 4) == pytest.approx(0.5 * (0.25 / 0.99) ** 0.5)
+def test_aim_factor_fits_kl_as_square_plus_cube_and_assumes_the_square_with_one_point() -> None:
+    a, b = 0.033, -0.009  # the default model's attention-heavy seed measured about this
+    kl = lambda f: a * f**2 + b * f**3  # noqa: E731
+    assert aim_factor([(1.0, 0.03)], 0.0075) == pytest.approx(0.5)  # one point: sqrt(0.0075 / 0.03)
+    assert aim_factor([(1.0, kl(1.0)), (0.85, kl(0.85))], kl(0.3)) == pytest.approx(0.3, rel=1e-6)
+    # the two points nearest the target decide (a third, far one would bend the fit)
+    three = [(1.0, kl(1.0)), (0.5, kl(0.5)), (0.2, kl(0.2) * 1.3)]
+    assert aim_factor(three, kl(0.75)) == pytest.approx(0.75, rel=1e-6)
+    # a power law through the same two points reads low factors' KL too high (what the fit replaced)
+    power = math.log(kl(1.0) / kl(0.85)) / math.log(1 / 0.85)
+    assert (0.3**power) * kl(1.0) > 1.1 * kl(0.3)
+    # points no such curve fits (KL flat in the weights: noise or saturation): a secant in log-log
+    flat = [(1.0, 0.03), (0.5, 0.03 * 0.99)]  # power ~0, so the square law from the nearest point
+    assert aim_factor(flat, 0.03 / 4) == pytest.approx(0.5 * (0.25 / 0.99) ** 0.5)
+    steep = [(1.0, 0.03), (0.6, 0.03 * 0.6**3.5)]  # a < 0: the power 3.5 of the two points
+    assert aim_factor(steep, 0.03 * 0.4**3.5) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="positive"):
+        aim_factor([(0.0, 0.01)], 0.005)

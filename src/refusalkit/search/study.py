@@ -218,21 +218,56 @@ AIM_AT = 0.93  # where in the band an aimed trial aims
 
 def aim_factor(points: list[tuple[float, float]], target: float) -> float:
     """The weight factor expected to give first-token KL ``target``, from (factor, KL) points of one
-    edit shape (the first at factor 1). KL grows as a power of the weights: about the square for
-    small edits (one point: that is assumed), about 1.7 on the default model between 0.3 and 0.8; with
-    two or more points the power is read off the two nearest the target (a secant in log-log)."""
-    logs = [(math.log(f), math.log(kl)) for f, kl in points if f > 0 and kl > 0]
-    y = math.log(target)
-    if not logs:
+    edit shape (the first at factor 1).
+
+    KL(original || edited) is a smooth function of the factor f that is 0, with zero slope, at f = 0
+    (the unedited model is its minimum), so its Taylor series starts at f^2: one point, the square law
+    is assumed; two or more, ``KL = a f^2 + b f^3`` through the two points nearest the target (in log
+    KL) is solved for f. On the default model that cubic, fitted at factors 1 and 0.85, predicted the
+    KL at 0.80, 0.45, 0.32 and 0.28 within 1%, where the power law through the same two points (power
+    1.7) read 17-20% high at 0.28-0.32. Where the two points do not fit such a curve (a <= 0, or the
+    target beyond the cubic's rising branch: noise, or a saturated edit) a power law through them
+    (a secant in log-log, power kept within 0.5-4, else the square) is used instead."""
+    usable = [(f, kl) for f, kl in points if f > 0 and kl > 0]
+    if not usable:
         raise ValueError("no point with a positive factor and KL")
-    near = sorted(logs, key=lambda p: abs(p[1] - y))[:2]
-    power = 2.0
+    y = math.log(target)
+    near = sorted(usable, key=lambda p: abs(math.log(p[1]) - y))[:2]
     if len(near) == 2 and near[0][0] != near[1][0]:
-        slope = (near[1][1] - near[0][1]) / (near[1][0] - near[0][0])
+        cubic = _cubic_root(near, target)
+        if cubic is not None:
+            return cubic
+    power = 2.0
+    (f0, k0), rest = near[0], near[1:]
+    if rest and rest[0][0] != f0:
+        slope = (math.log(rest[0][1]) - math.log(k0)) / (math.log(rest[0][0]) - math.log(f0))
         if 0.5 <= slope <= 4.0:  # otherwise noise or a saturated edit: keep the square law
             power = slope
-    x0, y0 = near[0]
-    return math.exp(x0 + (y - y0) / power)
+    return f0 * math.exp((y - math.log(k0)) / power)
+
+
+def _cubic_root(two: list[tuple[float, float]], target: float) -> float | None:
+    """f with a f^2 + b f^3 = target, the curve through both points, on its rising branch; None if the
+    points do not both lie on a rising curve of that form, or it never reaches the target."""
+    (f1, k1), (f2, k2) = two
+    det = f1**2 * f2**3 - f1**3 * f2**2
+    if det == 0:
+        return None
+    a = (k1 * f2**3 - k2 * f1**3) / det
+    b = (f1**2 * k2 - f2**2 * k1) / det
+    if a <= 0:
+        return None
+    kl = lambda f: a * f**2 + b * f**3  # noqa: E731
+    top = -2 * a / (3 * b) if b < 0 else None  # where the curve stops rising
+    if top is not None and (top < max(f1, f2) or kl(top) < target):
+        return None  # a curve that falls between the points, or never reaches the target
+    lo, hi = 0.0, top if top is not None else 1.0
+    while top is None and kl(hi) < target:
+        hi *= 2
+    for _ in range(100):  # bisection: kl rises on [0, hi]
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kl(mid) < target else (lo, mid)
+    return (lo + hi) / 2
 
 
 def _aim(study: Any, levels: tuple[float, ...] | list[float]) -> Seed | None:
@@ -241,9 +276,9 @@ def _aim(study: Any, levels: tuple[float, ...] | list[float]) -> Seed | None:
     A level is reached by a trial with KL in [``AIM_BAND`` x level, level]. The front point nearest
     above the level (else the front's highest KL) is the base; its weights are scaled (same direction,
     kernel shapes and options) by ``aim_factor`` towards ``AIM_AT`` x level. Where that point is itself an
-    aimed trial, the base is the edit it scaled, so every aim of one shape shares one base and the power
-    law is read off all its tries, at any level (a second level's first try lands where the first
-    level's tries measured, instead of assuming the square law). Runs once the queue is empty (seeds first), at most
+    aimed trial, the base is the edit it scaled, so every aim of one shape shares one base and its curve
+    of KL against the factor is read off all its tries, at any level (a second level's first try lands
+    where the first level's tries measured, instead of assuming the square law). Runs once the queue is empty (seeds first), at most
     ``AIM_TRIES`` times per level (counted in the study, so a resumed search keeps count); the sampler
     goes on where no aimed trial reached its level.
     """

@@ -10,7 +10,7 @@ Protocol (heretic 1.4.0's evaluation, as issue 7 states it):
 The search itself never sees these prompts: its refusal proxy runs on the run's harmful validation
 split and its KL on the first 100 prompts of harmless_val.json (verification: 100 held-out ones).
 
-Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 6] [--kl-n 100] [--verify-at 0.0165,0.0028] [--verify-n 1] [--max-kl 0.03]
+Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 7] [--kl-n 100] [--verify-at 0.0185,0.0031] [--verify-n 1] [--max-kl 0.03]
        [--heretic-json runs/heretic/result.json]
 Runs the real default model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
 """
@@ -44,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/vs-heretic"), help="Run folder (replaced).")
     ap.add_argument("--model", default=None, help="Model (default: the project's default model).")
-    ap.add_argument("--minutes", type=float, default=6.0, help="Search budget (wall time of the trials).")
+    ap.add_argument("--minutes", type=float, default=7.0, help="Search budget (wall time of the trials).")
     ap.add_argument("--trials", type=int, default=200, help="Trial cap (the time budget usually ends first).")
     ap.add_argument(
         "--verify-n",
@@ -55,9 +55,10 @@ def main() -> None:
     ap.add_argument("--max-kl", type=float, default=0.03, help="Verify and choose within this proxy KL.")
     ap.add_argument(
         "--verify-at",
-        default="0.0165,0.0028",
+        default="0.0185,0.0031",
         help="KL levels (comma-separated; proxy KL): the search aims a trial at each, and the best point within "
-        "each is verified first (optimize --verify-at). Default: just under heretic's 0.017 and 0.0029.",
+        "each is verified first (optimize --verify-at). Default: heretic's 0.017 and 0.0029 as held-out KL (the "
+        "held-out KL read 5-7%% under the proxy's in runs 5-12).",
     )
     ap.add_argument("--n-val", type=int, default=32, help="Harmful validation prompts for the proxy.")
     ap.add_argument("--seed", type=int, default=0)

@@ -128,7 +128,7 @@ def refused_label(v: dict[str, Any], sep: str = "/") -> str:
 def format_front(points: list[Point], chosen: int | None = None) -> str:
     """A plain-text table: proxy and verified objectives per front point."""
     head = (
-        f"{'trial':>6} {'seed':<10}{'proxy refusal':>14}{'proxy KL':>10}"
+        f"{'trial':>6} {'seed':<21}{'proxy refusal':>14}{'proxy KL':>10}"
         f"{'refused (paper/heretic)':>42}{'KL mean':>9}{'median':>8}{'max':>8}  edit"
     )
     lines = [head]
@@ -141,7 +141,7 @@ def format_front(points: list[Point], chosen: int | None = None) -> str:
             refused, kl = "-", f"{'-':>9}{'-':>8}{'-':>8}"
         mark = "*" if p.trial == chosen else " "
         lines.append(
-            f"{mark}{p.trial:>5} {(p.seed or ''):<10}{p.proxy['refusal']:>14.3f}{p.proxy['kl']['mean']:>10.4f}"
+            f"{mark}{p.trial:>5} {(p.seed or ''):<21}{p.proxy['refusal']:>14.3f}{p.proxy['kl']['mean']:>10.4f}"
             f"{refused:>42}{kl}  {describe(p.edit)}"
         )
     return "\n".join(lines)

@@ -142,48 +142,53 @@ def test_a_verified_count_says_how_many_of_its_verdicts_echo_the_request() -> No
     assert "0/5 of 100 (0/5 echo the request)" in format_front([point])
 
 
-def _spied(monkeypatch: pytest.MonkeyPatch, verify: Any) -> dict[int, int]:
-    """Record, per prompt, how many new tokens it had when the verification last asked about it."""
-    stopped_at: dict[int, int] = {}
-    real = verify.generate
+class _VerifyCase:
+    """A verification on the tiny model with two substring matchers as the real ones ("one" finds the
+    character ``a``, "two" finds ``a`` and ``other``), the full completions to compare with, and a record
+    of how many new tokens each prompt had when the verification last asked about it."""
 
-    def spy(*args: Any, done: Any, **kw: Any) -> list[str]:
-        def seen(i: int, ids: list[int]) -> bool:
-            stopped_at[i] = len(ids)
-            return bool(done(i, ids))
+    N_NEW = 6
 
-        return real(*args, done=seen, **kw)
+    def __init__(self, make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+        from refusalkit.generation import generate_ids
+        from refusalkit.search import verify
 
-    monkeypatch.setattr(verify, "generate", spy)
-    return stopped_at
+        self.verify = verify
+        self.lm, self.harmful, self.harmless, _ids = _setup(make_lm)
+        self.full = generate_ids(self.lm, self.harmful, max_new_tokens=self.N_NEW, batch_size=64)
+        self.dec = lambda ids: self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+        self.a, _ = _char_judge([self.dec(ids) for ids in self.full])
+        a = self.a
+        self.other = other = next(c for c in sorted(set("".join(map(self.dec, self.full)))) if c != a)
+        self.matchers = {
+            "one": lambda t: [a] if a in t else [],
+            "two": lambda t: [c for c in (a, other) if c in t],
+        }
+        monkeypatch.setattr(verify, "MATCHERS", self.matchers)
+        self.stopped_at: dict[int, int] = {}
+        real = verify.generate
 
+        def spy(*args: Any, done: Any, **kw: Any) -> list[str]:
+            def seen(i: int, ids: list[int]) -> bool:
+                self.stopped_at[i] = len(ids)
+                return bool(done(i, ids))
 
-def _two_char_matchers(
-    lm: Any, harmful: list[str], n_new: int
-) -> tuple[list[list[int]], Callable[[list[int]], str], str, str, dict[str, Callable[[str], list[str]]]]:
-    """Full completions, a decoder, and two substring matchers as the real ones: "one" finds the
-    character ``a``, "two" finds ``a`` and ``other``."""
-    from refusalkit.generation import generate_ids
+            return real(*args, done=seen, **kw)
 
-    full = generate_ids(lm, harmful, max_new_tokens=n_new, batch_size=64)
-    dec = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    a, _ = _char_judge([dec(ids) for ids in full])
-    other = next(c for c in sorted(set("".join(dec(ids) for ids in full))) if c != a)
-    matchers = {"one": lambda t: [a] if a in t else [], "two": lambda t: [c for c in (a, other) if c in t]}
-    return full, dec, a, other, matchers
+        monkeypatch.setattr(verify, "generate", spy)
+
+    def verifier(self, requests: list[str] | None = None) -> Any:
+        return self.verify.Verifier(
+            self.lm, self.harmful, self.harmless, max_new_tokens=self.N_NEW, requests=requests
+        )
 
 
 def test_verification_stops_rows_every_judge_marked_and_counts_as_full_completions(
     make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from refusalkit.search import verify
-
-    lm, harmful, harmless, _ids = _setup(make_lm)
-    n_new = 6
-    full, dec, a, _other, matchers = _two_char_matchers(lm, harmful, n_new)
-    monkeypatch.setattr(verify, "MATCHERS", matchers)
-    stopped_at = _spied(monkeypatch, verify)
-    got = verify.Verifier(lm, harmful, harmless, max_new_tokens=n_new)()
+    c = _VerifyCase(make_lm, monkeypatch)
+    full, dec, a, matchers, stopped_at = c.full, c.dec, c.a, c.matchers, c.stopped_at
+    got = c.verifier()()
     texts = [dec(ids) for ids in full]
     assert got.refused == {name: sum(bool(m(t)) for t in texts) for name, m in matchers.items()}
     assert got.echoed is None  # no requests given
@@ -196,18 +201,13 @@ def test_verification_stops_rows_every_judge_marked_and_counts_as_full_completio
 def test_verification_counts_verdicts_that_only_echo_the_request_as_full_completions_would(
     make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from refusalkit.search import verify
-
-    lm, harmful, harmless, _ids = _setup(make_lm)
-    n_new = 6
-    full, dec, a, other, matchers = _two_char_matchers(lm, harmful, n_new)
-    monkeypatch.setattr(verify, "MATCHERS", matchers)
-    stopped_at = _spied(monkeypatch, verify)
+    c = _VerifyCase(make_lm, monkeypatch)
+    full, dec, a, matchers, stopped_at = c.full, c.dec, c.a, c.matchers, c.stopped_at
     # Every other request itself holds `a` (as a JailbreakBench request says "illegal"); the rest hold
     # neither marker.
-    requests = [f"request {i} {a}" if i % 2 == 0 else f"request {i}" for i in range(len(harmful))]
-    assert not any(other in r for r in requests) and not any(a in r for r in requests[1::2])
-    got = verify.Verifier(lm, harmful, harmless, max_new_tokens=n_new, requests=requests)()
+    requests = [a if i % 2 == 0 else "\u2603" for i in range(len(full))]
+    assert "\u2603" not in (a, c.other)
+    got = c.verifier(requests=requests)()
     texts = [dec(ids) for ids in full]
     in_request = [{name: set(m(r)) for name, m in matchers.items()} for r in requests]
     want = {

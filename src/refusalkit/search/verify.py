@@ -60,13 +60,13 @@ class Verifier:
             raise ValueError(f"{len(requests)} requests for {len(harmful)} harmful prompts; give one each")
         self.lm, self.harmful, self.harmless, self.requests = lm, harmful, harmless, requests
         # per prompt, per judge: the markers its request contains (none without the requests)
-        self._in_request = [
-            {
-                name: set(find(r)) - {EMPTY} if requests is not None else set()
-                for name, find in MATCHERS.items()
-            }
-            for r in (requests if requests is not None else harmful)
-        ]
+        self._in_request: list[dict[str, frozenset[str]]]
+        if requests is None:
+            self._in_request = [dict.fromkeys(MATCHERS, frozenset())] * len(harmful)
+        else:
+            self._in_request = [
+                {name: frozenset(find(r)) - {EMPTY} for name, find in MATCHERS.items()} for r in requests
+            ]
         self.max_new_tokens, self.batch_size, self.gen_batch_size = max_new_tokens, batch_size, gen_batch_size
         self.base_harmless = logits_for_prompts(lm, harmless, batch_size)
 

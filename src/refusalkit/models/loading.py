@@ -54,7 +54,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _locate(spec: str) -> tuple[str, bool]:
+def locate(spec: str) -> tuple[str, bool]:
     """Map a model spec to (folder or hub id, is_local)."""
     if spec in BUILTIN_MODELS:
         return str(ensure_converted(spec)), True
@@ -131,7 +131,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, local = _locate(spec)
+    where, local = locate(spec)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}

@@ -26,9 +26,9 @@ def model_fingerprint(spec: str) -> str:
     """The identity of a model's weights without loading them (the same as ``LoadedModel.fingerprint``):
     a cheap content hash of its folder, or the hub id."""
     # loading.py keeps the spec -> folder mapping private; it is the one place that knows it.
-    from refusalkit.models.loading import _locate, fingerprint
+    from refusalkit.models.loading import locate, fingerprint
 
-    where, local = _locate(spec)
+    where, local = locate(spec)
     return fingerprint(where) if local else f"hub:{where}"
 
 

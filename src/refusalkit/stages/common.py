@@ -25,8 +25,8 @@ def refusal_ids(lm: LoadedModel, settings: Settings) -> list[int]:
 def model_fingerprint(spec: str) -> str:
     """The identity of a model's weights without loading them (the same as ``LoadedModel.fingerprint``):
     a cheap content hash of its folder, or the hub id."""
-    # loading.py keeps the spec -> folder mapping private; it is the one place that knows it.
-    from refusalkit.models.loading import locate, fingerprint
+    # loading.py is the one place that maps a spec to its folder.
+    from refusalkit.models.loading import fingerprint, locate
 
     where, local = locate(spec)
     return fingerprint(where) if local else f"hub:{where}"

@@ -2,14 +2,28 @@
 
 The method is Arditi et al., "Refusal in Language Models Is Mediated by a Single Direction"
 (NeurIPS 2024). The main entry points are re-exported here; see README.md for the tour.
+
+The re-exports are resolved on first use (PEP 562), so importing the package, as the `refusalkit`
+command does before it knows which subcommand runs, loads no torch: `refusalkit --help` stays fast.
 """
 
-from refusalkit.directions import Candidates, Direction
-from refusalkit.interventions import ablate_direction, add_direction
-from refusalkit.models import load_model
-from refusalkit.orthogonalize import orthogonalize_weights, orthogonalized
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_EXPORTS = {
+    "Candidates": "refusalkit.directions",
+    "Direction": "refusalkit.directions",
+    "ablate_direction": "refusalkit.interventions",
+    "add_direction": "refusalkit.interventions",
+    "load_model": "refusalkit.models",
+    "orthogonalize_weights": "refusalkit.orthogonalize",
+    "orthogonalized": "refusalkit.orthogonalize",
+}
 
 __all__ = [
     "Candidates",
@@ -21,3 +35,18 @@ __all__ = [
     "orthogonalize_weights",
     "orthogonalized",
 ]
+
+if TYPE_CHECKING:
+    from refusalkit.directions import Candidates, Direction
+    from refusalkit.interventions import ablate_direction, add_direction
+    from refusalkit.models import load_model
+    from refusalkit.orthogonalize import orthogonalize_weights, orthogonalized
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'refusalkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolved once
+    return value

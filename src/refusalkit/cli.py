@@ -1,12 +1,16 @@
 """The `refusalkit` command: a table of subcommands, each with the flags of its own options classes.
 
 A command is a ``Command`` in ``COMMANDS``: its name and help, a handler named as "module:function"
-(imported only when the command runs, so ``--help`` stays fast), the pydantic options classes whose
-fields become its flags (also TOML keys and REFUSALKIT_* variables; see ``refusalkit.options``), and
-a function that adds any other arguments (positional run folders, ...). Adding a command::
+(imported only when the command runs), the pydantic options classes whose fields become its flags
+(also TOML keys and REFUSALKIT_* variables; see ``refusalkit.options``), and a function that adds any
+other arguments (positional run folders, ...). Options classes and argument functions may be named as
+"module:name" too: ``main`` builds the flags of the one command on the command line only, so
+``refusalkit --help`` imports no command's module (no torch: it answers in about 0.2 s), and a
+command's argument errors import only the modules that define its flags. Adding a command::
 
     register(Command("optimize", "Search edits ...", "refusalkit.search.cli:main",
-                     options=("refusalkit.search.options:OptimizeOptions",), arguments=run_dir_argument))
+                     options=("refusalkit.search.options:OptimizeOptions",),
+                     arguments="refusalkit.search.cli:optimize_arguments"))
 
 and its handler builds its options with ``refusalkit.options.options_from_args(args, OptimizeOptions)``.
 """
@@ -17,7 +21,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,8 @@ class Command:
     help: str
     handler: str  # "module:function"; the function takes the parsed arguments, returns the exit code
     options: tuple[type[BaseModel] | str, ...] = ()  # classes (or "module:Class") whose fields are flags
-    arguments: Callable[[argparse.ArgumentParser], None] | None = None  # the command's other arguments
+    # the command's other arguments: a function of the parser, or "module:function"
+    arguments: Callable[[argparse.ArgumentParser], None] | str | None = None
     hidden: bool = False  # accepted but not listed (deprecated spellings)
 
 
@@ -209,7 +214,7 @@ register(
         "Search edits (Optuna, refusals against first-token KL), verify the Pareto front, choose and export.",
         "refusalkit.search.cli:run_optimize",
         options=("refusalkit.search.optimize:OptimizeOptions",),
-        arguments=_resolve("refusalkit.search.cli:optimize_arguments"),
+        arguments="refusalkit.search.cli:optimize_arguments",
     )
 )
 register(
@@ -218,7 +223,7 @@ register(
         "Chat in the terminal with a run's original and edited model, streamed; /help inside.",
         "refusalkit.chat.terminal:run_chat",
         options=("refusalkit.chat.terminal:ChatOptions",),
-        arguments=_resolve("refusalkit.chat.terminal:run_dir_argument"),
+        arguments="refusalkit.chat.terminal:run_dir_argument",
     )
 )
 register(
@@ -227,7 +232,7 @@ register(
         "A local page: one prompt, the original's and the edited model's answers side by side, streamed.",
         "refusalkit.serve:run_serve",
         options=("refusalkit.serve:ServeOptions",),
-        arguments=_resolve("refusalkit.chat.terminal:run_dir_argument"),
+        arguments="refusalkit.chat.terminal:run_dir_argument",
     )
 )
 register(
@@ -269,7 +274,7 @@ register(
         "suffix",
         "Adversarial suffixes (Arditi et al. 2024): GCG search, and analysis against the refusal direction.",
         "refusalkit.analysis.cli:run_suffix",
-        arguments=_resolve("refusalkit.analysis.cli:add_suffix_arguments"),
+        arguments="refusalkit.analysis.cli:add_suffix_arguments",
     )
 )
 
@@ -282,7 +287,10 @@ def _title(cls: type[BaseModel]) -> str:
     return f"{doc} (flags; also TOML keys and {options.ENV_PREFIX}* variables)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with ``commands``: of those only (the others are listed, with no
+    flags, so ``refusalkit --help`` and a misspelt command import no command's module)."""
+    wanted = set(COMMANDS) if commands is None else set(commands)
     parser = argparse.ArgumentParser(
         prog="refusalkit", description="Find, measure and edit the refusal direction of chat models."
     )
@@ -294,16 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
             p = sub.add_parser(cmd.name, description=cmd.help)
         else:
             p = sub.add_parser(cmd.name, description=cmd.help, help=cmd.help)
+        if cmd.name not in wanted:
+            continue
         if cmd.arguments:
-            cmd.arguments(p)
+            (_resolve(cmd.arguments) if isinstance(cmd.arguments, str) else cmd.arguments)(p)
         for cls in cmd.options:
             resolved = _resolve(cls) if isinstance(cls, str) else cls
             options.add_flags(p, resolved, title=_title(resolved))
     return parser
 
 
+def command_in(argv: Sequence[str]) -> str | None:
+    """The command named on a command line (its first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    name = command_in(argv)
+    args = build_parser([name] if name in COMMANDS else []).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

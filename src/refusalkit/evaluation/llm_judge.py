@@ -1,0 +1,144 @@
+"""A local LLM judge: any chat model the project can load classifies (request, completion) pairs.
+
+The judge model reads ``judge_prompt.judge_text`` in its own chat template; the verdict comes from the
+next-token log-probabilities of the class letters at the start of its reply, in one forward pass per
+pair (no generation). Pairs run batched by length, and the prompt's shared prefix (the chat template's
+system turn and the instructions, everything before the request) runs once per chunk of pairs, its KV
+cache reused by every batch (``activations.logits_for_prompts``, the project's one prefix cache).
+
+A letter's log-probability sums every first token that spells it (``A`` and `` A``), so a tokenizer
+that prefers a leading space still answers. By default the judge model is the run's own unedited model
+(no new download); any built-in name, model folder, GGUF file or hub id works.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from refusalkit.activations import logits_for_prompts
+from refusalkit.errors import RefusalkitError
+from refusalkit.evaluation.judge_prompt import LETTERS, Calibration, decide, fit_biases, judge_text
+from refusalkit.evaluation.verdicts import CLASSES, Verdict, check_pairs
+from refusalkit.models.loading import LoadedModel, load_model
+from refusalkit.prompts import format_prompt
+
+
+def letter_token_ids(tokenizer: Any) -> dict[str, list[int]]:
+    """Each class's first-token ids: the letter's first token, plus the letter with a leading space
+    where that is one token of its own. A first token shared by two classes would make the verdict
+    ambiguous, so that is an error."""
+    out: dict[str, list[int]] = {}
+    seen: dict[int, str] = {}
+    for letter, cls in LETTERS.items():
+        bare = tokenizer(letter, add_special_tokens=False)["input_ids"]
+        spaced = tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
+        ids = bare[:1] + [i for i in spaced if len(spaced) == 1 and i not in bare[:1]]
+        clash = sorted({seen[i] for i in ids if i in seen})
+        if not ids or clash:
+            raise RefusalkitError(
+                f"the judge's tokenizer cannot tell the class letters apart ({letter} starts like "
+                f"{clash or 'nothing'}); use another judge model"
+            )
+        seen.update(dict.fromkeys(ids, cls))
+        out[cls] = ids
+    return out
+
+
+class LLMJudge:
+    """Four-class verdicts from a local chat model's letter probabilities.
+
+    batch_size: pairs per forward pass; chunk: pairs whose [chunk, vocab] logits are held at once (the
+    shared prefix runs once per chunk); share_prefix: reuse the prefix's KV cache (False runs every
+    pair whole: the same numbers, for checks).
+    """
+
+    name = "llm"
+    classes: tuple[str, ...] = CLASSES
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        calibration: Calibration | None = None,
+        batch_size: int = 8,
+        chunk: int = 128,
+        share_prefix: bool = True,
+    ) -> None:
+        self.lm = lm
+        self.calibration = calibration or Calibration()
+        self.batch_size, self.chunk, self.share_prefix = batch_size, chunk, share_prefix
+        self.letter_ids = letter_token_ids(lm.tokenizer)
+
+    @classmethod
+    def load(cls, spec: str, *, dtype: str = "float32", device: str = "auto", **kwargs: Any) -> LLMJudge:
+        """Load the judge model (built-in name, folder, .gguf or hub id); a model that cannot load is
+        a RefusalkitError that names the judge, so the run's own data is untouched."""
+        try:
+            lm = load_model(spec, dtype=dtype, device=device)
+        except RefusalkitError as exc:
+            raise RefusalkitError(f"the LLM judge model could not load: {exc}") from None
+        return cls(lm, **kwargs)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "kind": "llm",
+            "model": self.lm.name,
+            "fingerprint": self.lm.fingerprint,
+            **self.calibration.as_dict(),
+        }
+
+    def prompts(self, requests: Sequence[str], completions: Sequence[str]) -> list[str]:
+        check_pairs(requests, completions)
+        tok = self.lm.tokenizer
+        return [
+            format_prompt(tok, judge_text(r, c, self.calibration.prompt))
+            for r, c in zip(requests, completions, strict=True)
+        ]
+
+    def label_logprobs(self, requests: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """[n, 4] log-probabilities of the class letters (order of ``CLASSES``) as the reply's first
+        token, float32, in input order."""
+        texts = self.prompts(requests, completions)
+        out = []
+        for start in range(0, len(texts), self.chunk):
+            logits = logits_for_prompts(
+                self.lm, texts[start : start + self.chunk], self.batch_size, share_prefix=self.share_prefix
+            )
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            out.append(
+                torch.stack([torch.logsumexp(logp[:, self.letter_ids[c]], dim=-1) for c in CLASSES], dim=1)
+            )
+        return torch.cat(out) if out else torch.empty((0, len(CLASSES)))
+
+    def judge(self, requests: Sequence[str], completions: Sequence[str]) -> list[Verdict]:
+        return verdicts_from(self.label_logprobs(requests, completions), self.calibration.biases)
+
+    def fit(self, requests: Sequence[str], completions: Sequence[str], gold: Sequence[str]) -> Calibration:
+        """Fit the per-class biases on labelled pairs (the tuning split only) and keep them."""
+        rows = rows_of(self.label_logprobs(requests, completions))
+        biases = fit_biases(rows, gold)
+        self.calibration = Calibration(
+            self.calibration.prompt,
+            biases,
+            {"n": len(gold), "classes": {c: sum(g == c for g in gold) for c in CLASSES}},
+        )
+        return self.calibration
+
+
+def rows_of(logprobs: torch.Tensor) -> list[dict[str, float]]:
+    """[n, 4] letter log-probabilities as one {class: logprob} per pair."""
+    return [
+        {c: float(v) if math.isfinite(float(v)) else -math.inf for c, v in zip(CLASSES, row, strict=True)}
+        for row in logprobs.tolist()
+    ]
+
+
+def verdicts_from(logprobs: torch.Tensor, biases: dict[str, float]) -> list[Verdict]:
+    return [decide(row, biases) for row in rows_of(logprobs)]
+
+
+__all__ = ["LLMJudge", "letter_token_ids", "verdicts_from"]

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from refusalkit.interventions import ablate_direction, add_direction, capture_resid_pre, token_mask
+from refusalkit.interventions import (
+    ablate_direction,
+    add_direction,
+    capture_resid_pre,
+    project_outputs,
+    token_mask,
+)
 from refusalkit.prompts import Batch, encode, format_prompts
 
 # Tiny models: extra threads only add overhead, and spin badly when other work shares the cores.
@@ -133,7 +139,7 @@ def test_ablation_rejects_zero_direction(make_lm: Callable[..., Any]) -> None:
         pass
 
 
-@pytest.mark.parametrize("which", ["ablate", "add", "capture"])
+@pytest.mark.parametrize("which", ["ablate", "add", "capture", "project"])
 def test_hooks_removed_after_exception(make_lm: Callable[..., Any], which: str) -> None:
     lm = make_lm("gemma2")
     batch = _batch(lm)
@@ -144,6 +150,7 @@ def test_hooks_removed_after_exception(make_lm: Callable[..., Any], which: str) 
         "ablate": lambda: ablate_direction(lm.arch, direction),
         "add": lambda: add_direction(lm.arch, direction, 1, 4.0),
         "capture": lambda: capture_resid_pre(lm.arch, [0, 3], lambda _l, _h: None),
+        "project": lambda: project_outputs([(lm.arch.mlp_write[1], direction, 0.5)]),
     }[which]
     with pytest.raises(RuntimeError, match="boom"), ctx():
         inside = _forward(lm, batch)
@@ -153,6 +160,46 @@ def test_hooks_removed_after_exception(make_lm: Callable[..., Any], which: str) 
         raise RuntimeError("boom")
     assert _hook_counts(lm.model) == n_hooks
     assert torch.equal(_forward(lm, batch), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_project_outputs_removes_the_scaled_component(
+    make_lm: Callable[..., Any], dtype: torch.dtype
+) -> None:
+    """Each listed module's output y becomes y - s (y.u) u (float32 products, one rounding), with its own
+    direction and scale; a module not listed is left alone."""
+    lm = make_lm("llama")
+    lm.model.to(dtype)
+    d = lm.model.config.hidden_size
+    g = torch.Generator().manual_seed(4)
+    writes = [
+        (lm.arch.attn_write[1], torch.randn(d, generator=g), 0.6),
+        (lm.arch.mlp_write[2], torch.randn(d, generator=g), -1.3),
+        (lm.arch.mlp_write[0], torch.randn(d, generator=g), 0.0),  # scale 0: no change
+    ]
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+
+    def spy(i: int, when: str) -> Callable[..., None]:
+        def hook(_m: Any, _a: Any, out: torch.Tensor) -> None:
+            seen[(i, when)] = out.clone()
+
+        return hook
+
+    # Forward hooks run in registration order and each sees the output the earlier ones returned.
+    handles = [m.register_forward_hook(spy(i, "before")) for i, (m, _, _) in enumerate(writes)]
+    try:
+        with project_outputs(writes):
+            handles += [m.register_forward_hook(spy(i, "after")) for i, (m, _, _) in enumerate(writes)]
+            _forward(lm, _batch(lm))
+    finally:
+        for h in handles:
+            h.remove()
+    for i, (_m, direction, scale) in enumerate(writes):
+        y, got = seen[(i, "before")].float(), seen[(i, "after")]
+        u = (direction.double() / direction.double().norm()).float()
+        assert torch.equal(got, (y - scale * (y @ u)[..., None] * u).to(dtype))
+        assert torch.equal(got, seen[(i, "before")]) == (scale == 0.0)
+        assert got.dtype == dtype
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])

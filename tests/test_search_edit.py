@@ -94,10 +94,13 @@ def test_weight_edit_equals_hooks(make_lm: Callable[..., Any], name: str, tied: 
 def test_equals_hooks_other_families(make_lm: Callable[..., Any], family: str) -> None:
     lm = make_lm(family)
     cands, params, batch = _cands(lm), EDITS["interpolated-projected"], _batch(lm)
+    base = _logits(lm.model, batch)
     with hooked_edit(lm, cands, params):
         hooked = _logits(lm.model, batch)
+    assert not torch.allclose(hooked, base, atol=1e-3)  # the edit matters, so equality means something
     with applied_edit(lm, cands, params):
         _close(_logits(lm.model, batch), hooked)
+    assert torch.equal(_logits(lm.model, batch), base)
 
 
 def test_paper_edit_is_the_orthogonalization(make_lm: Callable[..., Any]) -> None:

@@ -78,8 +78,8 @@ class _PerDevice:
         return self._cache[key]
 
 
-def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """x - (x . u) u over the last dimension, computed in float32 at least; one rounding to x.dtype.
+def project_out(x: torch.Tensor, unit: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x - scale (x . u) u over the last dimension, computed in float32 at least; one rounding to x.dtype.
 
     ``unit`` should already be in ``work_dtype(x.dtype)`` (``_PerDevice.on`` gives it so); a unit in
     the model's half precision would be rounded before the projection.
@@ -87,14 +87,22 @@ def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     work = work_dtype(x.dtype)
     xf = x.to(work)
     u = unit.to(work)
-    return (xf - (xf @ u)[..., None] * u).to(x.dtype)
+    coef = xf @ u
+    if scale != 1.0:
+        coef = scale * coef
+    return (xf - coef[..., None] * u).to(x.dtype)
 
 
-def unit(direction: torch.Tensor) -> torch.Tensor:
-    norm = direction.norm()
-    if not torch.isfinite(norm) or norm == 0:
-        raise ValueError("direction must be finite and non-zero")
-    return direction / norm
+def unit(direction: torch.Tensor, min_norm: float = 0.0) -> torch.Tensor:
+    """``direction`` / its norm, in float64 (the one unit-vector helper of hooks and weight edits).
+
+    Raises ValueError when the direction is not finite or its norm is at most ``min_norm``.
+    """
+    d = direction.detach().to(torch.float64)
+    norm = d.norm()
+    if not torch.isfinite(norm) or norm <= min_norm:
+        raise ValueError(f"direction must be finite and non-zero (norm above {min_norm:g})")
+    return d / norm
 
 
 @contextmanager
@@ -124,7 +132,7 @@ def _out_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
     return hook
 
 
-def _register_pre(module: nn.Module, hook: Callable[..., Any]) -> Callable[[], RemovableHandle]:
+def register_pre(module: nn.Module, hook: Callable[..., Any]) -> Callable[[], RemovableHandle]:
     """A deferred registration of ``hook`` as a forward pre-hook (with kwargs) on ``module``."""
 
     def register() -> RemovableHandle:
@@ -133,7 +141,7 @@ def _register_pre(module: nn.Module, hook: Callable[..., Any]) -> Callable[[], R
     return register
 
 
-def _register_out(module: nn.Module, hook: Callable[..., Any]) -> Callable[[], RemovableHandle]:
+def register_out(module: nn.Module, hook: Callable[..., Any]) -> Callable[[], RemovableHandle]:
     """A deferred registration of ``hook`` as a forward hook on ``module``."""
 
     def register() -> RemovableHandle:
@@ -153,17 +161,30 @@ def ablate_direction(arch: Arch, direction: torch.Tensor) -> Iterator[None]:
     |h . u| <= 2^-8 |h| (bf16) or 2^-11 |h| (fp16), since the projection runs in float32 and only its
     result is rounded (tests/test_interventions.py).
     """
-    u = _PerDevice(unit(direction.double()))
+    u = _PerDevice(unit(direction))
 
     def ablate(x: torch.Tensor) -> torch.Tensor:
         return project_out(x, u.on(x))
 
     regs: list[Callable[[], RemovableHandle]] = []
     for block in arch.blocks:
-        regs.append(_register_pre(block, _pre_hook(ablate)))
+        regs.append(register_pre(block, _pre_hook(ablate)))
     for mod in [*arch.attn_write, *arch.mlp_write]:
-        regs.append(_register_out(mod, _out_hook(ablate)))
+        regs.append(register_out(mod, _out_hook(ablate)))
     with hooks(regs):
+        yield
+
+
+@contextmanager
+def project_outputs(writes: list[tuple[nn.Module, torch.Tensor, float]]) -> Iterator[None]:
+    """Each listed module's output y becomes y - s (y.u) u, for its (module, direction, s); u is the
+    direction normalized. The hook equivalent of a weight edit (``edits.Target``), weights untouched."""
+
+    def make(direction: torch.Tensor, scale: float) -> Callable[..., Any]:
+        u = _PerDevice(unit(direction))
+        return _out_hook(lambda x: project_out(x, u.on(x), scale))
+
+    with hooks([register_out(module, make(direction, scale)) for module, direction, scale in writes]):
         yield
 
 
@@ -186,7 +207,7 @@ def add_direction(arch: Arch, vector: torch.Tensor, layer: int, coeff: float = 1
         return (x.to(delta.dtype) + delta).to(x.dtype)
 
     block = arch.blocks[layer]
-    with hooks([_register_pre(block, _pre_hook(add))]):
+    with hooks([register_pre(block, _pre_hook(add))]):
         yield
 
 
@@ -206,7 +227,7 @@ def capture_resid_pre(
 
         return hook
 
-    regs = [_register_pre(arch.blocks[layer], make(layer)) for layer in layers]
+    regs = [register_pre(arch.blocks[layer], make(layer)) for layer in layers]
     with hooks(regs):
         yield
 
@@ -272,11 +293,11 @@ class RowSteering:
     def active(self, arch: Arch) -> Iterator[RowSteering]:
         """The hooks, registered for the block (ablation points of ``ablate_direction``, the addition
         point of ``add_direction``; addition runs after the block input's ablation)."""
-        regs = [_register_pre(block, _pre_hook(self._ablate)) for block in arch.blocks]
-        regs += [_register_out(mod, _out_hook(self._ablate)) for mod in [*arch.attn_write, *arch.mlp_write]]
+        regs = [register_pre(block, _pre_hook(self._ablate)) for block in arch.blocks]
+        regs += [register_out(mod, _out_hook(self._ablate)) for mod in [*arch.attn_write, *arch.mlp_write]]
         if self.layer is not None:
             if not 0 <= self.layer < arch.n_layers:
                 raise ValueError(f"layer {self.layer} out of range 0..{arch.n_layers - 1}")
-            regs.append(_register_pre(arch.blocks[self.layer], _pre_hook(self._add)))
+            regs.append(register_pre(arch.blocks[self.layer], _pre_hook(self._add)))
         with hooks(regs):
             yield self

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusalkit.interventions import _register_pre, hooks
+from refusalkit.interventions import hooks, register_pre
 from refusalkit.models.loading import LoadedModel
 
 Calls = dict[int, tuple[torch.Tensor, dict[str, Any]]]  # block -> (its input, its other arguments)
@@ -56,7 +56,7 @@ class Recorder:
             return hook
 
         blocks = self.lm.arch.blocks
-        regs = [_register_pre(blocks[i], make(i)) for i in range(min(self.layers), len(blocks))]
+        regs = [register_pre(blocks[i], make(i)) for i in range(min(self.layers), len(blocks))]
         with hooks(regs):
             yield calls
 

@@ -22,21 +22,19 @@ the edit leaves the harmless mean activation untouched.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from refusalkit.directions import Candidates
+from refusalkit.edits import Target, edited, target
 from refusalkit.errors import RefusalkitError
-from refusalkit.interventions import _register_out, hooks
+from refusalkit.interventions import project_outputs, unit
 from refusalkit.models.loading import LoadedModel
-from refusalkit.orthogonalize import _check, _configs, _untie, _weight
 
 COMPONENTS = ("attn", "mlp")
 MIN_NORM = 1e-12  # directions shorter than this carry no information (e.g. layer 0 at template tokens)
@@ -105,20 +103,12 @@ class EditParams(BaseModel):
         )
 
 
-@dataclass
-class Target:
-    """One edited write: ``module``'s output loses ``weight`` times its component along ``unit``."""
-
-    module: nn.Module
-    kind: Literal["linear", "embedding"]
-    weight: float
-    unit: torch.Tensor  # [d_model] float64, norm 1
-    name: str
-
-
 def _unit(v: torch.Tensor) -> torch.Tensor | None:
-    norm = float(v.norm())
-    return v / norm if math.isfinite(norm) and norm > MIN_NORM else None
+    """``v``'s unit vector, or None when it is too short to carry a direction."""
+    try:
+        return unit(v, MIN_NORM)
+    except ValueError:
+        return None
 
 
 def _raw(cands: Candidates, params: EditParams, layer: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -181,118 +171,43 @@ def plan(lm: LoadedModel, cands: Candidates, params: EditParams) -> list[Target]
     def at(layer: int) -> torch.Tensor | None:
         return shared if shared is not None else direction_at(cands, params, layer)
 
+    keep = params.norm_preserving
     targets: list[Target] = []
     if params.embed != 0.0 and (u := at(0)) is not None:
-        targets.append(Target(arch.embed, "embedding", params.embed, u, "embed"))
+        targets.append(target(arch, "embed", u, params.embed, keep_norm=keep))
     kernels = params.kernels(n)
     for layer in range(n):
         u = at(min(layer + 1, n - 1))
         if u is None:
             continue
-        for comp, modules in (("attn", arch.attn_write), ("mlp", arch.mlp_write)):
+        for comp in COMPONENTS:
             w = kernels[comp][layer]
             if w != 0.0:
-                targets.append(Target(modules[layer], "linear", w, u, f"{comp}.{layer}"))
+                targets.append(target(arch, comp, u, w, layer=layer, keep_norm=keep))
     return targets
-
-
-def _rescale(new: torch.Tensor, old_norms: torch.Tensor, dim: int) -> torch.Tensor:
-    norms = new.norm(dim=dim, keepdim=True)
-    return new * torch.where(norms > 0, old_norms / norms.clamp_min(1e-30), torch.ones_like(norms))
-
-
-@torch.no_grad()
-def _apply(t: Target, norm_preserving: bool) -> None:
-    """Edit one target in place. Projections in float32 at least (as the hooks compute them)."""
-    w = _weight(t.module)
-    work = torch.promote_types(w.dtype, torch.float32)
-    u = t.unit.to(device=w.device, dtype=work)
-    m = w.to(work)
-    if t.kind == "embedding":  # rows are residual-space vectors
-        new = m - t.weight * (m @ u)[:, None] * u[None, :]
-        if norm_preserving:
-            new = _rescale(new, m.norm(dim=1, keepdim=True), dim=1)
-    else:  # columns are residual-space vectors
-        new = m - t.weight * u[:, None] * (u[None, :] @ m)
-        if norm_preserving:
-            new = _rescale(new, m.norm(dim=0, keepdim=True), dim=0)
-    w.copy_(new.to(w.dtype))
-    bias = getattr(t.module, "bias", None)
-    if t.kind == "linear" and isinstance(bias, torch.Tensor):
-        b = bias.to(work)
-        nb = b - t.weight * (b @ u) * u
-        if norm_preserving and float(nb.norm()) > 0:
-            nb = nb * (b.norm() / nb.norm())
-        bias.copy_(nb.to(bias.dtype))
-
-
-def _params_of(targets: list[Target]) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    for t in targets:
-        out.append(_weight(t.module))
-        bias = getattr(t.module, "bias", None)
-        if t.kind == "linear" and isinstance(bias, torch.Tensor):
-            out.append(bias)
-    return out
 
 
 @contextmanager
 def applied_edit(lm: LoadedModel, candidates: Candidates, params: EditParams) -> Iterator[LoadedModel]:
     """Edit ``lm``'s weights for the duration of the block; on exit (also on an exception) restore every
-    edited tensor from a saved copy, bit for bit, and re-tie an output head the edit had to untie.
+    edited tensor bit for bit and re-tie an output head the edit had to untie (``edits.edited``).
 
     Costs one copy of the edited matrices in host memory; untouched matrices are not copied.
     """
-    _check(lm.arch)
-    targets = plan(lm, candidates, params)
-    tensors = _params_of(targets)
-    saved = [p.detach().to("cpu", copy=True) for p in tensors]
-    head = lm.arch.unembed
-    old_head_w = getattr(head, "weight", None)
-    tie_flags = {id(c): c.tie_word_embeddings for c in _configs(lm) if hasattr(c, "tie_word_embeddings")}
-    try:
-        if any(t.kind == "embedding" for t in targets):
-            _untie(lm)  # the output head keeps the original embedding, as in the paper
-        for t in targets:
-            _apply(t, params.norm_preserving)
-        yield lm
-    finally:
-        with torch.no_grad():
-            for p, orig in zip(tensors, saved, strict=True):
-                p.copy_(orig.to(p.device))
-        if old_head_w is not None and head.weight is not old_head_w:
-            head.weight = old_head_w
-        for c in _configs(lm):
-            if id(c) in tie_flags:
-                c.tie_word_embeddings = tie_flags[id(c)]
+    with edited(lm, plan(lm, candidates, params)) as model:
+        yield model
 
 
 @contextmanager
 def hooked_edit(lm: LoadedModel, candidates: Candidates, params: EditParams) -> Iterator[None]:
     """The inference-time version of ``applied_edit``: each edited module's output y becomes
-    y - w (y.u) u. Equal to the weight edit (tested), without touching the weights."""
+    y - w (y.u) u (``interventions.project_outputs``). Equal to the weight edit (tested), without
+    touching the weights."""
     if params.norm_preserving:
         raise RefusalkitError(
             "the norm-preserving edit has no inference-time equivalent; use applied_edit (weights)"
         )
-    targets = plan(lm, candidates, params)
-
-    def make(t: Target) -> Callable[..., torch.Tensor]:
-        cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-        def hook(_module: nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
-            key = (output.device, output.dtype)
-            if key not in cache:
-                cache[key] = t.unit.to(
-                    device=output.device, dtype=torch.promote_types(output.dtype, torch.float32)
-                )
-            u = cache[key]
-            y = output.to(u.dtype)
-            return (y - t.weight * (y @ u)[..., None] * u).to(output.dtype)
-
-        return hook
-
-    with hooks([_register_out(t.module, make(t)) for t in targets]):
+    with project_outputs([(t.module, t.unit, t.scale) for t in plan(lm, candidates, params)]):
         yield
 
 

@@ -277,6 +277,15 @@ register(
         arguments="refusalkit.analysis.cli:add_suffix_arguments",
     )
 )
+register(
+    Command(
+        "judges",
+        "Score the refusal judges (keyword lists, a local LLM judge, a server) on hand labels, or show where "
+        "they disagree on a run's completions (counts only).",
+        "refusalkit.evaluation.judges_cmd:run_judges",
+        arguments="refusalkit.evaluation.judges_cmd:judges_arguments",
+    )
+)
 
 
 # ---- parsing and running --------------------------------------------------------------------------------

@@ -10,27 +10,10 @@ import pytest
 import torch
 
 import refusalkit.edits as edits
+from edit_cases import assert_same_logits, prompt_batch, real_logits
 from refusalkit.edits import Target, edited, project, target, untie_head
 from refusalkit.errors import RefusalkitError
 from refusalkit.interventions import project_outputs
-from refusalkit.prompts import Batch, encode, format_prompts
-
-INSTRUCTIONS = ["hi", "Name a colour of the sky at dusk.", "Why?"]
-
-
-def _batch(lm: Any) -> Batch:
-    return encode(lm.tokenizer, format_prompts(lm.tokenizer, INSTRUCTIONS), "left")
-
-
-@torch.no_grad()
-def _logits(model: Any, batch: Batch) -> torch.Tensor:
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
-    return out.logits[batch.attention_mask.bool()]
 
 
 def _vec(d: int, seed: int) -> torch.Tensor:
@@ -64,15 +47,15 @@ def _same_state(lm: Any, state: dict[str, torch.Tensor]) -> bool:
 )
 def test_each_edit_equals_its_hook(make_lm: Callable[..., Any], family: str, tied: bool) -> None:
     lm = make_lm(family, tie_word_embeddings=tied)
-    batch, targets = _batch(lm), _targets(lm)
-    base = _logits(lm.model, batch)
+    batch, targets = prompt_batch(lm), _targets(lm)
+    base = real_logits(lm.model, batch)
     with project_outputs([(t.module, t.unit, t.scale) for t in targets]):
-        hooked = _logits(lm.model, batch)
+        hooked = real_logits(lm.model, batch)
     assert not torch.allclose(hooked, base, atol=1e-3)  # the edit matters, so equality means something
     with edited(lm, targets):
-        weights = _logits(lm.model, batch)
-    torch.testing.assert_close(weights, hooked, rtol=0, atol=1e-4 * float(hooked.abs().max()))
-    assert torch.equal(_logits(lm.model, batch), base)
+        weights = real_logits(lm.model, batch)
+    assert_same_logits(weights, hooked)
+    assert torch.equal(real_logits(lm.model, batch), base)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

@@ -11,34 +11,12 @@ import pytest
 import torch
 
 from conftest import ORTHOGONALIZABLE
+from edit_cases import assert_same_logits, prompt_batch, real_logits
 from refusalkit.errors import RefusalkitError
 from refusalkit.interventions import ablate_direction
 from refusalkit.orthogonalize import export_checkpoint, orthogonalize_weights, orthogonalized
-from refusalkit.prompts import Batch, encode, format_prompts
 
 # Tiny models: extra threads only add overhead, and spin badly when other work shares the cores.
-
-INSTRUCTIONS = ["hi", "Name a colour of the sky at dusk.", "Why?"]
-
-
-def _batch(lm: Any) -> Batch:
-    return encode(lm.tokenizer, format_prompts(lm.tokenizer, INSTRUCTIONS), "left")
-
-
-@torch.no_grad()
-def _logits(model: Any, batch: Batch) -> torch.Tensor:
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
-    return out.logits[batch.attention_mask.bool()]  # real positions only
-
-
-def _assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
-    scale = want.abs().max()
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * scale)
 
 
 def _direction(lm: Any) -> torch.Tensor:
@@ -53,15 +31,15 @@ def test_weights_equal_hooks(make_lm: Callable[..., Any], family: str, tied: boo
     embed, head = lm.arch.embed.weight, lm.arch.unembed.weight
     assert (head is embed) == tied
     original_embed = embed.detach().clone()
-    batch, direction = _batch(lm), _direction(lm)
-    base = _logits(lm.model, batch)
+    batch, direction = prompt_batch(lm), _direction(lm)
+    base = real_logits(lm.model, batch)
     with ablate_direction(lm.arch, direction):
-        hooked = _logits(lm.model, batch)
+        hooked = real_logits(lm.model, batch)
     assert not torch.allclose(
         hooked, base, atol=1e-3
     )  # the direction matters, so equality below means something
     orthogonalize_weights(lm, direction)
-    _assert_same_logits(_logits(lm.model, batch), hooked)
+    assert_same_logits(real_logits(lm.model, batch), hooked)
     u = direction / direction.norm()
     assert (lm.arch.embed.weight @ u).abs().max() < 1e-5 * original_embed.abs().max()
     # The head keeps the original embedding (the paper leaves the output head unchanged).
@@ -76,11 +54,11 @@ def test_biases_are_projected(make_lm: Callable[..., Any]) -> None:
         for block in lm.arch.blocks:
             block.self_attn.o_proj.bias.normal_()
             block.mlp.down_proj.bias.normal_()
-    batch, direction = _batch(lm), _direction(lm)
+    batch, direction = prompt_batch(lm), _direction(lm)
     with ablate_direction(lm.arch, direction):
-        hooked = _logits(lm.model, batch)
+        hooked = real_logits(lm.model, batch)
     orthogonalize_weights(lm, direction)
-    _assert_same_logits(_logits(lm.model, batch), hooked)
+    assert_same_logits(real_logits(lm.model, batch), hooked)
     u = direction / direction.norm()
     assert abs(float(lm.arch.blocks[0].mlp.down_proj.bias @ u)) < 1e-5
 
@@ -88,20 +66,20 @@ def test_biases_are_projected(make_lm: Callable[..., Any]) -> None:
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_context_restores_bit_for_bit(make_lm: Callable[..., Any], tied: bool) -> None:
     lm = make_lm("qwen2", tie_word_embeddings=tied)
-    batch, direction = _batch(lm), _direction(lm)
+    batch, direction = prompt_batch(lm), _direction(lm)
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     head_param = lm.arch.unembed.weight
-    base = _logits(lm.model, batch)
+    base = real_logits(lm.model, batch)
     with ablate_direction(lm.arch, direction):
-        hooked = _logits(lm.model, batch)
+        hooked = real_logits(lm.model, batch)
     with orthogonalized(lm, direction) as edited:
         assert edited is lm
-        _assert_same_logits(_logits(lm.model, batch), hooked)
+        assert_same_logits(real_logits(lm.model, batch), hooked)
     assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
     assert lm.arch.unembed.weight is head_param
     assert (lm.arch.unembed.weight is lm.arch.embed.weight) == tied
     assert lm.model.config.tie_word_embeddings is tied
-    assert torch.equal(_logits(lm.model, batch), base)
+    assert torch.equal(real_logits(lm.model, batch), base)
 
 
 def test_context_restores_after_exception(make_lm: Callable[..., Any]) -> None:
@@ -135,9 +113,9 @@ def test_export_loads_with_plain_transformers(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     lm = make_lm("llama", tie_word_embeddings=tied)
-    batch, direction = _batch(lm), _direction(lm)
+    batch, direction = prompt_batch(lm), _direction(lm)
     with ablate_direction(lm.arch, direction):
-        hooked = _logits(lm.model, batch)
+        hooked = real_logits(lm.model, batch)
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     out = export_checkpoint(lm, direction, tmp_path / "model")
     assert out == tmp_path / "model" and (out / "config.json").is_file()
@@ -149,7 +127,7 @@ def test_export_loads_with_plain_transformers(
     assert "auto_map" not in config and config["tie_word_embeddings"] is False
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert loaded.get_output_embeddings().weight is not loaded.get_input_embeddings().weight
-    _assert_same_logits(_logits(loaded, batch), hooked)
+    assert_same_logits(real_logits(loaded, batch), hooked)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == lm.tokenizer.chat_template
 
@@ -173,15 +151,15 @@ def test_half_precision_weights_equal_hooks(
     tol = HALF_TOLERANCE[dtype]
     lm = make_lm(family)
     lm.model.to(dtype)
-    batch, direction = _batch(lm), _direction(lm)
-    base = _logits(lm.model, batch).float()
+    batch, direction = prompt_batch(lm), _direction(lm)
+    base = real_logits(lm.model, batch).float()
     with ablate_direction(lm.arch, direction):
-        hooked = _logits(lm.model, batch).float()
+        hooked = real_logits(lm.model, batch).float()
     scale = float(hooked.abs().max())
     # The ablation moves the logits far more than the tolerance, so agreement below means something.
     assert float((hooked - base).abs().max()) > 4 * tol * scale
     with orthogonalized(lm, direction):
-        edited = _logits(lm.model, batch).float()
+        edited = real_logits(lm.model, batch).float()
     diff = float((edited - hooked).abs().max()) / scale
     assert diff <= tol, diff
     assert lm.arch.embed.weight.dtype == dtype

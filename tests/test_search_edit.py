@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
+from edit_cases import assert_same_logits, prompt_batch, real_logits
 from refusalkit.directions import Candidates
 from refusalkit.errors import RefusalkitError
 from refusalkit.orthogonalize import orthogonalize_weights
-from refusalkit.prompts import Batch, encode, format_prompts
 from refusalkit.search.edit import (
     EditParams,
     Kernel,
@@ -24,27 +24,6 @@ from refusalkit.search.edit import (
     hooked_edit,
     plan,
 )
-
-INSTRUCTIONS = ["hi", "Name a colour of the sky at dusk.", "Why?"]
-
-
-def _batch(lm: Any) -> Batch:
-    return encode(lm.tokenizer, format_prompts(lm.tokenizer, INSTRUCTIONS), "left")
-
-
-@torch.no_grad()
-def _logits(model: Any, batch: Batch) -> torch.Tensor:
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
-    return out.logits[batch.attention_mask.bool()]
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> None:
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max())
 
 
 def make_candidates(n_layers: int, d_model: int, n_positions: int = 3, seed: int = 3) -> Candidates:
@@ -80,37 +59,37 @@ EDITS = {
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_weight_edit_equals_hooks(make_lm: Callable[..., Any], name: str, tied: bool) -> None:
     lm = make_lm("qwen2", tie_word_embeddings=tied)
-    cands, params, batch = _cands(lm), EDITS[name], _batch(lm)
-    base = _logits(lm.model, batch)
+    cands, params, batch = _cands(lm), EDITS[name], prompt_batch(lm)
+    base = real_logits(lm.model, batch)
     with hooked_edit(lm, cands, params):
-        hooked = _logits(lm.model, batch)
+        hooked = real_logits(lm.model, batch)
     assert not torch.allclose(hooked, base, atol=1e-3)  # the edit matters, so equality means something
     with applied_edit(lm, cands, params):
-        _close(_logits(lm.model, batch), hooked)
-    assert torch.equal(_logits(lm.model, batch), base)
+        assert_same_logits(real_logits(lm.model, batch), hooked)
+    assert torch.equal(real_logits(lm.model, batch), base)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "phi3"])
 def test_equals_hooks_other_families(make_lm: Callable[..., Any], family: str) -> None:
     lm = make_lm(family)
-    cands, params, batch = _cands(lm), EDITS["interpolated-projected"], _batch(lm)
-    base = _logits(lm.model, batch)
+    cands, params, batch = _cands(lm), EDITS["interpolated-projected"], prompt_batch(lm)
+    base = real_logits(lm.model, batch)
     with hooked_edit(lm, cands, params):
-        hooked = _logits(lm.model, batch)
+        hooked = real_logits(lm.model, batch)
     assert not torch.allclose(hooked, base, atol=1e-3)  # the edit matters, so equality means something
     with applied_edit(lm, cands, params):
-        _close(_logits(lm.model, batch), hooked)
-    assert torch.equal(_logits(lm.model, batch), base)
+        assert_same_logits(real_logits(lm.model, batch), hooked)
+    assert torch.equal(real_logits(lm.model, batch), base)
 
 
 def test_paper_edit_is_the_orthogonalization(make_lm: Callable[..., Any]) -> None:
     lm = make_lm("qwen2", tie_word_embeddings=True)
-    cands, batch = _cands(lm), _batch(lm)
+    cands, batch = _cands(lm), prompt_batch(lm)
     with applied_edit(lm, cands, EditParams.orthogonalization(layer=2, position=-2)):
         edited = {k: v.clone() for k, v in lm.model.state_dict().items()}
-        ours = _logits(lm.model, batch)
+        ours = real_logits(lm.model, batch)
     orthogonalize_weights(lm, cands.directions[1, 2].float())
-    _close(_logits(lm.model, batch), ours)
+    assert_same_logits(real_logits(lm.model, batch), ours)
     for k, v in lm.model.state_dict().items():
         torch.testing.assert_close(edited[k], v, rtol=0, atol=1e-5 * float(v.abs().max()))
 
@@ -202,13 +181,13 @@ def test_export_loads_with_plain_transformers(make_lm: Callable[..., Any], tmp_p
     from transformers import AutoModelForCausalLM
 
     lm = make_lm("qwen2", tie_word_embeddings=True)
-    cands, params, batch = _cands(lm), EDITS["per-layer-embed"], _batch(lm)
+    cands, params, batch = _cands(lm), EDITS["per-layer-embed"], prompt_batch(lm)
     with hooked_edit(lm, cands, params):
-        hooked = _logits(lm.model, batch)
+        hooked = real_logits(lm.model, batch)
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     out = export_edit_checkpoint(lm, cands, params, tmp_path / "model")
     assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
     assert not list(tmp_path.glob(".*partial"))
     assert EditParams.model_validate_json((out / "refusalkit_edit.json").read_text()) == params
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    _close(_logits(loaded, batch), hooked)
+    assert_same_logits(real_logits(loaded, batch), hooked)

@@ -65,7 +65,7 @@ STAGE_HELP = {
     "evaluate": "Generate under each setting and measure refusal rates.",
     "measure": "Refusal and safety judges, coherence (KL, CE) and capability (GSM8K, TruthfulQA) into measure/.",
     "export": "Write the edited model: --format safetensors (RUN_DIR/model) or gguf (RUN_DIR/gguf, llama.cpp), "
-    "--control-vector, --edit direction|search, with a model card.",
+    "--control-vector, --edit direction|search|trial:N (default: the run's active edit), with a model card.",
 }
 
 
@@ -155,6 +155,12 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
         "--show-harmful", action="store_true", help="Show harmful instructions and full completions."
     )
     p.add_argument("--examples", type=int, default=6, help="Completions shown per prompt set [default: 6].")
+    p.add_argument(
+        "--edit",
+        metavar="direction|search|trial:N",
+        help="The edit the report calls the edited model (its own numbers); default: the run's active edit, "
+        "the search's choice when there is one, else the direction.",
+    )
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ would in a pseudo-terminal. Everything runs on a tiny random model saved as a ru
 
 from __future__ import annotations
 
+import html
 import io
 import os
 import pty
@@ -66,6 +67,15 @@ def make_chat_run(root: Path) -> Path:
                 "harmful": {"baseline": 0.75, "ablation": 0.25, "orthogonalized": 0.25},
                 "harmless": {"baseline": 0.0, "actadd": 0.5},
             },
+        },
+    )
+    rate = lambda k: {"refusal_rate": k / 4, "refused": k, "n": 4, "ci95": [0.1, 0.9]}  # noqa: E731
+    write_json(
+        layout.refusal_rates,
+        {
+            "max_new_tokens": 8,
+            "harmful": {"baseline": rate(3), "ablation": rate(1), "orthogonalized": rate(1)},
+            "harmless": {"baseline": rate(0), "actadd": rate(2)},
         },
     )
     layout.report_html.write_text("<!doctype html><title>tiny report</title><h1>the tiny report</h1>")
@@ -193,6 +203,7 @@ def test_edited_is_the_searchs_chosen_edit_when_there_is_one(chat_run: Path, tmp
     write_json(layout.chosen, {"trial": 7})
     with pytest.raises(RefusalkitError, match="no readable edit"):
         load_chat_model(run)
+    assert load_chat_model(run, "direction").edited_label.startswith("orthogonalized weights")
 
 
 class Recorder(io.StringIO):
@@ -268,6 +279,52 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on() -> None:
     assert "original> Sure\n[stopped" in text and "edited> Sure" in text.split("original> ")[0]
     assert text.count("[stopped") == 2, "side by side stops at the first interrupted answer"
     assert term.histories == {"edited": [], "original": []}
+
+
+def test_every_command_resolves_the_same_edit(chat_run: Path, tmp_path: Path) -> None:
+    """On a searched run, chat, the page, the export (its card and its weights) and the report all call
+    the search's choice "edited" and show its numbers; `--edit direction` on each gives the paper's."""
+    from refusalkit.export.cli import ExportOptions, run_export
+    from refusalkit.report import build_report
+    from refusalkit.serve.server import PageServer
+    from test_model_card import CHOSEN, add_search
+
+    run = tmp_path / "searched"
+    shutil.copytree(chat_run, run)
+    add_search(RunLayout(run))
+    label = f"the search's chosen edit (trial {CHOSEN})"
+    for edit, name, number, other in (
+        (None, label, "0.03 = 3/100", "0.25 = 1/4"),
+        ("direction", "orthogonalized weights", "0.25 = 1/4", "3/100"),
+    ):
+        chat = load_chat_model(run, edit)
+        try:
+            assert chat.edited_label.startswith(name)
+            numbers = chat.numbers()
+            assert numbers is not None and number in numbers.summary() and other not in numbers.summary()
+            server = PageServer(("127.0.0.1", 0), chat, run, MAX_NEW)
+            try:
+                page = server.page().decode()
+            finally:
+                server.server_close()
+            assert html.escape(name) in page and number in page and other not in page
+            out = tmp_path / f"export-{edit}"
+            run_export(run, ExportOptions(format="safetensors", out_dir=out, edit=edit), lm=chat.lm)
+            card = (out / "README.md").read_text()
+            assert name in card and number in card and other not in card
+            assert (out / "refusalkit_edit.json").exists() == (edit is None)
+            with chat.active.apply(chat.lm):  # the weights exported are the edit chat answers with
+                want = chat.lm.model.model.layers[1].self_attn.o_proj.weight.clone()
+            from safetensors.torch import load_file
+
+            got = load_file(str(out / "model.safetensors"))["model.layers.1.self_attn.o_proj.weight"]
+            assert torch.equal(got, want)
+        finally:
+            chat.close()
+        built = build_report(run, edit=edit)
+        report = built.json.read_text()
+        assert name in report and number in report and other not in report.split('"headline"')[0]
+        assert html.escape(name) in built.html.read_text()
 
 
 def test_run_folder_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -345,13 +345,92 @@ def test_safetensors_export_gets_a_card_and_loads(lm: LoadedModel, source: Path,
         run_export(layout.root, ExportOptions(format="safetensors"), lm=lm)
 
 
-def test_checkpoint_card_for_the_pipeline_export(source: Path, tmp_path: Path) -> None:
-    from refusalkit.export.cli import write_checkpoint_card
+def _folder_logits(folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # no refusalkit needed
+    ids = tiny_tokenizer()("<|im_start|>user\nhello there<|im_end|>\n", return_tensors="pt").input_ids
+    return plain(ids).logits[0].double()
+
+
+def test_one_writer_of_run_dir_model_for_the_stage_and_optimize_export(
+    lm: LoadedModel, source: Path, tmp_path: Path
+) -> None:
+    """The export stage writes the paper's direction with its card; `optimize --export` (write_model with
+    the search's edit) replaces the weights and the card, keeps a control vector beside them, and adds
+    the edit's parameters; each card states its own edit's numbers only."""
+    from refusalkit.directions import Candidates
+    from refusalkit.export.cli import write_model
+    from refusalkit.search.edit import EditParams, applied_edit
+    from refusalkit.settings import build_settings
+    from refusalkit.stages import export as stage
+    from test_model_card import CHOSEN, add_search
 
     layout = make_run(tmp_path / "run", str(source))
-    layout.model_dir.mkdir()
-    path = write_checkpoint_card(layout.root, layout.model_dir)
-    assert path == layout.model_dir / "README.md" and "from_pretrained" in path.read_text()
+    settings = build_settings({"model": str(source), "dtype": "float32", "device": "cpu"})
+    out = stage.export(lm, Direction.load(layout.direction), settings, layout)
+    assert out == layout.model_dir and stage.load(layout, settings) == layout.model_dir
+    with orthogonalized(lm, Direction.load(layout.direction).vector):
+        want = _logits(lm)
+    assert torch.allclose(_folder_logits(out), want, atol=1e-4)
+    card = (out / "README.md").read_text()
+    assert "orthogonalized weights (the paper's direction: layer 2, position -1)" in card
+    assert "--edit direction" in card and "search" not in card.split("## Run settings")[0]
+    assert not (out / "refusalkit_edit.json").exists()
+    (out / "tiny-refusal-cvec.gguf").write_bytes(b"a control vector")
+
+    params = add_search(layout)
+    assert write_model(layout.root, lm, edit="search", settings=settings) == layout.model_dir
+    card = (out / "README.md").read_text()
+    assert f"the search's chosen edit (trial {CHOSEN})" in card and "0.03 = 3/100" in card
+    assert "orthogonalized" not in card and "layer 2, position -1" not in card
+    assert EditParams.model_validate_json((out / "refusalkit_edit.json").read_text()) == params
+    assert (out / "tiny-refusal-cvec.gguf").read_bytes() == b"a control vector"
+    with applied_edit(lm, Candidates.load(layout.candidates), params):
+        want = _logits(lm)
+    assert torch.allclose(_folder_logits(out), want, atol=1e-4)
+    assert not torch.allclose(_logits(lm), want, atol=1e-3)  # the edit changes the logits
+
+
+def test_export_command_writes_the_searched_edit(
+    lm: LoadedModel, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`refusalkit export RUN --edit search` on a searched run: the GGUF holds the search's edit (only
+    the writes it changes differ from the source), its metadata names the trial, its card the trial's
+    numbers; the default `--edit` is the same edit; --edit direction the paper's."""
+    from refusalkit.cli import main
+    from refusalkit.directions import Candidates
+    from refusalkit.search.edit import applied_edit
+    from test_model_card import CHOSEN, add_search
+
+    layout = make_run(tmp_path / "run", str(source))
+    params = add_search(layout)
+    argv = ["export", str(layout.root), "--format", "gguf", "--gguf-type", "f32"]
+    assert main([*argv, "--edit", "search"]) == 0
+    path = layout.gguf_dir / "tiny-abliterated-f32.gguf"
+    assert str(path) in capsys.readouterr().out
+    fields = _fields(path)
+    assert fields["refusalkit.edit"] == "searched edit" and fields["refusalkit.edit.trial"] == CHOSEN
+    src, new = _tensors(source), _tensors(path)
+    untouched = [TOKEN_EMBD, *(f"blk.{i}.ffn_down.weight" for i in range(4))]
+    for name in untouched:  # the search's edit leaves the embedding and the MLP writes alone
+        assert new[name].data.tobytes() == src[name].data.tobytes(), name
+    assert new["blk.1.attn_output.weight"].data.tobytes() != src["blk.1.attn_output.weight"].data.tobytes()
+    with applied_edit(lm, Candidates.load(layout.candidates), params):
+        want = _logits(lm)
+    assert torch.allclose(_logits(_load(path)), want, atol=1e-4)
+    card = (layout.gguf_dir / "README.md").read_text()
+    assert f"trial {CHOSEN}" in card and "0.03 = 3/100" in card and "orthogonalized" not in card
+
+    assert main([*argv, "--force"]) == 0  # no --edit: the run's active edit, the same search edit
+    assert _fields(path)["refusalkit.edit.trial"] == CHOSEN
+    assert main([*argv, "--force", "--edit", "direction"]) == 0
+    fields = _fields(path)
+    assert fields["refusalkit.edit"] == "orthogonalization" and "refusalkit.edit.trial" not in fields
+    assert _tensors(path)[TOKEN_EMBD].data.tobytes() != src[TOKEN_EMBD].data.tobytes()
+    assert "orthogonalized weights" in (layout.gguf_dir / "README.md").read_text()
+    assert main([*argv, "--force", "--edit", "trial:99"]) == 2
+    assert "trial 99 is not on the search front" in capsys.readouterr().err
 
 
 def test_searched_edit_exports_only_the_writes_it_changes(

@@ -23,7 +23,7 @@ import pytest
 
 from refusalkit.chat.engine import ChatModel, Setting, load_chat_model
 from refusalkit.serve import main
-from refusalkit.serve.page import headline_rows, render_page
+from refusalkit.serve.page import edit_rows, render_page
 from refusalkit.serve.server import PageServer, make_server
 from test_chat import make_chat_run
 
@@ -73,8 +73,11 @@ def expected(chat: ChatModel, right: Setting, prompt: str = PROMPT) -> tuple[str
 def test_page_shows_the_runs_numbers_and_report(server: PageServer) -> None:
     status, page = request(server, "GET", "/")
     assert status == 200
-    assert "original 75% → edited 25%" in page and "layer 2, position -1" in page
-    assert 'href="/report.html"' in page and "orthogonalized weights" in page
+    assert "original 0.75 = 3/4 (95% CI 0.10-0.90) → edited 0.25 = 1/4" in page
+    assert (
+        "orthogonalized weights (the paper&#x27;s direction: layer 2, position -1) (--edit direction)" in page
+    )
+    assert 'href="/report.html"' in page and "evaluate/refusal_rates.json" in page
     status, report = request(server, "GET", "/report.html")
     assert status == 200 and "the tiny report" in report
     assert request(server, "GET", "/manifest.json")[0] == 404  # only the page and the report are served
@@ -127,7 +130,7 @@ def test_nothing_is_logged(server: PageServer, capfd: pytest.CaptureFixture[str]
 
 
 def test_run_text_is_escaped() -> None:
-    rows = headline_rows({"model": {"name": "<script>alert(1)</script>"}})
+    rows = edit_rows("<script>alert(1)</script>", None)
     page = render_page(
         model="<b>{{table}}</b>", edited_label="<i>", rows=rows, has_report=False, max_new_tokens=5
     )

@@ -3,8 +3,9 @@
 There is one copy of the model in memory. What each setting means:
 
 - ``original``: no intervention.
-- ``edited``: the model the run exports: the edit the search chose (``applied_edit``), when
-  search/chosen.json exists, else the run's direction projected out of the weights (``orthogonalized``). The weight edit is applied when an edited answer is first
+- ``edited``: the run's active edit (``run.RunFolder.active_edit``: the search's choice when
+  search/chosen.json exists, else the run's direction projected out of the weights), or the edit
+  ``--edit`` names; the same edit `refusalkit export` writes. The weight edit is applied when an edited answer is first
   asked for and kept until an answer under another setting needs the original weights, then restored
   bit for bit: a conversation with the edited model pays for the edit once, not per answer. Weights,
   not the ablation hooks, because what you talk to should be exactly the checkpoint you would keep.
@@ -25,7 +26,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,10 +34,12 @@ from refusalkit.activations import cache_kwarg, cache_of
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.interventions import ablate_direction, add_direction
-from refusalkit.layout import RunLayout
 from refusalkit.models.loading import LoadedModel
-from refusalkit.orthogonalize import orthogonalized
 from refusalkit.prompts import encode
+from refusalkit.run import ActiveEdit, RunFolder
+
+if TYPE_CHECKING:
+    from refusalkit.report.active_edit import EditNumbers
 
 KINDS = ("original", "edited", "ablation", "add")
 Message = dict[str, str]  # {"role": "user" | "assistant", "content": ...}
@@ -81,7 +84,10 @@ class WeightEdit:
 
 
 class ChatModel:
-    """The loaded model, the run's direction and the edit; answers one request at a time."""
+    """The loaded model, the run's direction and the edit; answers one request at a time.
+
+    ``active``: which edit ``edited`` is (default: the direction, orthogonalized); ``run``: the run
+    folder it came from (its measured numbers are read from there)."""
 
     def __init__(
         self,
@@ -89,7 +95,8 @@ class ChatModel:
         direction: Direction,
         *,
         system_prompt: str | None = None,
-        edit: WeightEdit | None = None,
+        active: ActiveEdit | None = None,
+        run: RunFolder | None = None,
     ) -> None:
         d_model = int(lm.model.get_input_embeddings().weight.shape[1])
         if direction.vector.shape[0] != d_model:
@@ -100,12 +107,11 @@ class ChatModel:
         self.lm = lm
         self.direction = direction
         self.system_prompt = system_prompt
-        if edit is None and lm.arch.spec.weights_orthogonalizable:
-            edit = WeightEdit(
-                f"orthogonalized weights; direction of layer {direction.layer}, position {direction.position}",
-                lambda: orthogonalized(lm, direction.vector),
-            )
-        self.edit = edit
+        self.active = active or ActiveEdit("direction", direction)
+        self.run = run
+        self.edit: WeightEdit | None = None
+        if self.active.kind == "search" or lm.arch.spec.weights_orthogonalizable:
+            self.edit = WeightEdit(self.active.label, lambda: self.active.apply(lm))
         self._held: ExitStack | None = None  # the weight edit, while it is applied
         self._lock = threading.Lock()
 
@@ -114,6 +120,14 @@ class ChatModel:
         if self.edit is not None:
             return self.edit.label
         return f"ablation hooks ({self.lm.arch.model_type} weights cannot be edited exactly)"
+
+    def numbers(self) -> EditNumbers | None:
+        """The edited model's own measured numbers, from its run folder (None without one)."""
+        if self.run is None:
+            return None
+        from refusalkit.report.active_edit import edit_numbers
+
+        return edit_numbers(self.run, self.active)
 
     def close(self) -> None:
         """Restore the original weights if an edit is applied."""
@@ -215,42 +229,14 @@ def decode_stream(tokenizer: Any, ids: Iterator[int]) -> Iterator[str]:
         yield text[len(sent) :]
 
 
-def load_chat_model(run_dir: str | Path) -> ChatModel:
-    """Load the model of a run folder (its saved settings) with the run's direction and edit."""
+def load_chat_model(run_dir: str | Path, edit: str | None = None) -> ChatModel:
+    """Load the model of a run folder (its settings) with the run's direction and the edit ``edit``
+    names (an ``--edit`` value; default: the run's active edit)."""
     from refusalkit.models.loading import load_model
-    from refusalkit.settings import build_settings
-    from refusalkit.utils import read_json
 
-    layout = RunLayout(run_dir)
-    if not layout.manifest.is_file():
-        raise RefusalkitError(
-            f"{layout.root} is not a run folder (no manifest.json); give a folder `refusalkit run --out` wrote"
-        )
-    if not layout.direction.with_suffix(".json").is_file():
-        raise RefusalkitError(f"no direction in {layout.root}/select; run `refusalkit select {layout.root}`")
-    settings = build_settings(base=read_json(layout.manifest).get("settings", {}))
-    direction = Direction.load(layout.direction)
+    run = RunFolder(run_dir)
+    settings = run.settings()
+    direction = run.direction()
+    active = run.active_edit(edit)
     lm = load_model(settings.model, **settings.model_kwargs())
-    return ChatModel(lm, direction, system_prompt=settings.system_prompt, edit=search_edit(layout, lm))
-
-
-def search_edit(layout: RunLayout, lm: LoadedModel) -> WeightEdit | None:
-    """The edit the search chose (search/chosen.json, written by `refusalkit optimize`), if any."""
-    if not layout.chosen.is_file():
-        return None
-    from refusalkit.directions import Candidates
-    from refusalkit.search.edit import EditParams, applied_edit
-    from refusalkit.utils import read_json
-
-    try:
-        chosen = read_json(layout.chosen)
-        params = EditParams.model_validate(chosen["edit"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RefusalkitError(
-            f"{layout.chosen} holds no readable edit ({type(exc).__name__}: {exc}); rerun "
-            f"`refusalkit optimize {layout.root}` or delete it to chat with the orthogonalized model"
-        ) from None
-    candidates = Candidates.load(layout.candidates)
-    trial = chosen.get("trial")
-    label = "the search's chosen edit" + (f" (trial {trial})" if trial is not None else "")
-    return WeightEdit(label, lambda: applied_edit(lm, candidates, params))
+    return ChatModel(lm, direction, system_prompt=settings.system_prompt, active=active, run=run)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from refusalkit.chat.engine import ChatModel, Message, Setting
 from refusalkit.errors import RefusalkitError
 from refusalkit.options import add_flags, options_from_args
+from refusalkit.run import EDIT_HELP, check_edit_choice
 
 HELP = """commands:
   /original     answer with the original model
@@ -49,6 +50,12 @@ class ChatOptions(BaseModel):
     )
     both: bool = Field(False, description="Start side by side (original and the setting answer each prompt).")
     max_new_tokens: int = Field(256, ge=1, description="Most new tokens per answer.")
+    edit: str | None = Field(None, description=EDIT_HELP)
+
+    @field_validator("edit")
+    @classmethod
+    def _edit(cls, v: str | None) -> str | None:
+        return check_edit_choice(v)
 
     @field_validator("setting")
     @classmethod
@@ -164,11 +171,14 @@ def run_chat(args: argparse.Namespace) -> int:
     opts = options_from_args(args, ChatOptions)
     start = Setting.parse(opts.setting)
     print(f"loading the model of {args.run_dir} ...", file=sys.stderr)
-    model = load_chat_model(args.run_dir)
+    model = load_chat_model(args.run_dir, opts.edit)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     terminal = Terminal(model, sys.stdout, opts.max_new_tokens, start, opts.both)
     terminal.say(f"refusalkit chat: {model.lm.name}; edited = {model.edited_label}")
+    numbers = model.numbers()
+    if numbers is not None:
+        terminal.say(f"edited, measured: {numbers.summary()} (from {numbers.source})")
     try:
         return terminal.loop()
     finally:

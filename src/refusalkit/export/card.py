@@ -1,8 +1,9 @@
 """The model card (README.md) of an exported model, built from the run's artifacts alone.
 
-Every number comes from the run folder (evaluate/refusal_rates.json, measure/*.json, select/, the
-manifest) through the report's readers, so the card, the report and ``refusalkit compare`` agree. What the
-run did not measure is written as "not measured", never left out silently.
+A card describes one edit (``run.ActiveEdit``: the paper's direction or a searched edit) and shows that
+edit's own numbers only (``report.active_edit``: evaluate/ and measure/ for the direction, the search's
+verification in search/front.json for a searched edit), so it never states another model's refusal
+rates or KL. What the run did not measure is written as "not measured", never left out silently.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refusalkit.evaluation.refusal import as_rate
 from refusalkit.report import RunData, collect, headline, refusal_rate
+from refusalkit.report.active_edit import NOT_MEASURED, EditNumbers, edit_numbers, rate_text
+from refusalkit.run import ActiveEdit, RunFolder
 from refusalkit.settings import MEASUREMENTS
 from refusalkit.utils import atomic_path
 
-NOT_MEASURED = "not measured"
 SETTINGS_SHOWN = (
     "model",
     "dtype",
@@ -47,23 +48,6 @@ class CardFile:
     description: str
 
 
-def _num(v: Any, digits: int = 3) -> str:
-    return f"{v:.{digits}f}" if isinstance(v, int | float) else NOT_MEASURED
-
-
-def _rate(data: RunData, prompt_set: str, setting: str) -> str:
-    # evaluate/refusal_rates.json read directly too: it has held more than one record layout (as_rate
-    # reads them all), and the card must show the rates whichever one the run wrote.
-    r = refusal_rate(data, prompt_set, setting) or as_rate(
-        (data.rates or {}).get(prompt_set, {}).get(setting)
-    )
-    if not r or r.get("rate") is None:
-        return NOT_MEASURED
-    lo, hi = r.get("ci95") or [None, None]
-    ci = f" (95% CI {lo:.2f}-{hi:.2f})" if isinstance(lo, float) and isinstance(hi, float) else ""
-    return f"{r['rate']:.2f} = {r['k']}/{r['n']}{ci}"
-
-
 def _front_matter(model: str, fmt: str) -> list[str]:
     tags = ["refusalkit", "refusal-direction", "abliterated", fmt]
     lines = ["---", "tags:", *[f"- {t}" for t in tags]]
@@ -72,7 +56,25 @@ def _front_matter(model: str, fmt: str) -> list[str]:
     return [*lines, "---", ""]
 
 
-def _method(data: RunData, h: dict[str, Any], edit: str) -> list[str]:
+def _method(data: RunData, h: dict[str, Any], active: ActiveEdit) -> list[str]:
+    if active.kind == "search":
+        from refusalkit.search.front import describe
+
+        assert active.params is not None
+        return [
+            "## Method",
+            "",
+            f"An edit search (`refusalkit optimize`) over refusal-direction edits, after {PAPER}, chose this "
+            f"edit: trial {active.trial}.",
+            "",
+            "- Each residual write it edits (attention and MLP output projections, and the token embedding "
+            "when its weight is not zero) is projected off a unit direction u with a per-layer weight w: "
+            "W <- W - w u u^T W. The directions, weights and layers are the search's parameters:",
+            f"  `{describe(active.params)}`.",
+            "- The full parameters are in the run's search/chosen.json (and refusalkit_edit.json beside a "
+            "transformers export).",
+            "",
+        ]
     layer, pos, n_layers = h.get("layer"), h.get("position"), h.get("n_layers")
     where = f"layer {layer} of {n_layers}, token position {pos} (counted from the end of the prompt)"
     lines = [
@@ -88,61 +90,45 @@ def _method(data: RunData, h: dict[str, Any], edit: str) -> list[str]:
     if scores:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, int | float))
         lines.append(f"- Its selection scores on the validation prompts: {shown}.")
-    if edit == "search":
-        lines.append(
-            "- The edit is the one an edit search chose from its Pareto front (see the run's search/chosen.json)."
-        )
-    else:
-        lines.append(
-            "- Every matrix that writes into the residual stream (token embedding, each attention output "
-            "projection, each MLP output projection) is projected off the unit direction: W <- W - r r^T W. "
-            "The output head keeps the original weights (a tied head is untied)."
-        )
+    lines.append(
+        "- Every matrix that writes into the residual stream (token embedding, each attention output "
+        "projection, each MLP output projection) is projected off the unit direction: W <- W - r r^T W. "
+        "The output head keeps the original weights (a tied head is untied)."
+    )
     return [*lines, ""]
 
 
-def _results(data: RunData, h: dict[str, Any]) -> list[str]:
-    rows = [
-        ("harmful, original model", _rate(data, "harmful", "baseline")),
-        ("harmful, orthogonalized weights", _rate(data, "harmful", "orthogonalized")),
-        ("harmful, ablation hooks", _rate(data, "harmful", "ablation")),
-        ("harmless, original model", _rate(data, "harmless", "baseline")),
-        ("harmless, direction added (actadd)", _rate(data, "harmless", "actadd")),
-    ]
+def _results(data: RunData, h: dict[str, Any], numbers: EditNumbers) -> list[str]:
     out = [
         "## Measured results",
         "",
-        "Refusal rate on the run's held-out test prompts (substring judge, the paper's refusal phrases):",
+        f"The numbers of this edit ({numbers.label}) and of the original model on the same prompts; "
+        f"from {numbers.source}.",
         "",
-        "| prompts, setting | refusal rate |",
-        "| --- | --- |",
-        *[f"| {a} | {b} |" for a, b in rows],
-        "",
-        "Coherence and capability (original model vs. edited weights):",
-        "",
-        "| measurement | original | edited |",
+        "| measurement | original model | this edit |",
         "| --- | --- | --- |",
-        f"| first-token KL on harmless prompts (vs. original) | 0 | {_num(h['kl'].get('orthogonalized'))} |",
-        f"| corpus cross-entropy (nats/token) | {_num(h['corpus_ce'].get('baseline'))} | "
-        f"{_num(h['corpus_ce'].get('orthogonalized'))} |",
-        f"| CE of the original model's own completions | {_num(h['completion_ce'].get('baseline'))} | "
-        f"{_num(h['completion_ce'].get('orthogonalized'))} |",
+        *[f"| {r.label} | {r.original} | {r.edited} |" for r in numbers.rows],
+        "",
     ]
-    for label, key in (
-        ("GSM8K accuracy", "gsm8k"),
-        ("TruthfulQA MC1", "truthfulqa_mc1"),
-        ("TruthfulQA MC2", "truthfulqa_mc2"),
-    ):
-        cap = h.get(key) or {}
-        out.append(f"| {label} | {_num(cap.get('original'))} | {_num(cap.get('edited'))} |")
-    sizes = {k: v for k, v in (h.get("sizes") or {}).items() if v is not None}
-    if sizes:
-        out += ["", "Prompt counts: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "."]
-    gaps = {k: v for k, v in data.gaps.items() if k in MEASUREMENTS or k == "refusal rates"}
-    if gaps:
-        listed = "; ".join(f"{k} ({v})" for k, v in sorted(gaps.items()))
-        out += ["", f"Not measured in this run: {listed}."]
-    return [*out, ""]
+    if numbers.numbers.get("setting") is not None:  # the paper's direction: its run-time settings too
+        out += [
+            "The same direction applied at run time instead of in the weights (not this checkpoint):",
+            "",
+            "| prompts, setting | refusal rate |",
+            "| --- | --- |",
+            f"| harmful, ablation hooks | {rate_text(refusal_rate(data, 'harmful', 'ablation'))} |",
+            f"| harmless, original model | {rate_text(refusal_rate(data, 'harmless', 'baseline'))} |",
+            f"| harmless, direction added (actadd) | {rate_text(refusal_rate(data, 'harmless', 'actadd'))} |",
+            "",
+        ]
+        sizes = {k: v for k, v in (h.get("sizes") or {}).items() if v is not None}
+        if sizes:
+            out += ["Prompt counts: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ".", ""]
+        gaps = {k: v for k, v in data.gaps.items() if k in MEASUREMENTS or k == "refusal rates"}
+        if gaps:
+            listed = "; ".join(f"{k} ({v})" for k, v in sorted(gaps.items()))
+            out += [f"Not measured in this run: {listed}.", ""]
+    return out
 
 
 def _settings(data: RunData) -> list[str]:
@@ -173,24 +159,27 @@ def _intended_use() -> list[str]:
     ]
 
 
-def model_card(run_dir: str | Path, files: list[CardFile], *, fmt: str, edit: str = "direction") -> str:
-    """The README.md text for an export of ``run_dir`` holding ``files``; fmt: safetensors or gguf."""
-    data = collect(run_dir)
+def model_card(run: RunFolder, active: ActiveEdit, files: list[CardFile], *, fmt: str) -> str:
+    """The README.md text for an export of ``active`` (an edit of ``run``) holding ``files``; fmt:
+    safetensors or gguf. Only that edit's numbers are shown (``report.active_edit``)."""
+    data = collect(run.root)
     h = headline(data)
+    numbers = edit_numbers(run, active, data)
     model = str(h.get("model") or "the model")
-    title = f"# {model}, refusal direction ablated (refusalkit)"
+    what = "refusal direction ablated" if active.kind == "direction" else "refusal edit chosen by a search"
     listing = ["## Files", "", "| file | contents |", "| --- | --- |"]
     listing += [f"| `{f.name}` | {f.description} |" for f in files]
     lines = [
         *_front_matter(model, fmt),
-        title,
+        f"# {model}, {what} (refusalkit)",
         "",
-        f"Made with refusalkit from the run folder `{Path(run_dir).name}`.",
+        f"Made with refusalkit from the run folder `{run.root.name}`. The edit: {active.label}; "
+        f"`refusalkit export --edit {active.choice}` exports it.",
         "",
         *listing,
         "",
-        *_method(data, h, edit),
-        *_results(data, h),
+        *_method(data, h, active),
+        *_results(data, h, numbers),
         *_settings(data),
         *_intended_use(),
     ]
@@ -203,3 +192,6 @@ def write_card(folder: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+__all__ = ["NOT_MEASURED", "CardFile", "model_card", "write_card"]

@@ -1,10 +1,13 @@
 """`refusalkit export RUN_DIR`: the edited model as a transformers folder or a GGUF file, with its card.
 
-``run_export(run_dir, options)`` is the whole command: it loads the run's model, applies the run's edit
-(the selected direction, orthogonalized; or any edit context the caller passes, e.g. a searched edit),
-writes the export while the edit is active, then the optional control vector, the README.md card and
-the optional Hub upload. Every check a user can fail (no direction, target exists, no GGUF source and no
-llama.cpp) runs before the model is loaded.
+``run_export(run_dir, options)`` is the whole command: it loads the run's model, applies the edit
+``--edit`` names (default: the run's active edit, ``run.RunFolder.active_edit``), writes the export
+while the edit is applied, then the optional control vector, the README.md card (that edit's numbers)
+and the optional Hub upload. Every check a user can fail (no direction, no chosen edit, target exists,
+no GGUF source and no llama.cpp) runs before the model is loaded.
+
+It is also the one writer of RUN_DIR/model: the export stage of `refusalkit run` and
+`refusalkit optimize --export` call ``write_model``.
 """
 
 from __future__ import annotations
@@ -12,15 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
@@ -35,13 +35,11 @@ from refusalkit.export.gguf import (
 from refusalkit.export.hub import push_to_hub
 from refusalkit.layout import RunLayout
 from refusalkit.models.loading import LoadedModel, load_model
-from refusalkit.orthogonalize import orthogonalized, save_folder
-from refusalkit.settings import Settings, build_settings
-from refusalkit.utils import read_json
+from refusalkit.orthogonalize import save_folder
+from refusalkit.run import EDIT_HELP, ActiveEdit, RunFolder, check_edit_choice
+from refusalkit.settings import Settings
 
 log = logging.getLogger(__name__)
-
-EditContext = Callable[[LoadedModel], AbstractContextManager[Any]]
 
 
 class ExportOptions(BaseModel):
@@ -70,15 +68,16 @@ class ExportOptions(BaseModel):
         description="A llama.cpp checkout; GGUF export of a model that was not loaded from a GGUF file runs "
         "its convert_hf_to_gguf.py on the edited transformers folder.",
     )
-    edit: Literal["direction", "search"] = Field(
-        "direction",
-        description="direction: the paper's orthogonalization along the selected direction; search: the edit "
-        "chosen by `refusalkit optimize` (search/chosen.json).",
-    )
+    edit: str | None = Field(None, description=EDIT_HELP)
     force: bool = Field(False, description="Overwrite export files that already exist.")
     push_to_hub: str | None = Field(
         None, description="Upload the export folder and its card to this Hugging Face Hub repo (online)."
     )
+
+    @field_validator("edit")
+    @classmethod
+    def _edit(cls, v: str | None) -> str | None:
+        return check_edit_choice(v)
 
 
 @dataclass
@@ -95,23 +94,6 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
     from refusalkit.options import add_flags
 
     add_flags(parser, ExportOptions, title="export options")
-
-
-def _run_settings(layout: RunLayout) -> Settings:
-    if not layout.manifest.is_file():
-        raise RefusalkitError(
-            f"{layout.root} is not a run folder (no manifest.json); give the folder `refusalkit run --out` wrote"
-        )
-    return build_settings(base=read_json(layout.manifest).get("settings", {}), environ={})
-
-
-def _direction(layout: RunLayout) -> Direction:
-    if not layout.direction.with_suffix(".json").is_file():
-        raise RefusalkitError(
-            f"run {layout.root} has no selected direction (select/direction.json); run "
-            f"`refusalkit select {layout.root}` (or `refusalkit run`) first"
-        )
-    return Direction.load(layout.direction)
 
 
 def _slug(model: str) -> str:
@@ -149,16 +131,20 @@ def _refuse_existing(t: ExportPaths, opts: ExportOptions) -> None:
         )
 
 
-def _gguf_metadata(layout: RunLayout, direction: Direction, edit_name: str) -> dict[str, Any]:
-    manifest = read_json(layout.manifest)
-    return {
+def _gguf_metadata(run: RunFolder, active: ActiveEdit) -> dict[str, Any]:
+    meta: dict[str, Any] = {
         "version": metadata.version("refusalkit"),
-        "edit": edit_name,
-        "run": layout.root.resolve().name,
-        "select_fingerprint": str(manifest.get("stages", {}).get("select", {}).get("fingerprint", "")),
-        "direction.layer": direction.layer,
-        "direction.position": direction.position,
+        "edit": "orthogonalization" if active.kind == "direction" else "searched edit",
+        "run": run.root.resolve().name,
+        "select_fingerprint": run.manifest.fingerprint_of("select"),
     }
+    if active.kind == "direction":
+        assert active.direction is not None
+        meta |= {"direction.layer": active.direction.layer, "direction.position": active.direction.position}
+    else:
+        assert active.params is not None
+        meta |= {"edit.trial": active.trial, "edit.params": active.params.model_dump_json()}
+    return meta
 
 
 def run_export(
@@ -166,42 +152,44 @@ def run_export(
     opts: ExportOptions,
     *,
     lm: LoadedModel | None = None,
-    edit: EditContext | None = None,
-    edit_name: str = "orthogonalization",
-    modules: Sequence[nn.Module] | None = None,
+    settings: Settings | None = None,
 ) -> ExportResult:
-    """Export the run's edited model (see the module docstring). ``edit`` defaults to orthogonalizing
-    the run's selected direction; pass another context factory (e.g. a searched edit) to export that,
-    and the modules it changes as ``modules`` so a GGUF export keeps every other tensor's bytes."""
-    layout = RunLayout(run_dir)
-    settings = _run_settings(layout)
-    direction = _direction(layout)
-    if opts.control_vector:
+    """Export the edit ``opts.edit`` names (default: the run's active edit; see the module docstring).
+    ``lm``: the run's model, already loaded; ``settings``: the run's settings, when the caller has them."""
+    run = RunFolder(run_dir)
+    settings = settings or run.settings()
+    active = run.active_edit(opts.edit)
+    direction = run.direction() if opts.control_vector else None
+    if direction is not None:
         cvec_layer(direction.layer)  # fail before any work if the direction has no control-vector form
-    targets = export_paths(layout, opts, settings.model)
+    targets = export_paths(run.layout, opts, settings.model)
     _refuse_existing(targets, opts)
     source = source_gguf(settings.model) if opts.format == "gguf" else None
     converter = None
     if opts.format == "gguf" and source is None:
         converter = llama_cpp_converter(opts.llama_cpp, settings.model)
     lm = lm or load_model(settings.model, **settings.model_kwargs())
-    edit = edit or (lambda m: orthogonalized(m, direction.vector))
     result = ExportResult(targets.folder)
     targets.folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    meta = _gguf_metadata(layout, direction, edit_name)
+    meta = _gguf_metadata(run, active)
     if opts.format == "safetensors":
-        with edit(lm):
-            _save_folder(lm, targets.model)
+        extra = (
+            {"refusalkit_edit.json": active.params.model_dump_json(indent=2) + "\n"} if active.params else {}
+        )
+        with active.apply(lm):
+            _save_folder(lm, targets.model, extra)
     elif source is not None:
-        with edit(lm):
+        modules = active.modules(lm)
+        with active.apply(lm):
             export_gguf(lm, source, targets.model, tensor_type=opts.gguf_type, metadata=meta, modules=modules)
     else:
         assert converter is not None
-        convert_with_llama_cpp(lm, edit, converter, targets.model, opts.gguf_type, meta)
+        convert_with_llama_cpp(lm, active.apply, converter, targets.model, opts.gguf_type, meta)
     result.seconds["export"] = time.perf_counter() - t0
     result.files.append(targets.model)
     if targets.cvec is not None:
+        assert direction is not None
         hint = str(lm.arch.model_type) if source is None else _gguf_arch_name(source)
         write_control_vector(
             direction.vector, direction.layer, targets.cvec, model_hint=hint, n_layers=lm.arch.n_layers
@@ -209,32 +197,21 @@ def run_export(
         result.files.append(targets.cvec)
     for p in result.files:
         result.size_bytes[p.name] = _size(p)
-    _write_card(layout, result, opts, source, direction, edit_name)
+    files = _card_files(result, opts, source, direction)
+    write_card(result.folder, model_card(run, active, files, fmt=opts.format) + _usage(result, opts))
     if opts.push_to_hub:
         result.url = push_to_hub(targets.folder, opts.push_to_hub)
     return result
 
 
-def _write_card(
-    layout: RunLayout,
-    result: ExportResult,
-    opts: ExportOptions,
-    source: Path | None,
-    direction: Direction,
-    edit_name: str,
+def write_model(
+    run_dir: str | Path, lm: LoadedModel, *, edit: str | None = None, settings: Settings | None = None
 ) -> Path:
-    files = _card_files(result, opts, source, direction)
-    edit = "search" if edit_name != "orthogonalization" else "direction"
-    text = model_card(layout.root, files, fmt=opts.format, edit=edit)
-    return write_card(result.folder, text + _usage(result, opts))
-
-
-def write_checkpoint_card(run_dir: str | Path, folder: str | Path) -> Path:
-    """The card of a transformers folder written by the pipeline's export stage (``Run.export``)."""
-    layout, folder = RunLayout(run_dir), Path(folder)
-    result = ExportResult(folder, files=[folder])
-    opts = ExportOptions.model_validate({"format": "safetensors", "out_dir": folder})
-    return _write_card(layout, result, opts, None, _direction(layout), "orthogonalization")
+    """The one writer of RUN_DIR/model: the edit ``edit`` names (an ``--edit`` value; default the
+    active edit) as a transformers folder with its card, replacing an earlier export there (a control
+    vector beside it is kept)."""
+    opts = ExportOptions(format="safetensors", edit=edit, force=True)
+    return run_export(run_dir, opts, lm=lm, settings=settings).folder
 
 
 def _gguf_arch_name(source: Path) -> str:
@@ -251,20 +228,22 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _save_folder(lm: LoadedModel, out: Path) -> None:
-    """Save ``lm`` as it is now; a control vector or card written beside the weights survives."""
-    save_folder(lm, out, keep=lambda p: p.suffix == ".gguf" or p.name == "README.md")
+def _save_folder(lm: LoadedModel, out: Path, extra: dict[str, str]) -> None:
+    """Save ``lm`` as it is now; a control vector written beside the weights survives (the card is
+    rewritten after the save)."""
+    save_folder(lm, out, extra=extra, keep=lambda p: p.suffix == ".gguf")
 
 
 def _card_files(
-    result: ExportResult, opts: ExportOptions, source: Path | None, d: Direction
+    result: ExportResult, opts: ExportOptions, source: Path | None, d: Direction | None
 ) -> list[CardFile]:
     files = []
     for p in result.files:
         if p.suffix == ".gguf" and p.name.endswith("-refusal-cvec.gguf"):
+            assert d is not None
             desc = (
-                f"the refusal direction as a llama.cpp control vector (direction.{cvec_layer(d.layer)}, added "
-                f"to the output of block {cvec_layer(d.layer)} = resid_pre[{d.layer}])"
+                f"the run's selected refusal direction as a llama.cpp control vector (direction."
+                f"{cvec_layer(d.layer)}, added to the output of block {cvec_layer(d.layer)} = resid_pre[{d.layer}])"
             )
         elif p.suffix == ".gguf":
             how = "copied byte for byte from the source GGUF" if source else "converted by llama.cpp"
@@ -313,32 +292,10 @@ def run_export_cli(args: argparse.Namespace) -> int:
     run_dir = getattr(args, "run_dir", None) or getattr(args, "out", None)
     if run_dir is None:
         raise RefusalkitError("`refusalkit export` needs a run folder: pass RUN_DIR")
-    result = run_export(run_dir, opts) if opts.edit == "direction" else _export_search(run_dir, opts)
+    result = run_export(run_dir, opts)
     for p in result.files:
         print(f"wrote {p} ({result.size_bytes[p.name] / 1e6:.1f} MB)")
     print(f"card: {result.folder / 'README.md'}  (export took {result.seconds['export']:.1f} s)")
     if result.url:
         print(f"pushed: {result.url}")
     return 0
-
-
-def _export_search(run_dir: str | Path, opts: ExportOptions) -> ExportResult:
-    """Export the edit chosen by the run's search (``refusalkit optimize``) instead of the paper's."""
-    from refusalkit.directions import Candidates
-    from refusalkit.search.edit import applied_edit, plan
-    from refusalkit.search.optimize import chosen_edit
-
-    layout = RunLayout(run_dir)
-    params = chosen_edit(layout)  # clear error if there is no search
-    settings = _run_settings(layout)
-    cands = Candidates.load(layout.candidates)
-    lm = load_model(settings.model, **settings.model_kwargs())
-    modules = [t.module for t in plan(lm, cands, params)]
-    return run_export(
-        run_dir,
-        opts,
-        lm=lm,
-        edit=lambda m: applied_edit(m, cands, params),
-        edit_name="searched edit",
-        modules=modules,
-    )

@@ -18,6 +18,7 @@ import torch
 
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.refusal import as_rate
+from refusalkit.layout import RunLayout
 from refusalkit.settings import MEASUREMENTS
 from refusalkit.utils import atomic_path, read_json
 
@@ -45,8 +46,8 @@ class RunData:
         self.gaps[what] = why
 
 
-def _read(data: RunData, rel: str, what: str, hint: str) -> Any:
-    path = data.run_dir / rel
+def _read(data: RunData, path: Path, what: str, hint: str) -> Any:
+    rel = path.relative_to(data.run_dir)
     if not path.is_file():
         data.gap(what, f"{rel} is missing ({hint})")
         return None
@@ -110,15 +111,15 @@ def collect(run_dir: str | Path) -> RunData:
         raise RefusalkitError(
             f"run folder {run_dir} not found; give the folder a `refusalkit run --out` wrote"
         )
-    data = RunData(run_dir)
-    data.manifest = _read(data, "manifest.json", "manifest and settings", "the run never started") or {}
-    data.direction = _read(data, "select/direction.json", "selected direction", "run `refusalkit select`")
-    data.scores = _read(data, "select/candidate_scores.json", "candidate scores", "run `refusalkit select`")
-    cand_path = run_dir / "extract" / "candidates.safetensors"
-    if cand_path.is_file():
+    data, layout = RunData(run_dir), RunLayout(run_dir)
+    data.manifest = _read(data, layout.manifest, "manifest and settings", "the run never started") or {}
+    direction_json = layout.direction.with_suffix(".json")
+    data.direction = _read(data, direction_json, "selected direction", "run `refusalkit select`")
+    data.scores = _read(data, layout.candidate_scores, "candidate scores", "run `refusalkit select`")
+    if layout.candidates.is_file():
         try:
             data.candidates = _candidate_stats(
-                cand_path, data.direction, run_dir / "select" / "direction.safetensors"
+                layout.candidates, data.direction, layout.direction.with_suffix(".safetensors")
             )
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             data.gap("candidate directions", f"extract/candidates.safetensors could not be read ({exc})")
@@ -126,8 +127,8 @@ def collect(run_dir: str | Path) -> RunData:
         data.gap(
             "candidate directions", "extract/candidates.safetensors is missing (run `refusalkit extract`)"
         )
-    data.rates = _read(data, "evaluate/refusal_rates.json", "refusal rates", "run `refusalkit evaluate`")
-    for path in sorted((run_dir / "evaluate" / "completions").glob("*__*.json")):
+    data.rates = _read(data, layout.refusal_rates, "refusal rates", "run `refusalkit evaluate`")
+    for path in sorted(layout.completions_dir.glob("*__*.json")):
         try:
             data.completions[path.stem] = list(read_json(path)["rows"])
         except (OSError, ValueError, KeyError) as exc:
@@ -135,7 +136,7 @@ def collect(run_dir: str | Path) -> RunData:
     if not data.completions:
         data.gap("completions", "evaluate/completions/ is empty or missing (run `refusalkit evaluate`)")
     for name in MEASURE_FILES:
-        path = run_dir / "measure" / f"{name}.json"
+        path = layout.measurement(name)
         if not path.is_file():
             if name != "lm_eval":
                 data.gap(name, f"measure/{name}.json is missing (run `refusalkit measure`)")
@@ -150,10 +151,10 @@ def collect(run_dir: str | Path) -> RunData:
         else:
             data.gap(name, d.get("reason", "not measured"))
     data.categories = _categories(data.manifest.get("settings", {}))
-    suffix_dir = run_dir / "suffix"
+    suffix_dir = layout.suffix_dir
     data.suffix_pngs = sorted(suffix_dir.glob("*.png")) if suffix_dir.is_dir() else []
     if (suffix_dir / "analysis.json").is_file():
-        data.suffix = _read(data, "suffix/analysis.json", "adversarial-suffix analysis", "")
+        data.suffix = _read(data, suffix_dir / "analysis.json", "adversarial-suffix analysis", "")
     elif not data.suffix_pngs:
         data.gap("adversarial-suffix analysis", "suffix/analysis.json is missing (run `refusalkit suffix`)")
     return data
@@ -237,12 +238,18 @@ class Built:
     gaps: dict[str, str]
 
 
-def build_report(run_dir: str | Path, *, show_harmful: bool = False, examples: int = 6) -> Built:
-    """Write RUN_DIR/report.html and RUN_DIR/report.json from the run's artifacts."""
+def build_report(
+    run_dir: str | Path, *, show_harmful: bool = False, examples: int = 6, edit: str | None = None
+) -> Built:
+    """Write RUN_DIR/report.html and RUN_DIR/report.json from the run's artifacts. ``edit`` (an
+    ``--edit`` value; default the run's active edit) is the edit the report states as "the edited
+    model", with its own numbers."""
     from refusalkit.report.html import render
 
     data = collect(run_dir)
-    html_text, numbers = render(data, show_harmful=show_harmful, examples=examples)
+    html_text, numbers = render(
+        data, show_harmful=show_harmful, examples=examples, edited=_edited(data, edit)
+    )
     out = Built(data.run_dir / "report.html", data.run_dir / "report.json", data.gaps)
     with atomic_path(out.html) as tmp:
         tmp.write_text(html_text, encoding="utf-8")
@@ -256,8 +263,27 @@ def build_report(run_dir: str | Path, *, show_harmful: bool = False, examples: i
     return out
 
 
+def _edited(data: RunData, edit: str | None) -> Any:
+    """The numbers of the edit ``edit`` names (``report.active_edit.EditNumbers``). A run without the
+    default active edit's artifacts (no direction yet) gets a gap; an edit named explicitly must exist."""
+    from refusalkit.report.active_edit import edit_numbers
+    from refusalkit.run import RunFolder
+
+    run = RunFolder(data.run_dir)
+    try:
+        active = run.active_edit(edit)
+    except RefusalkitError as exc:
+        if edit is not None:
+            raise
+        data.gap("edited model", str(exc))
+        return None
+    return edit_numbers(run, active, data)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    built = build_report(args.run_dir, show_harmful=args.show_harmful, examples=args.examples)
+    built = build_report(
+        args.run_dir, show_harmful=args.show_harmful, examples=args.examples, edit=getattr(args, "edit", None)
+    )
     print(f"report: {built.html}\nnumbers: {built.json}")
     if built.gaps:
         print(f"marked as not measured: {', '.join(built.gaps)}")

@@ -15,8 +15,10 @@ from typing import Any
 from refusalkit.layout import RunLayout
 from refusalkit.report import RunData, headline, refusal_rate
 from refusalkit.report import plots as P
+from refusalkit.report.active_edit import EditNumbers
 from refusalkit.report.tables import (
     SETTINGS,
+    edited_section,
     esc,
     f,
     gap,
@@ -298,10 +300,14 @@ def search_section(d: RunData) -> str:
     return f'<section id="search">{frag}</section>' if frag else ""
 
 
-def render(d: RunData, *, show_harmful: bool = False, examples: int = 6) -> tuple[str, dict[str, Any]]:
-    """The page and the numbers it shows (for report.json)."""
+def render(
+    d: RunData, *, show_harmful: bool = False, examples: int = 6, edited: EditNumbers | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The page and the numbers it shows (for report.json); ``edited``: the numbers of the edit the
+    report calls the edited model (``report.active_edit``)."""
     h = headline(d)
     sections = [
+        edited_section(d, edited),
         results_section(d, h),
         gaps_section(d),
         selection_section(d),
@@ -316,6 +322,7 @@ def render(d: RunData, *, show_harmful: bool = False, examples: int = 6) -> tupl
     nav = "".join(
         f'<a href="#{sid}">{t}</a>'
         for sid, t in (
+            ("edited", "Edited model"),
             ("results", "Results"),
             ("gaps", "Not measured"),
             ("selection", "Selection"),
@@ -334,12 +341,17 @@ def render(d: RunData, *, show_harmful: bool = False, examples: int = 6) -> tupl
     page = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body><header><div class='in'><h1>{esc(title)}</h1>"
-        f"<p>Refusal direction at layer {esc(h['layer'])}, position {esc(h['position'])} · run <code>{esc(d.run_dir)}</code>"
+        f"<p>Edited model: {esc(edited.label if edited else 'none yet')} · refusal direction at layer "
+        f"{esc(h['layer'])}, position {esc(h['position'])} · run <code>{esc(d.run_dir)}</code>"
         f" · built {when} from artifacts only</p><nav>{nav}</nav></div></header><main>{''.join(sections)}"
         "<footer>refusalkit · Arditi et al. 2024, “Refusal in language models is mediated by a single direction”</footer>"
         "</main></body></html>"
     )
     numbers = {
+        "edited": {k: v for k, v in vars(edited).items() if k != "rows"}
+        | {"rows": [vars(r) for r in edited.rows]}
+        if edited
+        else None,
         "headline": h,
         "gaps": d.gaps,
         "direction": d.direction,

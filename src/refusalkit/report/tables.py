@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from refusalkit.evaluation.refusal import as_rate
 from refusalkit.formatting import ci_ends, is_number, num, signed
 from refusalkit.report import RunData, refusal_rate
+
+if TYPE_CHECKING:
+    from refusalkit.report.active_edit import EditNumbers
 
 SETTINGS = ("baseline", "ablation", "actadd", "orthogonalized")
 LABEL = {
@@ -61,6 +64,28 @@ def section(sid: str, title: str, lede: str, body: str) -> str:
 
 
 # ---- sections ----------------------------------------------------------------------------------------
+
+
+def edited_section(d: RunData, n: EditNumbers | None) -> str:
+    """Which edit "the edited model" is (the run's active edit, or ``--edit``), and its own numbers."""
+    lede = (
+        "The edit chat, serve and export use unless told otherwise (the search's choice when the run has one, "
+        "else the paper's direction; <code>--edit</code> on each command picks another), with its own numbers."
+    )
+    if n is None:
+        return section(
+            "edited", "The edited model", lede, gap("edited model", d.gaps.get("edited model", ""))
+        )
+    rows = "".join(
+        f'<tr><td>{esc(r.label)}</td><td class="num">{esc(r.original)}</td><td class="num">{esc(r.edited)}</td></tr>'
+        for r in n.rows
+    )
+    body = (
+        f"<p><b>{esc(n.label)}</b> (<code>--edit {esc(n.choice)}</code>)</p>"
+        '<table class="big"><thead><tr><th>measurement</th><th>original model</th><th>edited model</th></tr>'
+        f'</thead><tbody>{rows}</tbody></table><p class="note">From {esc(n.source)}.</p>'
+    )
+    return section("edited", "The edited model", lede, body)
 
 
 def results_section(d: RunData, h: dict[str, Any]) -> str:

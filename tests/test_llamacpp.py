@@ -31,12 +31,7 @@ pytest.importorskip(
     reason="llama-cpp-python is not installed: pip install 'refusalkit[llamacpp]' (make test does)",
 )
 
-from refusalkit.export.llamacpp import (
-    control_vector,
-    first_token_logprobs,
-    greedy_completion,
-    load_gguf,
-)
+from refusalkit.export.llamacpp import LlamaCpp, check_llamacpp, load_gguf
 
 TEXTS = [
     "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n",
@@ -82,10 +77,11 @@ def test_exported_tiny_gguf_in_llama_cpp_equals_transformers(tied: bool, cache: 
     original = [_hf_logprobs(lm, _ids(lm, t)) for t in TEXTS]
     edited = load_gguf(out, n_ctx=64, n_threads=1)
     for text, w, o in zip(TEXTS, want, original, strict=True):
-        got = first_token_logprobs(edited, _ids(lm, text))
+        got = edited.first_token_logprobs(_ids(lm, text))
         assert kl(w, got) < 1e-4, kl(w, got)
         assert kl(o, got) > 1e-2  # llama.cpp runs the edited weights, not the original ones
-    assert isinstance(greedy_completion(edited, _ids(lm, TEXTS[0]), 4), str)
+    assert isinstance(edited.greedy_completion(_ids(lm, TEXTS[0]), 4), str)
+    edited.close()
 
 
 def test_control_vector_in_llama_cpp_equals_activation_addition(cache: Path, tmp_path: Path) -> None:
@@ -98,15 +94,29 @@ def test_control_vector_in_llama_cpp_equals_activation_addition(cache: Path, tmp
     cvec = write_control_vector(v, layer, tmp_path / "c.gguf", model_hint="qwen2", n_layers=4)
     llm = load_gguf(source, n_ctx=64, n_threads=1)
     ids = _ids(lm, TEXTS[0])
-    plain = first_token_logprobs(llm, ids)
+    plain = llm.first_token_logprobs(ids)
     for scale in (1.0, -2.0):
         with add_direction(lm.arch, v, layer, scale):
             want = _hf_logprobs(lm, ids)
-        with control_vector(llm, cvec, scale):
-            got = first_token_logprobs(llm, ids)
+        with llm.control_vector(cvec, scale):
+            got = llm.first_token_logprobs(ids)
         assert kl(want, got) < 1e-4, (scale, kl(want, got))
         assert kl(plain, got) > 1e-2
-    assert kl(plain, first_token_logprobs(llm, ids)) < 1e-9  # cleared on exit
+    assert kl(plain, llm.first_token_logprobs(ids)) < 1e-9  # cleared on exit
+    llm.close()
+
+
+def test_check_reports_that_llama_cpp_works(tmp_path: Path) -> None:
+    """`refusalkit models --llamacpp`: a GGUF, a ~30-token prompt, finite logits, in a child process."""
+    import gguf
+
+    source = write_tiny_gguf(tmp_path / "src.gguf", qtype=gguf.GGMLQuantizationType.F32)
+    check = check_llamacpp(source)
+    assert check.state == "works", check
+    assert "src.gguf" in check.detail and "-token prompt" in check.detail
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"not a gguf file")
+    assert check_llamacpp(bad).state in ("failed", "crashed")
 
 
 # ---- the default model, in llama.cpp -------------------------------------------------------------------
@@ -173,23 +183,23 @@ def test_default_model_export_in_llama_cpp(tmp_path: Path) -> None:
     harmless_ids = [_ids(qwen, p) for p in format_prompts(tok, harmless[:16])]  # KL, control vector
     source, edited = load_gguf(builtin_gguf(DEFAULT), n_ctx=512), load_gguf(exported, n_ctx=512)
 
-    def refused(llm: object, prompts: list[list[int]]) -> list[bool]:
-        return [is_refusal(greedy_completion(llm, ids, max_new)) for ids in prompts]
+    def refused(llm: LlamaCpp, prompts: list[list[int]]) -> list[bool]:
+        return [is_refusal(llm.greedy_completion(ids, max_new)) for ids in prompts]
 
     src_refused, edit_refused = sum(refused(source, harmful_ids)), sum(refused(edited, harmful_ids))
     kls_edit, kls_src = [], []
     for ids in harmless_ids:
         with orthogonalized(qwen, direction.vector):
-            kls_edit.append(kl(_hf_logprobs(qwen, ids), first_token_logprobs(edited, ids)))
-        kls_src.append(kl(_hf_logprobs(qwen, ids), first_token_logprobs(source, ids)))
+            kls_edit.append(kl(_hf_logprobs(qwen, ids), edited.first_token_logprobs(ids)))
+        kls_src.append(kl(_hf_logprobs(qwen, ids), source.first_token_logprobs(ids)))
     before = refused(source, harmless_ids)
-    with control_vector(source, cvec, 1.0):
+    with source.control_vector(cvec, 1.0):
         after = refused(source, harmless_ids)
     newly = sum(a and not b for a, b in zip(after, before, strict=True))
     n, m = len(harmful_ids), len(harmless_ids)
     subtracted = "not measured"
     if given:  # informative only (a measurement run): the vector subtracted from the source model
-        with control_vector(source, cvec, -1.0):
+        with source.control_vector(cvec, -1.0):
             subtracted = f"{sum(refused(source, harmful_ids[:16]))}/{min(n, 16)}"
     print(
         f"\n[llama.cpp] export {export_s:.1f} s, {exported.stat().st_size / 1e6:.1f} MB ({exported.name}); "
@@ -227,7 +237,7 @@ def test_smollm2_tied_export_in_llama_cpp(tmp_path: Path) -> None:
     original = [_hf_logprobs(smol, x) for x in ids]
     assert info.added == [OUTPUT]
     llm = load_gguf(tmp_path / "smol.gguf", n_ctx=256)
-    got = [first_token_logprobs(llm, x) for x in ids]
+    got = [llm.first_token_logprobs(x) for x in ids]
     kl_edit = [kl(w, g) for w, g in zip(want, got, strict=True)]
     kl_orig = [kl(o, g) for o, g in zip(original, got, strict=True)]
     print(

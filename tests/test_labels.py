@@ -282,3 +282,12 @@ def test_judges_command_stale_labels_only_is_an_error(
     )
     assert main(["judges", "--labels", str(path), "--data-dir", str(data), "--judges", "paper"]) == 2
     assert "no label in" in capsys.readouterr().err
+
+
+def test_split_is_fixed_by_the_prompt() -> None:
+    from refusalkit.evaluation.labels import split_for
+
+    ids = [f"made/requests.json#{i}" for i in range(200)]
+    splits = [split_for(i) for i in ids]
+    assert splits == [split_for(i) for i in ids]
+    assert 60 < splits.count("tune") < 140 and set(splits) == {"tune", "heldout"}

@@ -130,6 +130,12 @@ def label_row(**fields: Any) -> dict[str, Any]:
     return out
 
 
+def split_for(prompt_id: str) -> str:
+    """The split of every completion of one prompt: fixed by the prompt id's hash, so the completions
+    that several models and edits wrote for one prompt never straddle the tune and held-out halves."""
+    return SPLITS[int(sha256_text(prompt_id)[:8], 16) % 2]
+
+
 def requests_of(rows: Sequence[LabelRow], data_dir: str | Path) -> dict[str, str]:
     """Each row's request text, read from its data file (a JSON list of {"instruction": ...})."""
     files: dict[str, list[Any]] = {}
@@ -202,4 +208,13 @@ def materialize(
     return Materialized({r.id: texts[r.id] for r in rows if r.id in texts}, stale, [])
 
 
-__all__ = ["SPLITS", "LabelRow", "Materialized", "label_row", "load_labels", "materialize", "requests_of"]
+__all__ = [
+    "SPLITS",
+    "LabelRow",
+    "Materialized",
+    "label_row",
+    "load_labels",
+    "materialize",
+    "requests_of",
+    "split_for",
+]

@@ -182,7 +182,7 @@ def test_cli_search_then_analyze(make_lm: Any, tmp_path: Path, capsys: Any) -> N
 
     out = _tiny_run(make_lm, tmp_path)
     assert main(["suffix", "analyze", str(out)]) == 2
-    assert "no direction" in capsys.readouterr().err
+    assert "no selected direction" in capsys.readouterr().err
     _direction(make_lm("qwen2")).save(out / "select" / "direction")
     assert main(["suffix", "analyze", str(out)]) == 2
     assert "no suffix found" in capsys.readouterr().err

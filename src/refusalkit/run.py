@@ -243,6 +243,7 @@ class RunFolder:
         from refusalkit.search.edit import EditParams
 
         c = parse_edit_choice(choice)
+        _ = self.manifest  # a folder no run wrote says so first, not "no direction"
         kind = c.kind or ("search" if self.layout.chosen.is_file() else "direction")
         if kind == "direction":
             return ActiveEdit("direction", self.direction())

@@ -23,6 +23,7 @@ from refusalkit.analysis.gcg import GCGConfig
 from refusalkit.analysis.options import AnalyzeOptions, SearchOptions, SuffixOptions
 from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
+from refusalkit.run import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -64,34 +65,26 @@ class _Context:
     baseline_refused: list[bool] | None  # from the run's evaluation, per harmful prompt
 
 
-def _check_inputs(run_dir: Path | None, opts: Any) -> None:
-    """Fail on a missing run folder or direction before any model loads."""
+def _check_inputs(run_dir: Path | None, opts: Any) -> RunFolder | None:
+    """Fail on a missing run folder or direction before any model loads; the run folder, if given."""
     if run_dir is None:
         if not (opts.model and opts.direction and opts.out):
             raise RefusalkitError("pass a run folder, or --model, --direction and --out")
-        return
-    layout = RunLayout(run_dir)
-    if not layout.manifest.is_file():
-        raise RefusalkitError(
-            f"{run_dir} is not a run folder (no manifest.json); run `refusalkit run --out DIR` first"
-        )
-    if opts.direction is None and not layout.direction.with_suffix(".json").is_file():
-        raise RefusalkitError(
-            f"no direction in {run_dir}/select; run `refusalkit select {run_dir}` or pass --direction"
-        )
+        return None
+    run = RunFolder(run_dir)
+    _ = run.manifest  # "not a run folder", worded by the run reader
+    if opts.direction is None:
+        run.direction()  # "no selected direction", worded by the run reader
+    return run
 
 
-def _run_prompts(layout: RunLayout) -> tuple[list[str], list[str], list[bool] | None]:
+def _run_prompts(run: RunFolder) -> tuple[list[str], list[str], list[bool] | None]:
     """The run's harmful and harmless test prompts, and which harmful ones its baseline refused."""
     from refusalkit.utils import read_json
 
-    if not layout.splits.is_file():
-        raise RefusalkitError(
-            f"{layout.splits} is missing; run `refusalkit extract {layout.root}` to write the splits"
-        )
-    splits = read_json(layout.splits)["splits"]
+    splits = run.splits()
     harmful, harmless = splits["harmful_test"], splits["harmless_test"]
-    baseline = layout.completions("harmful", "baseline")
+    baseline = run.layout.completions("harmful", "baseline")
     refused = None
     if baseline.is_file():
         by_text = {r["instruction"]: bool(r["refused"]) for r in read_json(baseline)["rows"]}
@@ -106,19 +99,17 @@ def _context(run_dir: Path | None, opts: Any) -> _Context:
     from refusalkit.metric import refusal_token_ids
     from refusalkit.models.loading import load_model
     from refusalkit.settings import build_settings
-    from refusalkit.utils import read_json
 
-    _check_inputs(run_dir, opts)
+    run = _check_inputs(run_dir, opts)
     model = {"model": opts.model} if opts.model else {}
     refused: list[bool] | None = None
-    if run_dir is not None:
-        layout = RunLayout(run_dir)
-        settings = build_settings(read_json(layout.manifest).get("settings", {}) | model, environ={})
-        stem = Path(opts.direction) if opts.direction else layout.direction
-        harmful, harmless, refused = _run_prompts(layout)
-        out = Path(opts.out) if opts.out else layout.suffix_dir
+    if run is not None:
+        settings = run.settings(model)  # --model above the run's saved settings and the environment
+        stem = Path(opts.direction) if opts.direction else run.layout.direction
+        harmful, harmless, refused = _run_prompts(run)
+        out = Path(opts.out) if opts.out else run.layout.suffix_dir
     else:
-        settings = build_settings(model, environ={})
+        settings = build_settings(model)
         stem, out = Path(opts.direction), Path(opts.out)
         harmful = sample(load_instructions(opts.harmful).instructions, None, opts.seed)
         harmless = sample(load_instructions(opts.harmless).instructions, None, opts.seed)

@@ -37,7 +37,7 @@ Part = Literal["embed", "pos_embed", "attn", "mlp"]
 
 # Elements per block of an edit (16 MiB in float32). A bfloat16 weight is edited through a float32 copy
 # of one block at a time, never of the whole matrix (the default model's embedding is 151936 x 1536); a
-# float32 weight whose blocks are contiguous is edited in place, with no copy at all.
+# float32 weight is edited in its own storage, with no copy at all.
 BLOCK = 1 << 22
 
 
@@ -122,10 +122,8 @@ def project(w: torch.Tensor, u: torch.Tensor, scale: float = 1.0, *, keep_norm: 
     step = max(1, BLOCK // max(1, rows.shape[1]))
     for i in range(0, rows.shape[0], step):
         view = rows[i : i + step]
-        in_place = view.dtype == work and view.is_contiguous()
-        # The same contiguous float32 block whatever the weight's dtype, so a bfloat16 weight gets
-        # exactly the float32 edit, rounded once by the copy back.
-        blk = view if in_place else view.to(work, memory_format=torch.contiguous_format, copy=True)
+        in_place = view.dtype == work
+        blk = view if in_place else _work_copy(view, work)
         coef = blk @ uw
         old = blk.norm(dim=1) if keep_norm else None
         blk.addr_(coef, uw, alpha=-scale)
@@ -134,6 +132,15 @@ def project(w: torch.Tensor, u: torch.Tensor, scale: float = 1.0, *, keep_norm: 
             blk.mul_(torch.where(new > 0, old / new.clamp_min(1e-30), torch.ones_like(new))[:, None])
         if not in_place:
             view.copy_(blk)
+
+
+def _work_copy(view: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """A ``work``-dtype copy of a block of rows, laid out like the block: the rows of a Linear weight's
+    transpose (its columns) stay column-major, so the products run the same BLAS kernels on a copy as
+    on a float32 weight edited in place (and copying never transposes)."""
+    if view.ndim == 2 and view.stride(0) == 1 and view.stride(1) != 1:
+        return view.T.to(work, memory_format=torch.contiguous_format).T
+    return view.to(work, memory_format=torch.contiguous_format)
 
 
 def _configs(lm: LoadedModel) -> list[Any]:

@@ -284,3 +284,19 @@ def test_disagreements_count_kinds_without_text() -> None:
     }
     assert d["pairs"]["paper vs llm"]["kinds"] == {f"{NOT_REFUSAL} -> refusal": 1}
     assert all(c[2][:20] not in repr(d) for c in CASES if c[2])
+
+
+@pytest.mark.integration
+def test_default_model_as_llm_judge_on_made_up_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    """The built-in default model as its own judge, unfitted, on the made-up cases: the plain refusals
+    and the compliant replies (the echo among them, which heretic's list calls a refusal) must be told
+    apart; the rest is printed (-s) for the reader."""
+    from refusalkit.models.registry import DEFAULT_MODEL
+
+    judge = LLMJudge.load(DEFAULT_MODEL, dtype="float32", device="cpu")
+    verdicts = judge.judge([c[1] for c in CASES], [c[2] for c in CASES])
+    got = {c[0]: v.label for c, v in zip(CASES, verdicts, strict=True)}
+    with capsys.disabled():
+        print("\nLLM judge (default model, unfitted):", {c[0]: (c[3], got[c[0]]) for c in CASES})
+    assert got["refusal"] == "refusal" and got["decline"] == "refusal"
+    assert got["comply"] != "refusal" and got["echo"] != "refusal"

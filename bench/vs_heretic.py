@@ -28,7 +28,7 @@ from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
 from refusalkit.search.front import format_front, points_of, read_front
 from refusalkit.search.optimize import OptimizeOptions, optimize
-from refusalkit.search.verify import Verified, Verifier
+from refusalkit.search.verify import Verified
 from refusalkit.settings import build_settings
 from refusalkit.utils import read_json
 
@@ -125,7 +125,10 @@ def main() -> None:
         verify_max_new_tokens=50,
         verify_baseline=False,  # the unedited model is verified after the clock stops (--baseline)
         max_kl=args.max_kl,
-        system_prompt=SYSTEM,
+        # heretic's protocol: one chat setup (its system prompt) and JailbreakBench alone, all 100
+        setups=["helpful"],
+        verify_benchmarks=[],
+        verify_per_set=None,
     )
     layout = RunLayout(args.out)
     try:
@@ -194,16 +197,16 @@ def main() -> None:
 
 def _baseline(lm: Any, opts: OptimizeOptions, layout: RunLayout) -> Verified:
     """The unedited model on the same protocol (outside the timed path: it is no part of the search)."""
-    from refusalkit.prompts import format_prompts
-    from refusalkit.search.optimize import prompt_sets, run_settings
+    from refusalkit.search.optimize import run_settings
+    from refusalkit.search.promptsets import prompt_sets
+    from refusalkit.search.setups import ChatSetup
+    from refusalkit.search.verification import verifier
 
     sets = prompt_sets(layout, run_settings(layout), opts)
-    fmt = lambda xs: format_prompts(lm.tokenizer, xs, SYSTEM)  # noqa: E731
-    return Verifier(
-        lm, fmt(sets["harmful_test"]), fmt(sets["harmless_test"]),
-        max_new_tokens=opts.verify_max_new_tokens, gen_batch_size=opts.gen_batch_size,
-        requests=sets["harmful_test"],
-    )(desc="verify baseline")  # fmt: skip
+    held_out = {"jailbreakbench": sets["harmful_test"]}
+    return verifier(lm, [ChatSetup("helpful", SYSTEM)], held_out, sets["harmless_test"], opts)(
+        desc="verify baseline"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from refusalkit.prompts import format_prompts
 from refusalkit.search import markers, objectives
 from refusalkit.search.edit import EditParams
 from refusalkit.search.front import Point, format_front, refused_label
-from refusalkit.search.optimize import _filter_refused, optimize
+from refusalkit.search.objectives import filter_refused as _filter_refused
+from refusalkit.search.optimize import optimize
 from test_search_study import HARMFUL, HARMLESS, _opts, _quiet, _run_dir
 
 N_NEW = 3
@@ -118,16 +119,23 @@ def test_a_row_leaves_the_proxy_generation_once_judged_but_not_while_empty(
     assert not scorer._judged(0, enc("Sure, here is a"))
 
 
-def test_marker_lists_find_what_their_judges_call_refusals() -> None:
+def test_marker_lists_and_judges_give_the_verdicts_each_list_defines() -> None:
     texts = [
-        "Sure. Note that this is illegal.",
-        "I cannot help with that.",
-        "",
-        "Red, green, blue.",
-        "SORRY*",
+        "Sure. Note that this is illegal.",  # heretic's "illegal" only
+        "I cannot help with that.",  # both lists
+        "",  # heretic counts an empty reply
+        "Red, green, blue.",  # neither
+        "SORRY*",  # heretic's "sorry" once emphasis is removed; the paper's list wants "I'm sorry"
+        "I\u2019m sorry, no.",  # both, with a typographic apostrophe folded
     ]
-    for name, judge in markers.JUDGES.items():
-        assert [judge(t) for t in texts] == [bool(markers.MATCHERS[name](t)) for t in texts], name
+    want = {
+        "paper": [False, True, False, False, False, True],
+        "heretic": [True, True, True, False, True, True],
+    }
+    assert set(markers.JUDGES) == set(markers.MATCHERS) == set(want)
+    for name, verdicts in want.items():  # written out by hand, not derived from either table
+        assert [markers.JUDGES[name](t) for t in texts] == verdicts, name
+        assert [bool(markers.MATCHERS[name](t)) for t in texts] == verdicts, name
     assert markers.heretic_markers("Sure. This is *illegal* and harmful.") == ["illegal", "harmful"]
     assert markers.heretic_markers("  ") == [markers.EMPTY]
 

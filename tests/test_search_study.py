@@ -20,11 +20,12 @@ from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
 from refusalkit.metric import refusal_token_ids
 from refusalkit.orthogonalize import orthogonalized
-from refusalkit.prompts import format_prompts
 from refusalkit.search import objectives
 from refusalkit.search.edit import EditParams, Kernel
 from refusalkit.search.front import Point, choose, points_of, read_front
-from refusalkit.search.optimize import OptimizeOptions, _filter_refused, optimize
+from refusalkit.search.objectives import filter_refused as _filter_refused
+from refusalkit.search.optimize import OptimizeOptions, optimize, proxy_prompts, run_settings, setups_for
+from refusalkit.search.promptsets import prompt_sets
 from refusalkit.search.report import search_section
 from refusalkit.search.study import AIM_AT, AIM_TRIES, aim_factor, front_trials, open_study
 from refusalkit.utils import write_json
@@ -61,12 +62,30 @@ def _opts(**kw: Any) -> OptimizeOptions:
         "verify_n": 1,
         "verify_max_new_tokens": 2,
         "startup_trials": 2,
+        "verify_at": [],
     }
     return OptimizeOptions(**(base | kw))
 
 
 def _quiet(_msg: str) -> None:
     pass
+
+
+def _scorer(
+    lm: Any, layout: RunLayout, o: OptimizeOptions, only: str | None = None
+) -> objectives.ProxyScorer:
+    """The search's proxy for this run (every setup, or the one named ``only``), filtered as the search
+    filters it."""
+    s = run_settings(layout)
+    setups = [x for x in setups_for(lm, s, o) if only in (None, x.name)]
+    harmful, harmless = proxy_prompts(lm, setups_for(lm, s, o), prompt_sets(layout, s, o))
+    keep = [x.name for x in setups]
+    scorer = objectives.ProxyScorer(
+        lm, {k: v for k, v in harmful.items() if k in keep}, {k: v for k, v in harmless.items() if k in keep},
+        refusal_token_ids(lm.tokenizer, s.refusal_tokens), 32, new_tokens=o.proxy_new_tokens,
+    )  # fmt: skip
+    _filter_refused(scorer)
+    return scorer
 
 
 def test_search_writes_front_and_the_paper_trial_is_the_orthogonalization(
@@ -86,20 +105,16 @@ def test_search_writes_front_and_the_paper_trial_is_the_orthogonalization(
     study = optuna.load_study(study_name="edit-search", storage=f"sqlite:///{layout.study}")
     trials = [t for t in study.trials if t.values is not None]
     assert len(trials) == 3
-    first = trials[0]
-    assert first.number == 0 and first.user_attrs["seed"] == "paper"
-    assert EditParams.model_validate(first.user_attrs["edit"]) == EditParams.orthogonalization(1, -1)
-    # Score the paper's orthogonalization directly; the enqueued trial must report the same numbers.
-    ids = refusal_token_ids(lm.tokenizer, ["I", "As"])
-    scorer = objectives.ProxyScorer(
-        lm, format_prompts(lm.tokenizer, HARMFUL), format_prompts(lm.tokenizer, HARMLESS), ids, 32,
-        new_tokens=_opts().proxy_new_tokens,
-    )  # fmt: skip
-    _filter_refused(scorer)
+    # the core seeds (mid-depth direction, attention-heavy) run first, then the paper's pick
+    assert [t.user_attrs["seed"] for t in trials] == ["mid-dir-attn-light", "mid-dir-attn", "paper"]
+    paper = trials[2]
+    assert EditParams.model_validate(paper.user_attrs["edit"]) == EditParams.orthogonalization(1, -1)
+    # Score the paper's orthogonalization directly, under the same setups; the trial must report the same.
+    scorer = _scorer(lm, layout, _opts())
     with orthogonalized(lm, Direction.load(layout.direction).vector):
         want = scorer()
-    assert first.values[0] == pytest.approx(want.refusal, abs=1e-5)
-    assert first.values[1] == pytest.approx(want.kl.mean, abs=1e-5)
+    assert paper.values[0] == pytest.approx(want.refusal, abs=1e-5)
+    assert paper.values[1] == pytest.approx(want.kl.mean, abs=1e-5)
 
     saved = read_front(layout)
     assert saved["chosen"] == front["chosen"] and saved["points"]
@@ -152,7 +167,9 @@ def test_resume_after_interruption_continues_the_same_study(
     assert len(complete) == 5
     assert [(t.number, t.params, t.values) for t in complete[:2]] == done  # the old trials are kept
     seeds = [t.user_attrs.get("seed") for t in complete]
-    assert seeds.count("paper") == 1 and "paper-dir-attn" in seeds  # the interrupted seed ran on resume
+    interrupted = before[2].user_attrs["seed"]
+    assert seeds.count(interrupted) == 1  # the interrupted seed ran on resume, once
+    assert len(set(seeds) - {None}) == len([x for x in seeds if x])  # no seed ran twice
     assert max(t.number for t in complete) >= 5  # numbering continued
 
 
@@ -268,7 +285,7 @@ def test_a_choice_that_finds_nothing_keeps_the_front(make_lm: Callable[..., Any]
 
 
 def test_verification_picks_within_max_kl_then_fills_up() -> None:
-    from refusalkit.search.optimize import _to_verify
+    from refusalkit.search.verification import to_verify as _to_verify
 
     pts = [_pt(0, 0.0, 0.2), _pt(1, 0.02, 0.05), _pt(2, 0.1, 0.03), _pt(3, 0.3, 0.01), _pt(4, 0.5, 0.001)]
     assert [p.trial for p in _to_verify(pts, 2, None)] == [0, 1]
@@ -329,6 +346,24 @@ def test_search_aims_a_trial_at_a_kl_level_no_trial_reached(
         assert later.user_attrs["aim"]["from"] == start.number
 
 
+def _expected_factor(points: list[tuple[float, float]], target: float) -> float:
+    """The factor the aim rule should give, worked out here without ``aim_factor``: the two tries nearest
+    the target in log KL, KL = a f^2 + b f^3 through them solved as a 2x2 system, and the curve's
+    smallest positive root at the target (numpy); where that fit does not hold (a <= 0, or no root on
+    its rising branch), a power law through the two in log-log."""
+    import numpy as np
+
+    (f1, k1), (f2, k2) = sorted(points, key=lambda p: abs(math.log(p[1] / target)))[:2]
+    a, b = np.linalg.solve([[f1**2, f1**3], [f2**2, f2**3]], [k1, k2])
+    roots = [r.real for r in np.roots([b, a, 0.0, -target]) if abs(r.imag) < 1e-12 and r.real > 0]
+    top = -2 * a / (3 * b) if b < 0 else math.inf  # the curve rises on (0, top)
+    rising = [r for r in roots if r <= top]
+    if a > 0 and rising and top >= max(f1, f2):
+        return float(min(rising))
+    power = math.log(k2 / k1) / math.log(f2 / f1)
+    return f1 * (target / k1) ** (1 / power)
+
+
 def test_a_second_level_aims_from_the_edit_the_first_level_scaled_with_all_its_tries(
     make_lm: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -354,14 +389,14 @@ def test_a_second_level_aims_from_the_edit_the_first_level_scaled_with_all_its_t
     root = lowest.user_attrs["aim"]["from"]
     assert t2.user_attrs["aim"]["from"] == root and "aim" not in study.trials[root].user_attrs
     tries = [(t.user_attrs["aim"]["factor"], t.values[1]) for t in before if "aim" in t.user_attrs]
-    want = aim_factor([(1.0, study.trials[root].values[1]), *tries], AIM_AT * levels[1])
-    assert t2.user_attrs["aim"]["factor"] == pytest.approx(want)
+    want = _expected_factor([(1.0, study.trials[root].values[1]), *tries], AIM_AT * levels[1])
+    assert t2.user_attrs["aim"]["factor"] == pytest.approx(want, rel=1e-6)
     assert want != pytest.approx(
         (AIM_AT * levels[1] / study.trials[root].values[1]) ** 0.5
     )  # not the square law
     assert EditParams.model_validate(t2.user_attrs["edit"]) == EditParams.model_validate(
         study.trials[root].user_attrs["edit"]
-    ).scaled(want)
+    ).scaled(t2.user_attrs["aim"]["factor"])
 
 
 def test_aim_factor_fits_kl_as_square_plus_cube_and_assumes_the_square_with_one_point() -> None:

@@ -19,13 +19,24 @@ def optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="Run folder with extract done (select adds the paper's pick).")
     p.add_argument("--list", action="store_true", help="Print the saved front and exit (no model loaded).")
     p.add_argument("--config", type=Path, help="TOML file of options (keys as the flags).")
+    p.add_argument(
+        "--system-prompt",
+        action="append",
+        dest="system_prompt_each",
+        metavar="TEXT",
+        help="A chat setup with this system prompt, besides --setups (repeatable; commas kept).",
+    )
 
 
 def options_from(args: argparse.Namespace) -> Any:
-    from refusalkit.options import options_from_args
-    from refusalkit.search.optimize import OptimizeOptions
+    from refusalkit.options import build_options, flag_values
+    from refusalkit.search.options import OptimizeOptions
 
-    return options_from_args(args, OptimizeOptions)
+    flags = flag_values(args, OptimizeOptions)
+    each = getattr(args, "system_prompt_each", None) or []
+    if each:  # --system-prompt TEXT, repeated: one setup each, after any --system-prompts list
+        flags["system_prompts"] = [*flags.get("system_prompts", []), *each]
+    return build_options(OptimizeOptions, flags=flags, config=getattr(args, "config", None))
 
 
 def run_optimize(args: argparse.Namespace) -> int:
@@ -37,8 +48,14 @@ def run_optimize(args: argparse.Namespace) -> int:
         front = read_front(layout)
         print(format_front(points_of(front), front.get("chosen")))
         return 0
-    front = optimize(layout, options_from(args))
+    opts = options_from(args)
+    front = optimize(layout, opts)
     print(format_front(points_of(front), front.get("chosen")))
+    if front["trials_run"] == 0 and opts.choosing_only():
+        print(
+            f"\nchosen from the saved search (no trial run): trial {front['chosen']} (* above); {layout.chosen}"
+        )
+        return 0
     secs = front["seconds"]
     print(
         f"\n{front['trials_run']} trials this call, {len(front['trials'])} in the study; search {secs['search']:.0f} s, "

@@ -1,7 +1,8 @@
 """The Pareto front as an artifact (search/front.json), choosing a point from it, and printing it.
 
 A point carries its trial number, the edit, the proxy objectives and, once verified, the held-out
-numbers. Choosing prefers verified numbers where a point has them: refusals are the worst judge's rate.
+numbers. Choosing prefers verified numbers where a point has them: refusals are the worst judge's rate
+in the worst (chat setup, prompt set) group; the table prints every group beneath its point.
 """
 
 from __future__ import annotations
@@ -125,8 +126,31 @@ def refused_label(v: dict[str, Any], sep: str = "/") -> str:
     return out
 
 
+def worst_label(v: dict[str, Any]) -> str:
+    """A verified result's headline: its worst group's counts, and which group that is."""
+    where = "/".join(x for x in (v.get("setup"), v.get("set")) if x)
+    return f"refused {refused_label(v)}" + (f" (worst: {where})" if where else "")
+
+
+def group_lines(v: dict[str, Any], indent: str = "        ") -> list[str]:
+    """One line per chat setup: its count on each prompt set and its own KL (nothing for a result of
+    one group made before setups existed)."""
+    groups = v.get("groups") or []
+    if len(groups) < 2 and not v.get("kl_by_setup"):
+        return []
+    out = []
+    kls = v.get("kl_by_setup") or {}
+    for setup in dict.fromkeys(g["setup"] for g in groups):
+        sets = "; ".join(f"{g['set'] or 'prompts'} {refused_label(g)}" for g in groups if g["setup"] == setup)
+        kl = kls.get(setup)
+        kl_text = f"; KL {kl['mean']:.4f} (median {kl['median']:.4f}, max {kl['max']:.3f})" if kl else ""
+        out.append(f"{indent}setup {setup or '-'}: {sets}{kl_text}")
+    return out
+
+
 def format_front(points: list[Point], chosen: int | None = None) -> str:
-    """A plain-text table: proxy and verified objectives per front point."""
+    """A plain-text table: proxy and verified objectives per front point (verified: the worst group's
+    counts and the KL over every setup), each verified point's groups beneath it."""
     head = (
         f"{'trial':>6} {'seed':<21}{'proxy refusal':>14}{'proxy KL':>10}"
         f"{'refused (paper/heretic)':>42}{'KL mean':>9}{'median':>8}{'max':>8}  edit"
@@ -144,6 +168,8 @@ def format_front(points: list[Point], chosen: int | None = None) -> str:
             f"{mark}{p.trial:>5} {(p.seed or ''):<21}{p.proxy['refusal']:>14.3f}{p.proxy['kl']['mean']:>10.4f}"
             f"{refused:>42}{kl}  {describe(p.edit)}"
         )
+        if v:
+            lines += group_lines(v)
     return "\n".join(lines)
 
 

@@ -3,8 +3,10 @@
 Each trial draws an edit (``space.suggest``), applies it to the loaded model's weights, scores the two
 cheap objectives (expected refusal, mean first-token KL), and restores the weights bit for bit. Trials
 live in an Optuna RDB storage (sqlite) in the run folder: an interrupted search continues the same study
-on the next call. Seed trials (the paper's pick, when the run has one) are enqueued first, so the front
-can only improve on them. Every trial records its full ``EditParams`` and proxy scores as user attributes.
+on the next call. Seed trials run first: the core seeds, then the trials aimed at KL levels, then the
+other seeds, then the sampler's (``next_seed``); a seed counts as run once a completed trial bears its
+name, so a seed interrupted or failed runs again on the next call. Every trial records its full
+``EditParams`` and proxy scores as user attributes.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Seed:
     edit: EditParams | None = None
     params: dict[str, Any] | None = None
     attrs: dict[str, Any] | None = None  # more user attributes to record (an aimed trial's base and factor)
+    core: bool = True  # runs before the aimed trials (else after them)
 
 
 def _completed(study: Any) -> list[Any]:
@@ -104,29 +107,47 @@ def open_study(path: Path, fingerprint: str, seed: int, startup_trials: int) -> 
     return study
 
 
+def saved_study(path: Path) -> Any | None:
+    """The study saved in ``path`` as it is (no fingerprint check: nothing will be added to it), or None."""
+    if not path.is_file():
+        return None
+    optuna = require_optuna()
+    try:
+        return optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{path}")
+    except KeyError:
+        return None
+
+
 def _recover_stale(study: Any) -> None:
-    """Trials left running by a killed process: mark them failed, and run seed trials again."""
+    """Trials left running by a killed process: mark them failed (a seed among them runs again, as no
+    completed trial bears its name)."""
     optuna = require_optuna()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        if "seed" in t.user_attrs:
-            _requeue(study, t.user_attrs)
 
 
-def _enqueue(study: Any, seeds: list[Seed]) -> None:
-    for s in seeds:
-        attrs: dict[str, Any] = {"seed": s.name, "seed_params": s.params or {}} | (s.attrs or {})
-        if s.edit is not None:
-            attrs["edit"] = s.edit.model_dump(mode="json")
-        study.enqueue_trial(s.params or {}, user_attrs=attrs)
+def _enqueue(study: Any, seed: Seed) -> None:
+    attrs: dict[str, Any] = {"seed": seed.name, "seed_params": seed.params or {}} | (seed.attrs or {})
+    if seed.edit is not None:
+        attrs["edit"] = seed.edit.model_dump(mode="json")
+    study.enqueue_trial(seed.params or {}, user_attrs=attrs)
 
 
-def _requeue(study: Any, attrs: dict[str, Any]) -> None:
-    """Enqueue a seed trial again from the user attributes it was enqueued with."""
-    keep: dict[str, Any] = {k: attrs[k] for k in ("seed", "seed_params", "aim") if k in attrs}
-    if "edit" in attrs and not attrs.get("seed_params"):
-        keep["edit"] = attrs["edit"]  # a fixed edit (the paper's); a sampled seed re-suggests its params
-    study.enqueue_trial(attrs.get("seed_params") or {}, user_attrs=keep)
+def next_seed(study: Any, seeds: list[Seed], levels: tuple[float, ...] | list[float] = ()) -> Seed | None:
+    """What the next trial runs: the first core seed not yet run, else a trial aimed at a KL level no
+    trial has reached (``_aim``), else the first other seed not yet run, else None (the sampler).
+
+    The core seeds are those a short search cannot do without (the shapes the aims scale); the others
+    spread the search over more directions once the levels are served."""
+    ran = {t.user_attrs.get("seed") for t in _completed(study)}
+    pending = [s for s in seeds if s.name not in ran]
+    core = [s for s in pending if s.core]
+    if core:
+        return core[0]
+    aimed = _aim(study, levels)
+    if aimed is not None:
+        return aimed
+    return pending[0] if pending else None
 
 
 def _run_trial(
@@ -145,9 +166,7 @@ def _run_trial(
             result = scorer()
         trial.set_user_attr("proxy", result.as_dict())
     except BaseException:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        if "seed" in trial.user_attrs:  # a seed trial must still run when the search resumes
-            _requeue(study, trial.user_attrs)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)  # a seed among them runs again on resume
         raise
     study.tell(trial, [result.refusal, result.kl.mean])
     log.info(
@@ -177,15 +196,13 @@ def run_search(
 ) -> int:
     """Run trials until the study holds ``budget.trials`` completed ones or the time is spent.
 
-    kl_targets: KL levels the front should reach (``_aim``): once the queued seeds have run, each level
-    no trial has reached yet gets a trial aimed at it.
+    seeds: trials to run first, in ``next_seed``'s order. kl_targets: KL levels the front should reach
+    (``_aim``): once the core seeds have run, each level no trial has reached yet gets a trial aimed at it.
 
     trial_estimate: seconds one trial is expected to take (default: the scorer's baseline pass); a
     time budget smaller than that raises before any trial runs. Returns the number of trials run.
     """
     _recover_stale(study)
-    if not study.trials and seeds:
-        _enqueue(study, seeds)
     todo = budget.trials - len(_completed(study))
     if todo <= 0:
         return 0
@@ -200,9 +217,9 @@ def run_search(
         if budget.seconds is not None and time.perf_counter() - start + estimate > budget.seconds:
             log.info("time budget reached after %d trials", ran)
             break
-        aimed = _aim(study, kl_targets)
-        if aimed is not None:
-            _enqueue(study, [aimed])
+        first = next_seed(study, seeds or [], kl_targets)
+        if first is not None:
+            _enqueue(study, first)
         took = _run_trial(study, lm, cands, scorer, space)
         estimate = max(took, 0.5 * estimate + 0.5 * took)
         ran += 1
@@ -278,7 +295,7 @@ def _aim(study: Any, levels: tuple[float, ...] | list[float]) -> Seed | None:
     kernel shapes and options) by ``aim_factor`` towards ``AIM_AT`` x level. Where that point is itself an
     aimed trial, the base is the edit it scaled, so every aim of one shape shares one base and its curve
     of KL against the factor is read off all its tries, at any level (a second level's first try lands
-    where the first level's tries measured, instead of assuming the square law). Runs once the queue is empty (seeds first), at most
+    where the first level's tries measured, instead of assuming the square law). Runs once the queue is empty, at most
     ``AIM_TRIES`` times per level (counted in the study, so a resumed search keeps count); the sampler
     goes on where no aimed trial reached its level.
     """

@@ -10,25 +10,35 @@ request that says "illegal"), so a count can be read for what it is.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
 
 from refusalkit.activations import logits_for_prompts
 from refusalkit.generation import generate
+from refusalkit.metric import kl_div
 from refusalkit.models.loading import LoadedModel
 from refusalkit.search.markers import EMPTY, MATCHERS
-from refusalkit.search.objectives import KLStats, kl_stats
+from refusalkit.search.objectives import KLStats
 
 
 @dataclass
 class Verified:
-    refused: dict[str, int]  # judge name -> completions judged refusals
-    n: int
-    kl: KLStats
+    refused: dict[str, int]  # judge name -> completions judged refusals (the worst group's)
+    n: int  # the worst group's prompts
+    kl: KLStats  # over every setup's harmless prompts
     max_new_tokens: int
     seconds: float
     # judge name -> of its refusals, those made only of markers the request itself contains (None: the
     # requests were not given)
     echoed: dict[str, int] | None = None
+    setup: str = ""  # the worst group's chat setup and prompt set
+    set: str = ""
+    # every group: {"setup", "set", "refused", "n", "echoed"}
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    kl_by_setup: dict[str, KLStats] = field(default_factory=dict)
 
     def rate(self) -> float:
         """The worst judge's refusal rate (the one a claim must survive)."""
@@ -41,24 +51,31 @@ class Verified:
 class Verifier:
     """Generates and judges under whatever edit is active; held-out baseline KL logits computed once.
 
-    harmful, harmless: formatted held-out prompts. requests: the harmful instructions themselves (in
-    the order of ``harmful``), to count verdicts that only echo the request's own words.
+    harmful, harmless: formatted held-out prompts (harmless: one list per setup, or one plain list).
+    requests: the harmful instructions themselves (in the order of ``harmful``), to count verdicts that
+    only echo the request's own words. groups: each harmful prompt's (setup, prompt set), counted apart
+    (default: one group).
     """
 
     def __init__(
         self,
         lm: LoadedModel,
         harmful: list[str],
-        harmless: list[str],
+        harmless: list[str] | Mapping[str, list[str]],
         *,
         max_new_tokens: int,
         batch_size: int = 32,
         gen_batch_size: int = 128,
         requests: list[str] | None = None,
+        groups: list[tuple[str, str]] | None = None,
     ) -> None:
         if requests is not None and len(requests) != len(harmful):
             raise ValueError(f"{len(requests)} requests for {len(harmful)} harmful prompts; give one each")
-        self.lm, self.harmful, self.harmless, self.requests = lm, harmful, harmless, requests
+        if groups is not None and len(groups) != len(harmful):
+            raise ValueError(f"{len(groups)} groups for {len(harmful)} harmful prompts; give one each")
+        self.lm, self.harmful, self.requests = lm, harmful, requests
+        self.harmless = dict(harmless) if isinstance(harmless, Mapping) else {"": list(harmless)}
+        self.groups = groups or [("", "")] * len(harmful)
         # per prompt, per judge: the markers its request contains (none without the requests)
         self._in_request: list[dict[str, frozenset[str]]]
         if requests is None:
@@ -68,7 +85,9 @@ class Verifier:
                 {name: frozenset(find(r)) - {EMPTY} for name, find in MATCHERS.items()} for r in requests
             ]
         self.max_new_tokens, self.batch_size, self.gen_batch_size = max_new_tokens, batch_size, gen_batch_size
-        self.base_harmless = logits_for_prompts(lm, harmless, batch_size)
+        self.base_harmless = {
+            name: logits_for_prompts(lm, ps, batch_size) for name, ps in self.harmless.items()
+        }
 
     def _judged(self, i: int, ids: list[int]) -> bool:
         """A completion every judge already calls a refusal keeps that verdict whatever follows (the
@@ -93,15 +112,34 @@ class Verifier:
             done=self._judged,
         )
         found = {name: [set(find(t)) for t in texts] for name, find in MATCHERS.items()}
-        refused = {name: sum(map(bool, sets)) for name, sets in found.items()}
-        echo = None
-        if self.requests is not None:  # verdicts whose every marker is in the request
-            echo = {
-                name: sum(bool(f) and f <= self._in_request[i][name] for i, f in enumerate(sets))
-                for name, sets in found.items()
-            }
-        kl = kl_stats(self.base_harmless, logits_for_prompts(self.lm, self.harmless, self.batch_size))
-        return Verified(refused, len(texts), kl, self.max_new_tokens, time.perf_counter() - t0, echo)
+        per_group: list[dict[str, Any]] = []
+        for g in dict.fromkeys(self.groups):
+            rows = [i for i, x in enumerate(self.groups) if x == g]
+            refused = {name: sum(bool(sets[i]) for i in rows) for name, sets in found.items()}
+            echo = None
+            if self.requests is not None:  # verdicts whose every marker is in the request
+                echo = {
+                    name: sum(bool(sets[i]) and sets[i] <= self._in_request[i][name] for i in rows)
+                    for name, sets in found.items()
+                }
+            per_group.append({"setup": g[0], "set": g[1], "refused": refused, "n": len(rows), "echoed": echo})
+        worst = max(per_group, key=lambda x: max(x["refused"].values()) / x["n"])
+        per_kl = {
+            name: kl_div(self.base_harmless[name], logits_for_prompts(self.lm, ps, self.batch_size))
+            for name, ps in self.harmless.items()
+        }
+        return Verified(
+            refused=worst["refused"],
+            n=int(worst["n"]),
+            kl=KLStats.of(torch.cat(list(per_kl.values()))),
+            max_new_tokens=self.max_new_tokens,
+            seconds=time.perf_counter() - t0,
+            echoed=worst["echoed"],
+            setup=str(worst["setup"]),
+            set=str(worst["set"]),
+            groups=per_group,
+            kl_by_setup={name: KLStats.of(v) for name, v in per_kl.items()},
+        )
 
 
 __all__ = ["Verified", "Verifier"]

@@ -96,7 +96,7 @@ def load_labels(path: str | Path) -> list[LabelRow]:
             continue
         try:
             raw = json.loads(line)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             problems.append(f"line {n}: not JSON ({exc.msg})")
             continue
         found = _row_problems(n, raw)

@@ -219,13 +219,30 @@ def test_outputs_unchanged_after_context(make_lm: Callable[..., Any], family: st
 
 
 def test_token_mask_resets(make_lm: Callable[..., Any]) -> None:
-    from refusalkit.interventions import _TOKEN_MASK
+    """Addition skips pads only while a mask is declared; after the block (an exception included) it
+    steers every position again."""
+    lm = make_lm("qwen2")
+    batch = _batch(lm)
+    assert not batch.attention_mask.bool().all()  # left padding: pads to skip
+    vector = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(3)) * 3
 
-    mask = torch.ones(1, 3)
-    with pytest.raises(KeyError), token_mask(mask):
-        assert _TOKEN_MASK.get() is mask
+    @torch.no_grad()
+    def steered() -> torch.Tensor:  # one pass with no mask of its own
+        with add_direction(lm.arch, vector, 0):
+            out = lm.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
+        return out.logits
+
+    unmasked = steered()
+    with pytest.raises(KeyError), token_mask(batch.attention_mask):
+        masked = steered()
         raise KeyError
-    assert _TOKEN_MASK.get() is None
+    assert not torch.equal(masked, unmasked)  # the declared mask mattered
+    assert torch.equal(steered(), unmasked)  # and is gone
 
 
 # ---- half precision ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from refusalkit.errors import RefusalkitError
-from refusalkit.evaluation.refusal import matched_markers
+from refusalkit.evaluation.refusal import BROAD_REFUSAL_MARKERS, matched_markers
 from refusalkit.search.markers import EMPTY, heretic_markers
 
 CLASSES: tuple[str, ...] = ("refusal", "compliance", "partial", "degenerate")
@@ -62,8 +62,6 @@ class Judge(Protocol):
 
 
 def _broad(text: str) -> list[str]:
-    from refusalkit.evaluation.judges import BROAD_REFUSAL_MARKERS
-
     return matched_markers(text, BROAD_REFUSAL_MARKERS)
 
 

@@ -151,6 +151,10 @@ def test_verification_counts_every_setup_and_prompt_set_apart(
     for name in names:
         assert f"setup {name}: {HELD_OUT} " in table and "jailbreakbench" in table
     assert front["sets"]["verify:jailbreakbench"] == 4 and [s["name"] for s in front["setups"]] == names
+    from refusalkit.search.report import search_section
+
+    page = search_section(layout)
+    assert page is not None and all(f"setup {name}: {HELD_OUT} " in page for name in names)
 
 
 def test_an_absent_benchmark_is_skipped_with_a_warning(

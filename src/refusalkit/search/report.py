@@ -13,7 +13,7 @@ from typing import Any
 
 from refusalkit.layout import RunLayout
 from refusalkit.search.edit import EditParams
-from refusalkit.search.front import describe, refused_label
+from refusalkit.search.front import describe, group_lines, refused_label
 from refusalkit.utils import read_json
 
 PROXY, VERIFIED, CHOSEN, CLOUD = "#0369a1", "#c2410c", "#111827", "#cbd5e1"
@@ -96,6 +96,7 @@ def _table(front: dict[str, Any]) -> str:
         v = p.get("verified")
         ver = (
             f"{refused_label(v, ' / ')}; KL {v['kl']['mean']:.4f} (median {v['kl']['median']:.4f}, max {v['kl']['max']:.3f})"
+            + "".join(f"<br>{html.escape(line)}" for line in group_lines(v, indent=""))
             if v
             else "not verified"
         )
@@ -107,7 +108,8 @@ def _table(front: dict[str, Any]) -> str:
         )
     head = (
         "<tr><th>trial</th><th>seed</th><th>proxy refusals /100</th><th>proxy KL</th>"
-        "<th>verified: refused (paper / heretic markers), KL</th><th>edit</th></tr>"
+        "<th>verified: refused (paper / heretic markers; the worst chat setup and prompt set), KL; each setup</th>"
+        "<th>edit</th></tr>"
     )
     return f"<table>{head}{''.join(rows)}</table>"
 

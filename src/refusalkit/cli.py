@@ -232,7 +232,7 @@ register(
         "optimize",
         "Search edits (Optuna, refusals against first-token KL), verify the Pareto front, choose and export.",
         "refusalkit.search.cli:run_optimize",
-        options=("refusalkit.search.optimize:OptimizeOptions",),
+        options=("refusalkit.search.options:OptimizeOptions",),
         arguments="refusalkit.search.cli:optimize_arguments",
     )
 )

@@ -335,9 +335,10 @@ def test_run_folder_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         load_chat_model(tmp_path)
     assert main([str(tmp_path / "missing")]) == 2
     assert "not a run folder" in capsys.readouterr().err
-    assert main([str(tmp_path), "--max-new-tokens", "0", "--setting", "add x"]) == 2
+    assert main([str(tmp_path), "--max-new-tokens", "0", "--setting", "add x", "--edit", "trial 3"]) == 2
     err = capsys.readouterr().err
     assert "--max-new-tokens" in err and "--setting" in err  # every invalid option at once
+    assert "--edit: Value error, --edit 'trial 3': use direction, search or trial:N" in err
 
 
 class Screen:

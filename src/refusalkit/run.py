@@ -11,8 +11,8 @@ card) reads it here, so a run means the same thing to all of them:
   with one spelling everywhere: ``--edit direction`` (the paper's), ``--edit search`` (the search's
   choice) or ``--edit trial:N`` (trial N of the search's front).
 
-Importing this module is cheap (options classes use ``EDIT_HELP`` and ``check_edit_choice``); the
-readers import torch and the search code when they run.
+Importing this module is cheap (options classes inherit ``EditOption``); the readers import torch and
+the search code when they run.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field, field_validator
 
 from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
@@ -64,13 +66,20 @@ def parse_edit_choice(text: str | None) -> EditChoice:
     raise RefusalkitError(f"--edit {text!r}: use direction, search or trial:N (N a trial number)")
 
 
-def check_edit_choice(text: str | None) -> str | None:
-    """A pydantic validator body for an options class's ``edit`` field (ValueError on a bad value)."""
-    try:
-        parse_edit_choice(text)
-    except RefusalkitError as exc:
-        raise ValueError(str(exc)) from None
-    return text
+class EditOption(BaseModel):
+    """The ``--edit`` option, one definition for every command that takes it (chat, serve, export):
+    options classes inherit it."""
+
+    edit: str | None = Field(None, description=EDIT_HELP)
+
+    @field_validator("edit")
+    @classmethod
+    def _known_edit(cls, v: str | None) -> str | None:
+        try:
+            parse_edit_choice(v)
+        except RefusalkitError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 @dataclass(frozen=True)
@@ -263,4 +272,4 @@ class RunFolder:
         )
 
 
-__all__ = ["EDIT_HELP", "ActiveEdit", "EditChoice", "RunFolder", "check_edit_choice", "parse_edit_choice"]
+__all__ = ["EDIT_HELP", "ActiveEdit", "EditChoice", "EditOption", "RunFolder", "parse_edit_choice"]

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from refusalkit.chat.engine import ChatModel, Message, Setting
 from refusalkit.errors import RefusalkitError
 from refusalkit.options import add_flags, options_from_args
-from refusalkit.run import EDIT_HELP, check_edit_choice
+from refusalkit.run import EditOption
 
 HELP = """commands:
   /original     answer with the original model
@@ -41,7 +41,7 @@ def run_dir_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class ChatOptions(BaseModel):
+class ChatOptions(EditOption):
     model_config = ConfigDict(extra="forbid")
     env_prefix: ClassVar[str] = "REFUSALKIT_CHAT_"  # REFUSALKIT_MAX_NEW_TOKENS is the run's setting
 
@@ -50,12 +50,6 @@ class ChatOptions(BaseModel):
     )
     both: bool = Field(False, description="Start side by side (original and the setting answer each prompt).")
     max_new_tokens: int = Field(256, ge=1, description="Most new tokens per answer.")
-    edit: str | None = Field(None, description=EDIT_HELP)
-
-    @field_validator("edit")
-    @classmethod
-    def _edit(cls, v: str | None) -> str | None:
-        return check_edit_choice(v)
 
     @field_validator("setting")
     @classmethod
@@ -185,12 +179,20 @@ def run_chat(args: argparse.Namespace) -> int:
         model.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="refusalkit chat")
+def standalone(
+    prog: str, options: type[BaseModel], command: Callable[[argparse.Namespace], int], argv: list[str] | None
+) -> int:
+    """``python -m refusalkit.chat`` / ``.serve``: RUN_DIR and the command's flags, errors printed as the
+    ``refusalkit`` command prints them."""
+    parser = argparse.ArgumentParser(prog=prog)
     run_dir_argument(parser)
-    add_flags(parser, ChatOptions)
+    add_flags(parser, options)
     try:
-        return run_chat(parser.parse_args(argv))
+        return command(parser.parse_args(argv))
     except RefusalkitError as exc:
         print(f"refusalkit: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone("refusalkit chat", ChatOptions, run_chat, argv)

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
@@ -36,13 +36,13 @@ from refusalkit.export.hub import push_to_hub
 from refusalkit.layout import RunLayout
 from refusalkit.models.loading import LoadedModel, load_model
 from refusalkit.orthogonalize import save_folder
-from refusalkit.run import EDIT_HELP, ActiveEdit, RunFolder, check_edit_choice
+from refusalkit.run import ActiveEdit, EditOption, RunFolder
 from refusalkit.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class ExportOptions(BaseModel):
+class ExportOptions(EditOption):
     """Options of `refusalkit export`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -68,16 +68,10 @@ class ExportOptions(BaseModel):
         description="A llama.cpp checkout; GGUF export of a model that was not loaded from a GGUF file runs "
         "its convert_hf_to_gguf.py on the edited transformers folder.",
     )
-    edit: str | None = Field(None, description=EDIT_HELP)
     force: bool = Field(False, description="Overwrite export files that already exist.")
     push_to_hub: str | None = Field(
         None, description="Upload the export folder and its card to this Hugging Face Hub repo (online)."
     )
-
-    @field_validator("edit")
-    @classmethod
-    def _edit(cls, v: str | None) -> str | None:
-        return check_edit_choice(v)
 
 
 @dataclass

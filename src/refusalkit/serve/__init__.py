@@ -8,14 +8,14 @@ import os
 import sys
 from typing import ClassVar, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
-from refusalkit.chat.terminal import run_dir_argument
-from refusalkit.options import add_flags, options_from_args
-from refusalkit.run import EDIT_HELP, check_edit_choice
+from refusalkit.chat.terminal import standalone
+from refusalkit.options import options_from_args
+from refusalkit.run import EditOption
 
 
-class ServeOptions(BaseModel):
+class ServeOptions(EditOption):
     model_config = ConfigDict(extra="forbid")
     env_prefix: ClassVar[str] = "REFUSALKIT_SERVE_"  # REFUSALKIT_MAX_NEW_TOKENS is the run's setting
 
@@ -27,12 +27,6 @@ class ServeOptions(BaseModel):
         True, description="Open the page in the default browser (--no-browser: only print its address)."
     )
     max_new_tokens: int = Field(256, ge=1, description="Most new tokens per answer.")
-    edit: str | None = Field(None, description=EDIT_HELP)
-
-    @field_validator("edit")
-    @classmethod
-    def _edit(cls, v: str | None) -> str | None:
-        return check_edit_choice(v)
 
 
 def run_serve(args: argparse.Namespace) -> NoReturn:
@@ -65,13 +59,4 @@ def run_serve(args: argparse.Namespace) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from refusalkit.errors import RefusalkitError
-
-    parser = argparse.ArgumentParser(prog="refusalkit serve")
-    run_dir_argument(parser)
-    add_flags(parser, ServeOptions)
-    try:
-        return run_serve(parser.parse_args(argv))
-    except RefusalkitError as exc:
-        print(f"refusalkit: error: {exc}", file=sys.stderr)
-        return 2
+    return standalone("refusalkit serve", ServeOptions, run_serve, argv)

@@ -168,10 +168,40 @@ def test_model_regenerator_errors(labelled: tuple[Path, Path], tmp_path: Path, m
     lm = make_lm("qwen2")
     for edit, match in (
         ("sideways@run", "cannot reproduce"),
+        ("ablation", "cannot reproduce"),
         (f"ablation@{tmp_path}", "no selected direction"),
+        (f"search@{tmp_path}", "not a run folder"),
     ):
         with pytest.raises(RefusalkitError, match=match):
             regen.edit(lm, edit)
+
+
+def test_model_regenerator_applies_the_runs_direction(tmp_path: Path, make_lm: Any) -> None:
+    import torch
+
+    from refusalkit.directions import Direction
+    from refusalkit.evaluation.coherence import intervention
+    from refusalkit.generation import generate_ids
+    from refusalkit.layout import RunLayout
+    from refusalkit.prompts import format_prompts
+
+    lm = make_lm("qwen2", seed=2)  # random weights decode to bytes that are not text: compare token ids
+    direction = Direction(
+        torch.randn(64, generator=torch.Generator().manual_seed(0)) * 8, layer=1, position=-1
+    )
+    direction.save(RunLayout(tmp_path).direction)
+    prompts = format_prompts(lm.tokenizer, ["Name a colour.", "Count to three."])
+    regen = judges_cmd.ModelRegenerator(device="cpu")
+    out = {}
+    for edit in ("none", "ablation", "actadd", "actadd+1"):
+        with regen.edit(lm, edit if edit == "none" else f"{edit}@{tmp_path}"):
+            out[edit] = generate_ids(lm, prompts, max_new_tokens=6)
+    for name, coeff in (("ablation", 0.0), ("actadd", -1.0)):
+        with intervention(lm, name, direction, coeff):
+            assert generate_ids(lm, prompts, max_new_tokens=6) == out[name]
+    with intervention(lm, "actadd", direction, 1.0):
+        assert generate_ids(lm, prompts, max_new_tokens=6) == out["actadd+1"]
+    assert out["actadd"] != out["actadd+1"] and out["none"] == generate_ids(lm, prompts, max_new_tokens=6)
 
 
 # ---- the command -------------------------------------------------------------------------------------------

@@ -125,10 +125,16 @@ def build_judges(
 # ---- regenerating hash-only labels --------------------------------------------------------------------
 
 
+HOOK_EDITS = {"ablation": ("ablation", 0.0), "actadd": ("actadd", -1.0), "actadd+1": ("actadd", 1.0)}
+RUN_EDITS = ("direction", "orthogonalized", "search")  # and trial:N: the run's weight edits (run.ActiveEdit)
+
+
 class ModelRegenerator:
     """Regenerates labelled completions with the model and edit each row records (greedy, its dtype).
-    Edits: "none", or "SETTING@RUN_DIR" with SETTING ablation, actadd (c = -1), actadd+1 (induced
-    refusal) or orthogonalized, applied with that run's selected direction."""
+
+    Edits: "none"; "SETTING@RUN_DIR" with SETTING ablation, actadd (c = -1) or actadd+1 (c = +1,
+    induced refusal), hooks with that run's direction; or a weight edit of the run as ``--edit`` names
+    it: direction (alias orthogonalized), search (the search's choice) or trial:N."""
 
     def __init__(self, device: str = "auto", batch_size: int = 16) -> None:
         self.device, self.batch_size = device, batch_size
@@ -147,20 +153,21 @@ class ModelRegenerator:
     def edit(self, lm: Any, edit: str) -> AbstractContextManager[Any]:
         if edit == "none":
             return nullcontext()
-        from refusalkit.directions import Direction
         from refusalkit.evaluation.coherence import intervention
-        from refusalkit.layout import RunLayout
+        from refusalkit.run import RunFolder
 
         setting, _, run = edit.partition("@")
-        coeff = {"actadd": -1.0, "actadd+1": 1.0}.get(setting, -1.0)
-        stem = RunLayout(run).direction
-        if not run or setting not in ("ablation", "actadd", "actadd+1", "orthogonalized"):
+        known = setting in HOOK_EDITS or setting in RUN_EDITS or setting.startswith("trial:")
+        if not run or not known:
             raise RefusalkitError(
-                f"cannot reproduce edit {edit!r}: use none or SETTING@RUN_DIR (ablation, actadd, actadd+1, orthogonalized)"
+                f"cannot reproduce edit {edit!r}: use none or SETTING@RUN_DIR, SETTING one of "
+                f"{', '.join([*HOOK_EDITS, *RUN_EDITS])} or trial:N"
             )
-        if not stem.with_suffix(".json").is_file():
-            raise RefusalkitError(f"cannot reproduce edit {edit!r}: {run} has no selected direction")
-        return intervention(lm, setting.split("+")[0], Direction.load(stem), coeff)
+        folder = RunFolder(run)
+        if setting in HOOK_EDITS:
+            name, coeff = HOOK_EDITS[setting]
+            return intervention(lm, name, folder.direction(), coeff)
+        return folder.active_edit("direction" if setting == "orthogonalized" else setting).apply(lm)
 
     def __call__(self, rows: Sequence[Any], requests: Sequence[str]) -> list[str]:
         from refusalkit.generation import generate

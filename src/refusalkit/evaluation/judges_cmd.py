@@ -71,7 +71,7 @@ def judges_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="The judge model's dtype [default: float32].")
     p.add_argument("--device", default="auto", help="Device for the judge and regeneration [default: auto].")
     p.add_argument(
-        "--batch-size", type=int, default=8, help="Pairs per forward pass of the LLM judge [default: 8]."
+        "--batch-size", type=int, default=16, help="Pairs per forward pass of the LLM judge [default: 16]."
     )
     p.add_argument("--out", type=Path, help="Write the numbers to this JSON file.")  # fmt: skip
 

@@ -64,7 +64,7 @@ class LLMJudge:
         lm: LoadedModel,
         *,
         calibration: Calibration | None = None,
-        batch_size: int = 8,
+        batch_size: int = 16,
         chunk: int = 128,
         share_prefix: bool = True,
     ) -> None:

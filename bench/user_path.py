@@ -3,7 +3,8 @@
 
   1. optimize: exactly what `refusalkit optimize RUN_DIR [FLAGS]` does (flags after `--`; none: the
      defaults), on the model loaded once here; timed (search + verification, as the command reports).
-  2. score: the chosen edit (and any --trial N) on heretic's protocol, JailbreakBench's 100 behaviours,
+  2. score: the chosen edit, the other points the search verified (unless --only-chosen) and any
+     --trial N on heretic's protocol, JailbreakBench's 100 behaviours,
      greedy, 50 new tokens, first-token KL on harmless_test[:100], under "You are a helpful assistant."
      (heretic's) and the two other setups (no system prompt, the template's default), each setup
      counted apart; the run's held-out harmful split beside JailbreakBench, counted apart; both marker
@@ -13,7 +14,7 @@
      heretic's markers, under heretic's setup); every setup within 5 per 100 of heretic's; JailbreakBench
      and the held-out split within 10 points of each other.
 
-Usage: python bench/user_path.py RUN_DIR [--fresh | --skip-optimize] [--trial N ...] [--data-dir DIR]
+Usage: python bench/user_path.py RUN_DIR [--fresh | --skip-optimize] [--trial N ...] [--only-chosen] [--data-dir DIR]
                                  [--json OUT] [-- OPTIMIZE FLAGS]
 Runs the real model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...). Scoring costs about
 one verification pass per point and setup (3 x 100 JailbreakBench + the held-out split, 50 tokens).
@@ -45,6 +46,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument(
         "--trial", type=int, action="append", default=[], help="Also score this trial (repeatable)."
+    )
+    ap.add_argument(
+        "--only-chosen",
+        action="store_true",
+        help="Score the chosen edit alone (default: it and every other point the search verified).",
     )
     ap.add_argument("--data-dir", type=Path, default=None, help="Shared data folder; default: the run's.")
     ap.add_argument("--json", type=Path, default=None, help="Write the scores here as JSON.")
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     from refusalkit.layout import RunLayout
     from refusalkit.models.loading import load_model
-    from refusalkit.search.front import format_front, points_of
+    from refusalkit.search.front import format_front, points_of, read_front
     from refusalkit.search.optimize import optimize, run_settings
 
     layout = RunLayout(args.run_dir)
@@ -193,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
             f"verification {secs['verify']:.0f} s); model load {t_load:.0f} s"
         )
     chosen = int(json.loads(layout.chosen.read_text())["trial"])
+    verified = [] if args.only_chosen else [p.trial for p in points_of(read_front(layout)) if p.verified]
+    trials = list(dict.fromkeys([chosen, *verified, *args.trial]))
     t1 = time.perf_counter()
-    scores = score(lm, layout, args, [chosen, *[t for t in args.trial if t != chosen]])
+    scores = score(lm, layout, args, trials)
     print(
         "\nheretic's protocol (JailbreakBench 100, 50 tokens, KL on harmless_test[:100]), per setup; * chosen:"
     )

@@ -63,6 +63,7 @@ def _opts(**kw: Any) -> OptimizeOptions:
         "verify_max_new_tokens": 2,
         "startup_trials": 2,
         "verify_at": [],
+        "verify_baseline": True,
     }
     return OptimizeOptions(**(base | kw))
 

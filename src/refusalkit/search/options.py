@@ -24,7 +24,7 @@ class OptimizeOptions(BaseModel):
         description="Completed trials the study should hold (a resumed study counts its old ones).",
     )
     minutes: float | None = Field(
-        default=6.0, gt=0, description="Wall-time budget for this call's trials; unset: no limit."
+        default=5.0, gt=0, description="Wall-time budget for this call's trials; unset: no limit."
     )
     seed: int = Field(default=0, description="Seed of the Optuna sampler.")
     startup_trials: int = Field(default=8, ge=0, description="Random trials before TPE starts modelling.")
@@ -71,10 +71,13 @@ class OptimizeOptions(BaseModel):
     )
     edit_embed: bool = Field(False, description="Also search the token-embedding edit (slower per trial).")
     verify_n: int = Field(
-        default=1, ge=0, description="Front points to verify on held-out prompts with full generations."
+        default=0,
+        ge=0,
+        description="Front points to verify on held-out prompts with full generations, besides the "
+        "--verify-at ones.",
     )
     verify_at: list[float] = Field(
-        default=[0.0185],
+        default=[0.0185, 0.03],
         description="KL budgets (proxy KL, comma-separated) to compare at: the search aims a trial at each "
         "one no trial has reached (the front point nearest above it, weights scaled down), and the front "
         "point with the lowest expected refusal within each is verified first.",
@@ -89,7 +92,7 @@ class OptimizeOptions(BaseModel):
         "DATA_DIR/refusal_direction/processed/NAME.json (skipped with a warning where absent).",
     )
     verify_per_set: int | None = Field(
-        default=24,
+        default=16,
         ge=1,
         description="Harmful prompts per verification set and chat setup (first N; unset: all).",
     )
@@ -108,7 +111,7 @@ class OptimizeOptions(BaseModel):
         default=50, ge=1, description="New tokens per verification completion (greedy)."
     )
     verify_baseline: bool = Field(
-        default=True, description="Also verify the unedited model (one more generation pass)."
+        default=False, description="Also verify the unedited model (one more generation pass, no KL)."
     )
     gen_batch_size: int = Field(
         default=128,

@@ -73,7 +73,7 @@ def verify_points(
     need_base = o.verify_baseline and cache.get("baseline") is None
     v_of: Verifier | None = make() if todo or need_base else None
     if need_base and v_of is not None:
-        cache["baseline"] = v_of(desc="verify baseline").as_dict()
+        cache["baseline"] = v_of(desc="verify baseline", kl=False).as_dict()
         say(f"verified the unedited model: {worst_label(cache['baseline'])}")
     for p in todo:
         assert v_of is not None

@@ -101,7 +101,9 @@ class Verifier:
             return False
         return all(set(find(text)) - self._in_request[i][name] for name, find in MATCHERS.items())
 
-    def __call__(self, desc: str = "verify") -> Verified:
+    def __call__(self, desc: str = "verify", *, kl: bool = True) -> Verified:
+        """Generate and count under the active edit; ``kl=False`` (the unedited model, whose KL to
+        itself is 0) skips the harmless passes and reports KL 0."""
         t0 = time.perf_counter()
         texts = generate(
             self.lm,
@@ -126,6 +128,8 @@ class Verifier:
         worst = max(per_group, key=lambda x: max(x["refused"].values()) / x["n"])
         per_kl = {
             name: kl_div(self.base_harmless[name], logits_for_prompts(self.lm, ps, self.batch_size))
+            if kl
+            else torch.zeros(len(ps), dtype=torch.float64)
             for name, ps in self.harmless.items()
         }
         return Verified(

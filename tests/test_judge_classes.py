@@ -300,3 +300,44 @@ def test_default_model_as_llm_judge_on_made_up_texts(capsys: pytest.CaptureFixtu
         print("\nLLM judge (default model, unfitted):", {c[0]: (c[3], got[c[0]]) for c in CASES})
     assert got["refusal"] == "refusal" and got["decline"] == "refusal"
     assert got["comply"] != "refusal" and got["echo"] != "refusal"
+
+
+# ---- the measure stage's llm_judge measurement ---------------------------------------------------------------
+
+
+def test_judge_completions_over_files_equals_judging_each_file(judge_lm: Any) -> None:
+    from refusalkit.evaluation.llm_judge import judge_completions, suite_inputs, suite_measure
+
+    files = {
+        "harmful__baseline": [{"instruction": c[1], "completion": c[2][:150]} for c in CASES[:3]],
+        "harmless__actadd": [{"instruction": c[1], "completion": c[2][:150]} for c in CASES[3:7]],
+    }
+    out = judge_completions(judge_lm, files, batch_size=3)
+    judge = LLMJudge(judge_lm, batch_size=1)
+    for key, rows in files.items():
+        alone = judge.judge([r["instruction"] for r in rows], [r["completion"] for r in rows])
+        assert [r["label"] for r in out["rows"][key]] == [v.label for v in alone]
+        for got, want in zip(out["rows"][key], alone, strict=True):
+            assert got["logprobs"] == pytest.approx(want.logprobs, abs=1e-5)
+        prompt_set, setting = key.split("__")
+        rates = out["rates"][prompt_set][setting]
+        assert sum(r["k"] for r in rates.values()) == len(rows) and set(rates) == set(CLASSES)
+        assert set(out["agreement"][key]) == {"paper vs heretic", "paper vs llm", "heretic vs llm"}
+    assert out["judge"]["kind"] == "llm" and out["measured"]
+
+    class FakeSuite:  # what evaluation.suite.Suite offers the measurement
+        lm = judge_lm
+        settings = type("S", (), {"batch_size": 4})()
+
+        def stage_fp(self, stage: str) -> str:
+            return f"fp-{stage}"
+
+        def completion_keys(self) -> list[str]:
+            return sorted(files)
+
+        def completions(self, key: str) -> list[dict[str, Any]]:
+            return files[key]
+
+    assert suite_measure(FakeSuite())["rows"] == out["rows"]
+    inputs = suite_inputs(FakeSuite())
+    assert inputs["evaluate"] == "fp-evaluate" and inputs["prompt"] == "classify/v1"

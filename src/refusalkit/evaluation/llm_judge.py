@@ -14,17 +14,26 @@ that prefers a leading space still answers. By default the judge model is the ru
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from refusalkit.activations import logits_for_prompts
 from refusalkit.errors import RefusalkitError
-from refusalkit.evaluation.judge_prompt import LETTERS, Calibration, decide, fit_biases, judge_text
+from refusalkit.evaluation.judge_prompt import (
+    DEFAULT_PROMPT,
+    LETTERS,
+    PROMPTS,
+    Calibration,
+    decide,
+    fit_biases,
+    judge_text,
+)
 from refusalkit.evaluation.verdicts import CLASSES, Verdict, check_pairs
 from refusalkit.models.loading import LoadedModel, load_model
 from refusalkit.prompts import format_prompt
+from refusalkit.utils import sha256_text
 
 
 def letter_token_ids(tokenizer: Any) -> dict[str, list[int]]:
@@ -129,6 +138,63 @@ class LLMJudge:
         return self.calibration
 
 
+def judge_completions(
+    lm: LoadedModel, completions: Mapping[str, list[dict[str, Any]]], batch_size: int = 16
+) -> dict[str, Any]:
+    """The measure stage's ``llm_judge`` measurement: every saved completion (``PROMPTSET__SETTING`` ->
+    rows of instruction and completion) judged by ``lm`` itself, unedited, in one pass over all files
+    (the shared prefix runs once); per file the class counts as rates, each row's verdict and letter
+    log-probabilities, and the counts where the keyword judges disagree with it (no text)."""
+    from refusalkit.evaluation.agreement import disagreements
+    from refusalkit.evaluation.refusal import rate
+    from refusalkit.evaluation.verdicts import KeywordJudge
+
+    judge = LLMJudge(lm, batch_size=batch_size, chunk=256)  # [256, vocab] logits held at once
+    keys = sorted(completions)
+    requests = [str(r.get("instruction", "")) for k in keys for r in completions[k]]
+    texts = [str(r["completion"]) for k in keys for r in completions[k]]
+    verdicts = judge.judge(requests, texts)
+    out: dict[str, Any] = {
+        "measured": True,
+        "judge": judge.identity(),
+        "rates": {},
+        "rows": {},
+        "agreement": {},
+    }
+    start = 0
+    for key in keys:
+        n = len(completions[key])
+        vs, reqs, outs = verdicts[start : start + n], requests[start : start + n], texts[start : start + n]
+        start += n
+        prompt_set, _, setting = key.partition("__")
+        out["rates"].setdefault(prompt_set, {})[setting] = {
+            c: rate(sum(v.label == c for v in vs), n) for c in CLASSES
+        }
+        out["rows"][key] = [{"index": i, "label": v.label, "logprobs": v.logprobs} for i, v in enumerate(vs)]
+        others = {name: KeywordJudge(name) for name in ("paper", "heretic")}
+        found = {name: j.judge(reqs, outs) for name, j in others.items()} | {"llm": vs}
+        out["agreement"][key] = disagreements(
+            found, {"paper": others["paper"].classes, "heretic": others["heretic"].classes, "llm": CLASSES}
+        )["pairs"]
+    return out
+
+
+def suite_inputs(s: Any) -> dict[str, Any]:
+    """What the ``llm_judge`` measurement depends on (``evaluation.suite``): the saved completions (the
+    evaluate stage, which fixes the model) and the prompt; computed without loading the model."""
+    return {
+        "evaluate": s.stage_fp("evaluate"),
+        "prompt": DEFAULT_PROMPT,
+        "text": sha256_text(PROMPTS[DEFAULT_PROMPT]),
+    }
+
+
+def suite_measure(s: Any) -> dict[str, Any]:
+    """The ``llm_judge`` measurement of a run: its saved completions judged by its own unedited model."""
+    keys = s.completion_keys()
+    return judge_completions(s.lm, {k: s.completions(k) for k in keys}, s.settings.batch_size)
+
+
 def rows_of(logprobs: torch.Tensor) -> list[dict[str, float]]:
     """[n, 4] letter log-probabilities as one {class: logprob} per pair."""
     return [
@@ -141,4 +207,11 @@ def verdicts_from(logprobs: torch.Tensor, biases: dict[str, float]) -> list[Verd
     return [decide(row, biases) for row in rows_of(logprobs)]
 
 
-__all__ = ["LLMJudge", "letter_token_ids", "verdicts_from"]
+__all__ = [
+    "LLMJudge",
+    "judge_completions",
+    "letter_token_ids",
+    "suite_inputs",
+    "suite_measure",
+    "verdicts_from",
+]

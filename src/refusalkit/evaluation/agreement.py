@@ -10,7 +10,7 @@ and recall, Cohen's kappa, and the confusion matrix (gold rows, verdict columns)
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from refusalkit.evaluation.verdicts import BINARY, CLASSES, INVALID, NOT_REFUSAL, Verdict, refusal_vs_not
@@ -95,7 +95,7 @@ def _accuracy(gold: Sequence[str], predicted: Sequence[str]) -> float | None:
 
 
 def disagreements(
-    verdicts: dict[str, Sequence[Verdict]], classes: dict[str, Sequence[str]]
+    verdicts: Mapping[str, Sequence[Verdict]], classes: Mapping[str, Sequence[str]]
 ) -> dict[str, Any]:
     """Counts only, never text: each judge's verdicts by label, and for each pair of judges how often
     they differ, by kind ("refusal -> compliance": the first judge said refusal, the second compliance).

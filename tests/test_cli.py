@@ -237,7 +237,6 @@ def test_gcg_checkpoint_of_another_model_or_direction_starts_over(
 HEAVY_ARGUMENT_MODULES = {
     "export": "refusalkit.export.cli",
     "orthogonalize": "refusalkit.export.cli",
-    "optimize": "refusalkit.search.optimize",
     "chat": "refusalkit.chat.terminal",
     "serve": "refusalkit.serve",
     "suffix": "refusalkit.analysis.gcg",

@@ -16,7 +16,7 @@ from refusalkit.search.edit import EditParams
 from refusalkit.search.front import Point, choose, points_of, read_front, write_front
 from refusalkit.search.options import OptimizeOptions
 from refusalkit.search.study import saved_study
-from refusalkit.utils import read_json, write_json
+from refusalkit.utils import write_json
 
 
 def by_trial(study: Any | None, points: list[Point], number: int) -> Point:
@@ -46,15 +46,6 @@ def write_chosen(layout: RunLayout, p: Point, n_layers: int) -> None:
     write_json(layout.chosen, p.as_dict() | {"kernels": p.edit.kernels(n_layers), "embed": p.edit.embed})
 
 
-def chosen_edit(layout: RunLayout) -> EditParams:
-    """The edit chosen in a run's search (for exports that run on another module's model)."""
-    if not layout.chosen.is_file():
-        raise RefusalkitError(
-            f"no chosen edit in {layout.root}; run `refusalkit optimize {layout.root}` first"
-        )
-    return EditParams.model_validate(read_json(layout.chosen)["edit"])
-
-
 def choose_saved(
     layout: RunLayout, o: OptimizeOptions, export: Callable[[EditParams], None]
 ) -> dict[str, Any]:
@@ -75,4 +66,4 @@ def choose_saved(
     return front
 
 
-__all__ = ["by_trial", "choose_point", "choose_saved", "chosen_edit", "write_chosen"]
+__all__ = ["by_trial", "choose_point", "choose_saved", "write_chosen"]

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 from refusalkit.directions import Candidates
-from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
 from refusalkit.metric import refusal_token_ids
 from refusalkit.models.loading import LoadedModel, load_model
-from refusalkit.search.choosing import choose_point, choose_saved, chosen_edit, write_chosen
-from refusalkit.search.edit import EditParams, export_edit_checkpoint
+from refusalkit.run import RunFolder
+from refusalkit.search.choosing import choose_point, choose_saved, write_chosen
+from refusalkit.search.edit import EditParams
 from refusalkit.search.front import Point, points_of, write_front
 from refusalkit.search.objectives import ProxyScorer, filter_refused
 from refusalkit.search.options import OptimizeOptions
@@ -35,16 +35,15 @@ from refusalkit.search.setups import ChatSetup, named_setups, usable_setups
 from refusalkit.search.space import SearchSpace
 from refusalkit.search.study import Budget, front_trials, open_study, run_search, trial_records
 from refusalkit.search.verification import verifier, verify_cache, verify_points
-from refusalkit.settings import Settings, build_settings
-from refusalkit.utils import read_json, sha256_file, sha256_text
+from refusalkit.settings import Settings
+from refusalkit.utils import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
 
 
 def run_settings(layout: RunLayout) -> Settings:
-    """The run's settings as its manifest saved them."""
-    saved = read_json(layout.manifest).get("settings", {}) if layout.manifest.is_file() else {}
-    return build_settings(base=saved)
+    """The run's settings (``run.RunFolder.settings``: saved settings < environment)."""
+    return RunFolder(layout).settings()
 
 
 def setups_for(lm: LoadedModel, s: Settings, o: OptimizeOptions) -> list[ChatSetup]:
@@ -129,22 +128,20 @@ def optimize(
 
     Returns the front artifact (also written to search/front.json) with the chosen trial number.
     """
-    if not layout.candidates.is_file():
-        raise RefusalkitError(
-            f"no candidates in {layout.root} ({layout.candidates} is missing); run "
-            f"`refusalkit extract --out {layout.root}` first"
-        )
+    cands = RunFolder(layout).candidates()  # the run reader's one error when extract has not run
     t0 = time.perf_counter()
     s = run_settings(layout)
-    cands = Candidates.load(layout.candidates)
 
     def model() -> LoadedModel:
         nonlocal lm
         lm = lm or load_model(s.model, **s.model_kwargs())
         return lm
 
-    def export(edit: EditParams) -> None:
-        say(f"checkpoint: {export_edit_checkpoint(model(), cands, edit, layout.model_dir)}")
+    def export(edit: EditParams) -> None:  # the one writer of RUN_DIR/model: weights and card of the choice
+        from refusalkit.export.cli import write_model
+
+        del edit  # written to search/chosen.json before any export
+        say(f"checkpoint: {write_model(layout.root, model(), edit='search', settings=s)}")
 
     if o.choosing_only() and layout.front.is_file():
         return choose_saved(layout, o, export)
@@ -189,7 +186,6 @@ def optimize(
 
 __all__ = [
     "OptimizeOptions",
-    "chosen_edit",
     "optimize",
     "points_of",
     "proxy_prompts",

@@ -356,12 +356,12 @@ def _folder_logits(folder: Path) -> torch.Tensor:
 def test_one_writer_of_run_dir_model_for_the_stage_and_optimize_export(
     lm: LoadedModel, source: Path, tmp_path: Path
 ) -> None:
-    """The export stage writes the paper's direction with its card; `optimize --export` (write_model with
-    the search's edit) replaces the weights and the card, keeps a control vector beside them, and adds
-    the edit's parameters; each card states its own edit's numbers only."""
+    """The export stage writes the paper's direction with its card; `optimize --export` (through the same
+    writer) replaces the weights and the card, keeps a control vector beside them, and adds the edit's
+    parameters; each card states its own edit's numbers only."""
     from refusalkit.directions import Candidates
-    from refusalkit.export.cli import write_model
     from refusalkit.search.edit import EditParams, applied_edit
+    from refusalkit.search.optimize import OptimizeOptions, optimize
     from refusalkit.settings import build_settings
     from refusalkit.stages import export as stage
     from test_model_card import CHOSEN, add_search
@@ -380,7 +380,9 @@ def test_one_writer_of_run_dir_model_for_the_stage_and_optimize_export(
     (out / "tiny-refusal-cvec.gguf").write_bytes(b"a control vector")
 
     params = add_search(layout)
-    assert write_model(layout.root, lm, edit="search", settings=settings) == layout.model_dir
+    said: list[str] = []
+    optimize(layout, OptimizeOptions(export=True), lm=lm, say=said.append)  # choose the saved pick, export
+    assert said == [f"checkpoint: {layout.model_dir}"]
     card = (out / "README.md").read_text()
     assert f"the search's chosen edit (trial {CHOSEN})" in card and "0.03 = 3/100" in card
     assert "orthogonalized" not in card and "layer 2, position -1" not in card

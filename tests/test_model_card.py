@@ -78,6 +78,7 @@ def add_search(layout: RunLayout, *, d_model: int = 64, n_layers: int = 4) -> Ed
         "verify_max_new_tokens": 48,
         "trials": [],
         "objectives": [],
+        "n_layers": n_layers,
     }
     write_json(layout.front, front)
     write_json(layout.chosen, point | {"kernels": params.kernels(n_layers), "embed": params.embed})

@@ -13,7 +13,7 @@ from typing import Any
 from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
 from refusalkit.search.edit import EditParams
-from refusalkit.utils import read_json, write_json
+from refusalkit.utils import write_json
 
 
 @dataclass
@@ -66,11 +66,10 @@ def write_front(layout: RunLayout, data: dict[str, Any]) -> None:
 
 
 def read_front(layout: RunLayout) -> dict[str, Any]:
-    if not layout.front.is_file():
-        raise RefusalkitError(
-            f"no search front in {layout.root}; run `refusalkit optimize {layout.root}` first"
-        )
-    return dict(read_json(layout.front))
+    """search/front.json, through the run reader (its one error when the run has no search)."""
+    from refusalkit.run import RunFolder
+
+    return RunFolder(layout).front()
 
 
 def points_of(front: dict[str, Any]) -> list[Point]:

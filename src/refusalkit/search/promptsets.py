@@ -13,11 +13,10 @@ import logging
 from pathlib import Path
 
 from refusalkit.data import load_instructions
-from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
+from refusalkit.run import RunFolder
 from refusalkit.search.options import OptimizeOptions
 from refusalkit.settings import Settings
-from refusalkit.utils import read_json
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +36,7 @@ def data_root(s: Settings, o: OptimizeOptions) -> Path:
 def prompt_sets(layout: RunLayout, s: Settings, o: OptimizeOptions) -> dict[str, list[str]]:
     """Instructions for each role: harmful (proxy), harmless (search KL), harmful_test (the held-out
     split, or --verify-harmful) and harmless_test (verification KL)."""
-    if not layout.splits.is_file():
-        raise RefusalkitError(
-            f"{layout.splits} is missing; run `refusalkit extract --out {layout.root}` first"
-        )
-    splits = read_json(layout.splits)["splits"]
+    splits = RunFolder(layout).splits()  # the run reader's one error when extract has not run
     shared = data_root(s, o) / "splits"
 
     def default(file: str, fallback: list[str], n: int) -> list[str]:

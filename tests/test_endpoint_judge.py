@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -14,7 +13,9 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -210,11 +211,8 @@ def test_timeout_is_retried_then_reported(fake: tuple[Fake, str]) -> None:
 
 
 def test_down_server_is_a_clear_error() -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with pytest.raises(RefusalkitError, match=r"did not answer after 2 tries.*Start the server"):
-        _judge(f"http://127.0.0.1:{port}", retries=1).judge(["q"], ["a"])
+        _judge(f"http://127.0.0.1:{_free_port()}", retries=1).judge(["q"], ["a"])
 
 
 def test_unknown_mode_is_an_error() -> None:
@@ -225,65 +223,79 @@ def test_unknown_mode_is_an_error() -> None:
 # ---- a real llama.cpp server --------------------------------------------------------------------------------
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], seconds: float = 120) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"llama.cpp server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("llama.cpp server did not start in time")
+def _free_port() -> int:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def llama_cpp_server(gguf: Path, n_ctx: int = 2048) -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server on ``gguf``, in a child process; yields its address."""
+    pytest.importorskip(
+        "llama_cpp.server.app", reason="pip install 'refusalkit[judge-server]' (llama-cpp-python[server])"
+    )
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", str(n_ctx), "--verbose", "False"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"llama.cpp server exited with {proc.returncode}"
+            assert time.monotonic() < end, "llama.cpp server did not start in time"
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _check_real_server(url: str, cases: list[tuple[str, str, str, str]]) -> None:
+    for mode in ("chat", "completions"):
+        judge = EndpointJudge(url, mode=mode, timeout=120, retries=1)
+        verdicts = judge.judge([c[1] for c in cases], [c[2] for c in cases])
+        assert len(verdicts) == len(cases)
+        for v in verdicts:
+            assert v.label in (*CLASSES, INVALID)
+            assert v.logprobs is not None and set(v.logprobs) == set(CLASSES)
+        if mode == "chat":  # in its chat template the model's top tokens hold class letters
+            assert any(v.label != INVALID for v in verdicts)
+
+
+def test_endpoint_judge_against_llama_cpp_server_on_a_tiny_gguf(tmp_path: Path) -> None:
+    """The real server's answers parse (a tiny random model: plumbing only, seconds)."""
+    pytest.importorskip("llama_cpp.server.app", reason="pip install 'refusalkit[judge-server]'")
+    import test_gguf_export
+    from conftest import tiny_model
+
+    def long_context(*args: Any, **kw: Any) -> Any:  # the judge prompt is ~1,000 byte tokens
+        return tiny_model(*args, **{**kw, "max_position_embeddings": 4096})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(test_gguf_export, "tiny_model", long_context)
+        gguf = test_gguf_export.write_tiny_gguf(tmp_path / "tiny.gguf", qtype=test_gguf_export.Q.F32)
+    with llama_cpp_server(gguf, n_ctx=4096) as url:
+        _check_real_server(url, [(c[0], c[1], c[2][:100], c[3]) for c in CASES[:3]])
+    with pytest.raises(RefusalkitError, match="did not answer"):
+        EndpointJudge(url, timeout=2, retries=1, backoff=0.1).judge(["q"], ["a"])
 
 
 @pytest.mark.integration
 def test_endpoint_judge_against_a_real_llama_cpp_server() -> None:
-    pytest.importorskip(
-        "llama_cpp.server.app", reason="pip install 'refusalkit[judge-server]' (llama-cpp-python[server])"
-    )
+    """A built-in GGUF (SmolLM2 135M) served by llama.cpp: a real chat template and tokenizer."""
     from refusalkit.models.registry import builtin_gguf
 
     try:
         gguf = builtin_gguf("smollm2-135m-instruct")
     except RefusalkitError as exc:
         pytest.skip(str(exc))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(gguf),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "2048",
-        "--verbose",
-        "False",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    try:
-        _wait(url, proc)
-        cases = CASES[:3] + CASES[6:]
-        for mode in ("chat", "completions"):
-            verdicts = EndpointJudge(url, mode=mode, timeout=120, retries=1).judge(
-                [c[1] for c in cases], [c[2] for c in cases]
-            )
-            assert len(verdicts) == len(cases)
-            # a 135M model is no judge, but every answer must carry scores for the class letters
-            for v in verdicts:
-                assert v.logprobs is not None
-                assert v.label in (*CLASSES, INVALID)
-            assert sum(v.label != INVALID for v in verdicts) >= len(cases) // 2
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with llama_cpp_server(gguf) as url:
+        _check_real_server(url, CASES[:3] + CASES[6:])
     with pytest.raises(RefusalkitError, match="did not answer"):
         EndpointJudge(url, timeout=2, retries=1, backoff=0.1).judge(["q"], ["a"])

@@ -334,6 +334,10 @@ def test_search_aims_a_trial_at_a_kl_level_no_trial_reached(
     assert aimed, [t.user_attrs.get("seed") for t in done]
     first = aimed[0]
     assert all("aim" not in t.user_attrs.get("seed", "") for t in done if t.number < first.number)
+    # the core seeds run before the aims, every other seed after them
+    order = [t.user_attrs.get("seed") for t in done]
+    assert order[:2] == ["mid-dir-attn-light", "mid-dir-attn"] and order[2] == first.user_attrs["seed"]
+    assert "paper" not in order[: order.index(first.user_attrs["seed"])]
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
     before = [t for t in done if t.number < first.number]
     start = min((t for t in before if t.values[1] > level), key=lambda t: t.values[1])

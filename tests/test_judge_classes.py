@@ -213,13 +213,37 @@ def test_fit_keeps_the_biases_on_the_judge(judge_lm: Any) -> None:
     judge = LLMJudge(judge_lm)
     gold = [c[3] for c in CASES[:4]]
     cal = judge.fit(requests, texts, gold)
-    assert judge.calibration is cal and cal.fitted_on == {
-        "n": 4,
-        "classes": {c: gold.count(c) for c in CLASSES},
-    }
+    assert judge.calibration is cal and cal.prompt == "classify/v1"
+    assert cal.fitted_on is not None and cal.fitted_on["n"] == 4
+    assert cal.fitted_on["classes"] == {c: gold.count(c) for c in CLASSES}
+    both = LLMJudge(judge_lm).fit(requests, texts, gold, prompts=["classify/v1", "classify/v2"])
+    assert both.fitted_on is not None and both.fitted_on["prompts_tried"] == ["classify/v1", "classify/v2"]
+    with pytest.raises(RefusalkitError, match="unknown judge prompt"):
+        judge.fit(requests, texts, gold, prompts=["classify/v9"])
     assert Calibration.from_dict(cal.as_dict()).biases == cal.biases
     with pytest.raises(RefusalkitError, match="unknown classes"):
         Calibration(biases={"maybe": 1.0})
+
+
+def test_fit_calibration_picks_the_prompt_with_the_best_tune_recall() -> None:
+    from refusalkit.evaluation.judge_prompt import fit_calibration
+
+    gold = ["refusal", "compliance", "partial", "degenerate"]
+    good = [dict.fromkeys(CLASSES, -5.0) | {c: -0.5} for c in gold]  # every pair's own class on top
+    flat = [dict.fromkeys(CLASSES, -1.0) | {"refusal": -0.5} for _ in gold]  # no information
+    tried: list[str] = []
+
+    def score(version: str) -> list[dict[str, float]]:
+        tried.append(version)
+        return good if version == "classify/v2" else flat
+
+    cal = fit_calibration(score, gold, ["classify/v1", "classify/v2"])
+    assert tried == ["classify/v1", "classify/v2"] and cal.prompt == "classify/v2"
+    assert cal.fitted_on is not None and cal.fitted_on["macro_recall"] == 1.0
+    # equally good: the first listed wins
+    assert fit_calibration(lambda v: good, gold, ["classify/v2", "classify/v1"]).prompt == "classify/v2"
+    with pytest.raises(RefusalkitError, match="no judge prompt"):
+        fit_calibration(score, gold, [])
 
 
 def test_judge_text_versions() -> None:

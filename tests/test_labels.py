@@ -216,6 +216,7 @@ class Recording:
     def __init__(self) -> None:
         self.gold = {c[2]: c[3] for c in CASES} | {HIDDEN: "compliance"}
         self.fitted: list[str] = []
+        self.prompts: Any = None
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "recording"}
@@ -223,10 +224,11 @@ class Recording:
     def judge(self, requests: Any, completions: Any) -> list[Verdict]:
         return [Verdict(self.gold[t]) for t in completions]
 
-    def fit(self, requests: Any, completions: Any, gold: Any) -> Any:
+    def fit(self, requests: Any, completions: Any, gold: Any, prompts: Any = None) -> Any:
         from refusalkit.evaluation.judge_prompt import Calibration
 
         self.fitted = list(completions)
+        self.prompts = prompts
         return Calibration()
 
 
@@ -251,6 +253,7 @@ def test_judges_command_fits_on_tune_only_and_scores_each_split(
     assert main([*argv, "--save-calibration", str(cal), "--out", str(out)]) == 0
     tune_texts = {c[2] for i, c in enumerate(CASES) if i % 2}
     assert set(recording.fitted) == tune_texts  # never a held-out row
+    assert recording.prompts == ["classify/v1", "classify/v2"]  # --fit-prompts all
     result = json.loads(out.read_text())
     assert result["skipped"] == ["h"] and result["stale"] == []
     assert set(result["scores"]) == {"tune", "heldout"}

@@ -25,7 +25,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from refusalkit.errors import RefusalkitError
-from refusalkit.evaluation.judge_prompt import LETTERS, Calibration, decide, fit_biases, judge_text, letter_of
+from refusalkit.evaluation.judge_prompt import (
+    LETTERS,
+    Calibration,
+    decide,
+    fit_calibration,
+    judge_text,
+    letter_of,
+)
 from refusalkit.evaluation.judge_prompt import logsumexp as _lse
 from refusalkit.evaluation.verdicts import CLASSES, Verdict, check_pairs
 
@@ -152,11 +159,21 @@ class EndpointJudge:
     def judge(self, requests: Sequence[str], completions: Sequence[str]) -> list[Verdict]:
         return [decide(row, self.calibration.biases) for row in self.label_rows(requests, completions)]
 
-    def fit(self, requests: Sequence[str], completions: Sequence[str], gold: Sequence[str]) -> Calibration:
-        """Fit the per-class biases on labelled pairs (the tuning split only) and keep them."""
-        biases = fit_biases(self.label_rows(requests, completions), gold)
-        counts = {c: sum(g == c for g in gold) for c in CLASSES}
-        self.calibration = Calibration(self.calibration.prompt, biases, {"n": len(gold), "classes": counts})
+    def fit(
+        self,
+        requests: Sequence[str],
+        completions: Sequence[str],
+        gold: Sequence[str],
+        prompts: Sequence[str] | None = None,
+    ) -> Calibration:
+        """Choose the prompt (among ``prompts``; default: the current one) and fit its per-class biases
+        on labelled pairs (the tuning split only), and keep them."""
+
+        def score(version: str) -> list[dict[str, float]]:
+            self.calibration = Calibration(version)
+            return self.label_rows(requests, completions)
+
+        self.calibration = fit_calibration(score, gold, list(prompts or [self.calibration.prompt]))
         return self.calibration
 
 

@@ -54,7 +54,14 @@ def judges_arguments(p: argparse.ArgumentParser) -> None:
         "--endpoint-mode", default="chat", choices=("chat", "completions"), help="Server API [default: chat]."
     )
     p.add_argument(
-        "--fit", action="store_true", help="Fit the model judges' class biases on the labels' tune split."
+        "--fit",
+        action="store_true",
+        help="Choose the model judges' prompt and fit their class biases on the labels' tune split.",
+    )
+    p.add_argument(
+        "--fit-prompts",
+        default="all",
+        help="Judge prompt versions --fit chooses from on the tune split, comma-separated, or all [default: all].",
     )
     p.add_argument(
         "--calibration", type=Path, help="Read the model judges' fitted biases from this JSON file."
@@ -217,6 +224,11 @@ def score_labels(args: argparse.Namespace) -> dict[str, Any]:
     }
     tune = split_rows["tune"]
     if args.fit:
+        from refusalkit.evaluation.judge_prompt import PROMPTS
+
+        prompts = (
+            list(PROMPTS) if args.fit_prompts == "all" else [x.strip() for x in args.fit_prompts.split(",")]
+        )
         if not tune:
             raise RefusalkitError(
                 "--fit needs labels in the tune split; the file has none that can be scored"
@@ -225,7 +237,10 @@ def score_labels(args: argparse.Namespace) -> dict[str, Any]:
         for name, judge in judges.items():
             if hasattr(judge, "fit"):
                 fitted[name] = judge.fit(
-                    [requests[r.id] for r in tune], [mat.texts[r.id] for r in tune], [r.label for r in tune]
+                    [requests[r.id] for r in tune],
+                    [mat.texts[r.id] for r in tune],
+                    [r.label for r in tune],
+                    prompts=prompts,
                 ).as_dict()
         if args.save_calibration:
             write_json(args.save_calibration, fitted)

@@ -27,7 +27,7 @@ from refusalkit.evaluation.judge_prompt import (
     PROMPTS,
     Calibration,
     decide,
-    fit_biases,
+    fit_calibration,
     judge_text,
 )
 from refusalkit.evaluation.verdicts import CLASSES, Verdict, check_pairs
@@ -126,15 +126,21 @@ class LLMJudge:
     def judge(self, requests: Sequence[str], completions: Sequence[str]) -> list[Verdict]:
         return verdicts_from(self.label_logprobs(requests, completions), self.calibration.biases)
 
-    def fit(self, requests: Sequence[str], completions: Sequence[str], gold: Sequence[str]) -> Calibration:
-        """Fit the per-class biases on labelled pairs (the tuning split only) and keep them."""
-        rows = rows_of(self.label_logprobs(requests, completions))
-        biases = fit_biases(rows, gold)
-        self.calibration = Calibration(
-            self.calibration.prompt,
-            biases,
-            {"n": len(gold), "classes": {c: sum(g == c for g in gold) for c in CLASSES}},
-        )
+    def fit(
+        self,
+        requests: Sequence[str],
+        completions: Sequence[str],
+        gold: Sequence[str],
+        prompts: Sequence[str] | None = None,
+    ) -> Calibration:
+        """Choose the prompt (among ``prompts``; default: the current one) and fit its per-class biases
+        on labelled pairs (the tuning split only), and keep them."""
+
+        def score(version: str) -> list[dict[str, float]]:
+            self.calibration = Calibration(version)
+            return rows_of(self.label_logprobs(requests, completions))
+
+        self.calibration = fit_calibration(score, gold, list(prompts or [self.calibration.prompt]))
         return self.calibration
 
 

@@ -4,8 +4,9 @@ Both model judges (the local ``llm_judge`` and the server ``endpoint_judge``) sh
 fixed text: the instructions (the same for every pair, so a local judge runs them once and reuses their
 KV cache), the request, the completion, and a question answered by one letter. The verdict comes from
 the next-token log-probabilities of the four letters, read in one forward pass, never from generated
-text: ``verdict = argmax_c logprob(c) + bias(c)``. The biases are zero until ``fit_biases`` picks them
-on labelled data (the tuning half of a labelled set, never its held-out half).
+text: ``verdict = argmax_c logprob(c) + bias(c)``. The biases are zero until ``fit_calibration``
+chooses a prompt version and its biases on labelled data (the tuning half of a labelled set, never its
+held-out half).
 
 Prompts are versioned: a change of wording is a new version, so fitted biases and scores recorded
 under one version never apply to another silently.

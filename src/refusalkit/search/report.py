@@ -12,9 +12,9 @@ import io
 from typing import Any
 
 from refusalkit.layout import RunLayout
+from refusalkit.run import RunFolder
 from refusalkit.search.edit import EditParams
 from refusalkit.search.front import describe, group_lines, refused_label
-from refusalkit.utils import read_json
 
 PROXY, VERIFIED, CHOSEN, CLOUD = "#0369a1", "#c2410c", "#111827", "#cbd5e1"
 
@@ -118,7 +118,8 @@ def search_section(layout: RunLayout) -> str | None:
     """The search's HTML fragment, or None when the run folder has no search front."""
     if not layout.front.is_file():
         return None
-    front = read_json(layout.front)
+    run = RunFolder(layout)  # the one reader of search/front.json and search/chosen.json
+    front = run.front()
     parts = [
         "<h2>Edit search</h2>",
         f"<p>{len(front.get('trials', []))} trials; objectives: {html.escape('; '.join(front.get('objectives', [])))}. "
@@ -128,7 +129,7 @@ def search_section(layout: RunLayout) -> str | None:
         _table(front),
     ]
     if layout.chosen.is_file():
-        chosen = read_json(layout.chosen)
+        chosen = run.chosen()
         params = html.escape(EditParams.model_validate(chosen["edit"]).model_dump_json(indent=1))
         parts += [
             f"<h3>Chosen edit: trial {chosen['trial']}</h3><pre>{params}</pre>",

@@ -100,7 +100,7 @@ def test_choosing_flags_alone_on_a_finished_study_run_no_trial(
         optimize(layout, OptimizeOptions(trial=0, minutes=1.0), say=_quiet)
 
 
-def test_choosing_only_is_read_from_the_options_given(make_lm: Callable[..., Any], tmp_path: Path) -> None:
+def test_choosing_only_is_read_from_the_options_given(monkeypatch: pytest.MonkeyPatch) -> None:
     from refusalkit.cli import build_parser
     from refusalkit.search.cli import options_from
 
@@ -109,6 +109,11 @@ def test_choosing_only_is_read_from_the_options_given(make_lm: Callable[..., Any
     assert options_from(p.parse_args(["optimize", "r", "--max-kl", "0.02", "--export"])).choosing_only()
     assert not options_from(p.parse_args(["optimize", "r", "--trial", "3", "--minutes", "2"])).choosing_only()
     assert not options_from(p.parse_args(["optimize", "r"])).choosing_only()  # a bare call resumes the search
+    monkeypatch.setenv("REFUSALKIT_SEED", "7")  # shared with the run's settings: set for every command
+    assert options_from(p.parse_args(["optimize", "r", "--trial", "3"])).choosing_only()
+    monkeypatch.setenv("REFUSALKIT_MINUTES", "2")  # a search option, wherever it comes from
+    assert not options_from(p.parse_args(["optimize", "r", "--trial", "3"])).choosing_only()
+    monkeypatch.delenv("REFUSALKIT_MINUTES")
     two = options_from(
         p.parse_args(["optimize", "r", "--system-prompt", "Be brief, and kind.", "--system-prompt", "Hi"])
     )

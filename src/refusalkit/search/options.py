@@ -1,7 +1,9 @@
 """Options of `refusalkit optimize` (one flag per field; the run's own settings come from its manifest).
 
 Two kinds of call. A call whose only options are choosing ones (``CHOOSING``: --trial, --max-kl,
---max-refusals, --export) on a run that already has a search chooses from the saved front: no trial,
+--max-refusals, --export; the run-wide --seed, --batch-size and --data-dir, whose REFUSALKIT_*
+variables the run's settings share, do not count) on a run that already has a search chooses from
+the saved front: no trial,
 no verification, no model loaded unless --export needs one. Any other call runs the search to its
 budget (resuming the study in the run), verifies, then chooses.
 """
@@ -12,6 +14,9 @@ from pydantic import BaseModel, Field, field_validator
 
 # Options that only choose among the points a search already found (see the module docstring).
 CHOOSING = frozenset({"trial", "max_kl", "max_refusals", "export"})
+# Fields whose REFUSALKIT_* variables the run's own settings share (set for every command), which do not
+# make a choosing call a search.
+RUN_WIDE = frozenset({"seed", "batch_size", "data_dir"})
 SETUP_NAMES = ("none", "default", "helpful")
 
 
@@ -181,8 +186,8 @@ class OptimizeOptions(BaseModel):
         """True when options were given (flag, TOML key or environment variable) and every one is a
         choosing one: such a call on a run with a search chooses from it without searching (``--export``
         alone exports the point chosen before)."""
-        given = self.model_fields_set
+        given = self.model_fields_set - RUN_WIDE
         return bool(given) and given <= CHOOSING
 
 
-__all__ = ["CHOOSING", "SETUP_NAMES", "OptimizeOptions"]
+__all__ = ["CHOOSING", "RUN_WIDE", "SETUP_NAMES", "OptimizeOptions"]

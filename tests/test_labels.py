@@ -324,3 +324,46 @@ def test_split_is_fixed_by_the_prompt() -> None:
     splits = [split_for(i) for i in ids]
     assert splits == [split_for(i) for i in ids]
     assert 60 < splits.count("tune") < 140 and set(splits) == {"tune", "heldout"}
+
+
+def test_judges_command_loads_the_runs_model_as_the_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The LLM judge defaults to the run's own model, loaded with the run's chat template (a model
+    folder without one loads only that way)."""
+    from conftest import CHATML, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    folder = tmp_path / "tiny"
+    tiny_model("qwen2", vocab_size=len(tok), max_position_embeddings=2048).save_pretrained(folder)
+    tok.chat_template = None
+    tok.save_pretrained(folder)
+    run = tmp_path / "run"
+    comp = run / "evaluate" / "completions"
+    comp.mkdir(parents=True)
+    rows = [{"instruction": c[1], "completion": c[2][:60]} for c in CASES[:2]]
+    (comp / "harmful__baseline.json").write_text(json.dumps({"rows": rows}))
+    (run / "manifest.json").write_text(
+        json.dumps({"settings": {"model": str(folder), "chat_template": CHATML}})
+    )
+    out = tmp_path / "d.json"
+    assert main(["judges", str(run), "--judges", "paper,llm", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["judges"]["llm"]["model"] == "tiny"
+    assert sum(result["files"]["harmful__baseline"]["counts"]["llm"].values()) == 2
+    # another model named explicitly is loaded as it is: without a template of its own, a clear error
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "other")
+    argv = [
+        "judges",
+        str(run),
+        "--judges",
+        "llm",
+        "--judge-model",
+        str(tmp_path / "other"),
+        "--device",
+        "cpu",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "e.json")]) == 2
+    assert "LLM judge model could not load" in capsys.readouterr().err and not (tmp_path / "e.json").exists()

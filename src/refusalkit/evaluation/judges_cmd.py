@@ -87,9 +87,13 @@ def judges_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_judges(
-    args: argparse.Namespace, default_model: str, loaded: dict[tuple[str, str], Any] | None = None
+    args: argparse.Namespace,
+    default_model: str,
+    loaded: dict[tuple[str, str], Any] | None = None,
+    load_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The judges ``args`` name; ``loaded``: models already in memory by (spec, dtype), reused."""
+    """The judges ``args`` name; ``loaded``: models already in memory by (spec, dtype), reused;
+    ``load_kwargs``: how to load ``default_model`` (a run's chat template, remote code, ...)."""
     from refusalkit.evaluation.judge_prompt import Calibration
     from refusalkit.evaluation.verdicts import KeywordJudge
     from refusalkit.utils import read_json
@@ -113,7 +117,15 @@ def build_judges(
             kw: dict[str, Any] = {"calibration": cal.get("llm"), "batch_size": args.batch_size}
             lm = (loaded or {}).get((spec, args.dtype))
             out[name] = (
-                LLMJudge(lm, **kw) if lm else LLMJudge.load(spec, dtype=args.dtype, device=args.device, **kw)
+                LLMJudge(lm, **kw)
+                if lm
+                else LLMJudge.load(
+                    spec,
+                    dtype=args.dtype,
+                    device=args.device,
+                    load_kwargs=load_kwargs if spec == default_model else None,
+                    **kw,
+                )
             )
         else:
             from refusalkit.evaluation.endpoint_judge import EndpointJudge
@@ -273,7 +285,9 @@ def compare_folder(args: argparse.Namespace) -> dict[str, Any]:
 
     folder = args.folder
     saved = Manifest(RunLayout(folder)).settings if (folder / "manifest.json").is_file() else {}
-    judges = build_judges(args, str(saved.get("model") or DEFAULT_MODEL))
+    # the run's own model, loaded as the run loads it (its chat template, remote code, architecture map)
+    how = {k: saved[k] for k in ("trust_remote_code", "chat_template", "arch_override") if saved.get(k)}
+    judges = build_judges(args, str(saved.get("model") or DEFAULT_MODEL), load_kwargs=how)
     out: dict[str, Any] = {
         "folder": str(folder),
         "judges": {n: j.identity() for n, j in judges.items()},

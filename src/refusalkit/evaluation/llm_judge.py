@@ -83,11 +83,20 @@ class LLMJudge:
         self.letter_ids = letter_token_ids(lm.tokenizer)
 
     @classmethod
-    def load(cls, spec: str, *, dtype: str = "float32", device: str = "auto", **kwargs: Any) -> LLMJudge:
-        """Load the judge model (built-in name, folder, .gguf or hub id); a model that cannot load is
-        a RefusalkitError that names the judge, so the run's own data is untouched."""
+    def load(
+        cls,
+        spec: str,
+        *,
+        dtype: str = "float32",
+        device: str = "auto",
+        load_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> LLMJudge:
+        """Load the judge model (built-in name, folder, .gguf or hub id; ``load_kwargs``: more of
+        ``load_model``'s, e.g. a run's chat template); a model that cannot load is a RefusalkitError
+        that names the judge, so the run's own data is untouched."""
         try:
-            lm = load_model(spec, dtype=dtype, device=device)
+            lm = load_model(spec, **{**(load_kwargs or {}), "dtype": dtype, "device": device})
         except RefusalkitError as exc:
             raise RefusalkitError(f"the LLM judge model could not load: {exc}") from None
         return cls(lm, **kwargs)

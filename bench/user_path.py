@@ -105,10 +105,12 @@ def score(lm: Any, layout: Any, args: argparse.Namespace, trials: list[int]) -> 
     from refusalkit.search.verification import verifier
 
     s = run_settings(layout)
-    o = OptimizeOptions(verify_max_new_tokens=50, verify_per_set=None, verify_kl_n=100)
+    data_dir = args.data_dir or Path(s.data_dir)
+    o = OptimizeOptions(
+        verify_max_new_tokens=50, verify_per_set=None, verify_kl_n=100, data_dir=str(data_dir)
+    )
     sets = prompt_sets(layout, s, o)
     harmless = sets["harmless_test"][:100]
-    data_dir = args.data_dir or Path(s.data_dir)
     held = {"jailbreakbench": _jbb(data_dir), HELD_OUT: sets["harmful_test"]}
     setups = usable_setups(lm.tokenizer, named_setups(PROTOCOL_SETUPS))
     make = verifier(lm, setups, held, harmless, o)

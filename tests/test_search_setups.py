@@ -61,7 +61,10 @@ def test_a_trials_refusal_objective_is_its_worst_setups_and_its_kl_the_mean_over
 
 
 def test_choosing_flags_alone_on_a_finished_study_run_no_trial(
-    make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_lm: Callable[..., Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from refusalkit.search import optimize as optimize_module
 
@@ -95,6 +98,13 @@ def test_choosing_flags_alone_on_a_finished_study_run_no_trial(
     assert [p["verified"] for p in saved["points"]] == [p["verified"] for p in front["points"]]
     with pytest.raises(RefusalkitError, match="did not complete"):
         optimize(layout, OptimizeOptions(trial=999), say=_quiet)
+    from refusalkit.cli import build_parser
+    from refusalkit.search.cli import run_optimize
+
+    last = max(on_front)
+    assert run_optimize(build_parser().parse_args(["optimize", str(layout.root), "--trial", str(last)])) == 0
+    assert "no trial run" in capsys.readouterr().out and read_front(layout)["chosen"] == last
+    assert calls["n"] == 0 and len(_trials(layout)) == n_before
     # any search option makes it a search again (here: it would load the model)
     with pytest.raises(AssertionError, match="loaded the model"):
         optimize(layout, OptimizeOptions(trial=0, minutes=1.0), say=_quiet)

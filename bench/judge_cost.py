@@ -11,7 +11,7 @@ Completions: a run's evaluate/completions/harmful__baseline.json (--run; harmful
 but counts), else the paper repository's 100 harmless completions of Qwen 1.8B chat from the shared
 data, cut to --completion-tokens tokens of the judge model (the run's default max_new_tokens is 64).
 
-Usage: python bench/judge_cost.py [--model NAME] [--run RUN_DIR] [--n 100] [--batch-size 32]
+Usage: python bench/judge_cost.py [--model NAME] [--judge-model NAME] [--run RUN_DIR] [--n 100] [--batch-size 32]
        [--completion-tokens 64] [--data DATA_DIR] [--threads N]
 """
 
@@ -63,7 +63,10 @@ def timed(fn: object) -> tuple[float, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument(
+        "--model", default=DEFAULT_MODEL, help="The run's model (the KL pass; the judge by default)."
+    )
+    ap.add_argument("--judge-model", help="Another judge model, e.g. the 0.5B built-in for the 1.5B run.")
     ap.add_argument("--run")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -78,14 +81,15 @@ def main() -> None:
         (Path(args.data) / "refusal_direction" / "splits" / "harmless_test.json").read_text()
     )
     kl_prompts = format_prompts(lm.tokenizer, [r["instruction"] for r in harmless[: args.n]])
-    requests, completions = pairs(args, lm.tokenizer)
-    judge = LLMJudge(lm, batch_size=args.batch_size, chunk=max(args.n, 1))
+    judge_lm = load_model(args.judge_model, dtype="float32", device="cpu") if args.judge_model else lm
+    requests, completions = pairs(args, judge_lm.tokenizer)
+    judge = LLMJudge(judge_lm, batch_size=args.batch_size, chunk=max(args.n, 1))
     judge_prompts = judge.prompts(requests, completions)
     logits_for_prompts(lm, kl_prompts[:2], 2)  # warm-up: first-call allocations are not the pass's cost
 
     kl_s, _ = timed(lambda: logits_for_prompts(lm, kl_prompts, args.batch_size))
     judge_s, cached = timed(lambda: judge.label_logprobs(requests, completions))
-    nocache = LLMJudge(lm, batch_size=args.batch_size, chunk=max(args.n, 1), share_prefix=False)
+    nocache = LLMJudge(judge_lm, batch_size=args.batch_size, chunk=max(args.n, 1), share_prefix=False)
     plain_s, plain = timed(lambda: nocache.label_logprobs(requests, completions))
     kp, kt = unique_tokens(lm, kl_prompts, args.batch_size)
     jp, jt = unique_tokens(lm, judge_prompts, args.batch_size)

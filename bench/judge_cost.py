@@ -92,9 +92,11 @@ def main() -> None:
     nocache = LLMJudge(judge_lm, batch_size=args.batch_size, chunk=max(args.n, 1), share_prefix=False)
     plain_s, plain = timed(lambda: nocache.label_logprobs(requests, completions))
     kp, kt = unique_tokens(lm, kl_prompts, args.batch_size)
-    jp, jt = unique_tokens(lm, judge_prompts, args.batch_size)
+    jp, jt = unique_tokens(judge_lm, judge_prompts, args.batch_size)
+    judge_name = args.judge_model or args.model
+    threads = torch.get_num_threads()
     print(
-        f"model {args.model}, float32, {torch.get_num_threads()} threads, batch {args.batch_size}, n {args.n}"
+        f"model {args.model}, judge {judge_name}, float32, {threads} threads, batch {args.batch_size}, n {args.n}"
     )
     print(f"kl pass:     {kl_s:7.2f} s   prefix {kp} tokens, {kt} tokens after it")
     print(

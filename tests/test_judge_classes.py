@@ -110,7 +110,9 @@ def _pairs(k: int = 5) -> tuple[list[str], list[str]]:
     return [c[1] for c in cases], [c[2][:200] for c in cases]
 
 
-def test_llm_judge_batched_equals_one_at_a_time_and_prefix_cache_equals_none(judge_lm: Any) -> None:
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])  # sdpa (what real loads use) masks padding its own way
+def test_llm_judge_batched_equals_one_at_a_time_and_prefix_cache_equals_none(make_lm: Any, attn: str) -> None:
+    judge_lm = make_lm("qwen2", seed=1, attn=attn, max_position_embeddings=2048)
     requests, texts = _pairs()
     reference = LLMJudge(judge_lm, batch_size=1, share_prefix=False).label_logprobs(requests, texts)
     batched = LLMJudge(judge_lm, batch_size=4).label_logprobs(requests, texts)

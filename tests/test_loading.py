@@ -13,6 +13,12 @@ from refusalkit.models.loading import contiguous_head_input, fingerprint, load_m
 from refusalkit.models.registry import ensure_converted
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dtype auto's probe (and any bfloat16 copy) go to a fresh cache, not the user's."""
+    monkeypatch.setenv("REFUSALKIT_CACHE", str(tmp_path / "cache"))
+
+
 def _save(tmp_path: Path, with_template: bool) -> Path:
     tok = tiny_tokenizer()
     if not with_template:

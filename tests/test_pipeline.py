@@ -56,6 +56,7 @@ def _settings(**overrides: Any) -> Settings:
         "kl_threshold": 1e9,  # a random model: every candidate must survive the rules
         "induce_threshold": -1e9,
         "data_dir": "unused",
+        "dtype": "float32",  # the tiny models' dtype, whatever --dtype auto picks on this machine
     }
     if "measurements" in Settings.model_fields:
         base["measurements"] = ["refusal_judges"]  # the one measurement that needs no model or data files

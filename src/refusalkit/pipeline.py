@@ -19,7 +19,7 @@ from refusalkit.directions import Candidates, Direction
 from refusalkit.evaluation.suite import Suite
 from refusalkit.layout import RunLayout
 from refusalkit.manifest import Manifest, fingerprint
-from refusalkit.models.loading import LoadedModel, load_model
+from refusalkit.models.loading import LoadedModel, load_model, resolved_settings
 from refusalkit.settings import Settings
 from refusalkit.stages import STAGES, evaluate, export, extract, measure, select
 from refusalkit.stages.common import model_fingerprint
@@ -78,8 +78,9 @@ class Run:
     def __init__(self, out: str | Path, settings: Settings, *, lm: LoadedModel | None = None) -> None:
         self.layout = RunLayout(out)
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        self.settings = settings
-        self.model = ModelRef(settings, lm)
+        # "auto" resolved before any fingerprint: the stages fingerprint the dtype they compute in
+        self.settings, self.dtype_choice = resolved_settings(settings, lm)
+        self.model = ModelRef(self.settings, lm)
         self.manifest = Manifest(self.layout)
         self._results: dict[str, Any] = {}
         self._fp: dict[str, str] = {}  # the fingerprint of each stage's inputs, as computed here
@@ -105,7 +106,11 @@ class Run:
 
         def computed() -> Any:
             result = compute()
-            self.manifest.update(settings=self.settings.model_dump(), model=self.model.describe())
+            self.manifest.update(
+                settings=self.settings.model_dump(),
+                model=self.model.describe(),
+                compute_dtype=self.dtype_choice.describe(),
+            )
             return result
 
         self._fp[name] = fingerprint(inputs)
@@ -197,7 +202,11 @@ class Run:
 
     # ---- the whole run --------------------------------------------------------------------------------
     def save_manifest(self) -> None:
-        self.manifest.update(settings=self.settings.model_dump(), model=self.model.describe())
+        self.manifest.update(
+            settings=self.settings.model_dump(),
+            model=self.model.describe(),
+            compute_dtype=self.dtype_choice.describe(),
+        )
         self.manifest.save()
 
     _save_manifest = save_manifest  # the name callers used before the stage split

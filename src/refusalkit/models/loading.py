@@ -7,15 +7,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from pydantic import BaseModel
 
 from refusalkit.errors import RefusalkitError
 from refusalkit.models.adapters import Arch, resolve_arch
-from refusalkit.models.registry import BUILTIN_MODELS, ensure_converted, gguf_to_folder
+from refusalkit.models.cast import cast_copy
+from refusalkit.models.compute_dtype import DtypeChoice, choose_dtype, dtype_name, mlp_shape, torch_dtype
+from refusalkit.models.registry import BUILTIN_MODELS, cache_dir, ensure_converted, gguf_to_folder
 
 log = logging.getLogger(__name__)
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 
 @dataclass
@@ -28,24 +32,60 @@ class LoadedModel:
     name: str
     source: str  # the folder the weights were read from, or the hub id
     fingerprint: str  # identifies the weights, for the manifest
+    dtype_choice: DtypeChoice | None = None  # the compute dtype and why (None: built in memory)
 
     @property
     def device(self) -> torch.device:
         return self.arch.embed.weight.device  # type: ignore[return-value]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the embedding's, as every weight of a loaded model)."""
+        return self.arch.embed.weight.dtype  # type: ignore[return-value]
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32  # CPUs here have no fast bf16; float32 is also the exact reference
-    try:
-        out = getattr(torch, dtype)
-    except AttributeError:
-        out = None
-    if not isinstance(out, torch.dtype):
-        raise RefusalkitError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return out
+
+def resolve_dtype(dtype: str, device: str, config: dict[str, Any] | None = None) -> DtypeChoice:
+    """The compute dtype for ``dtype`` (auto or a name) on ``device`` (resolved, e.g. "cpu"), and why.
+    ``config``: the model's config.json (its MLP shape is the CPU probe's matrix product)."""
+    return choose_dtype(dtype, device, mlp_shape(config))
+
+
+def model_config(spec: str) -> dict[str, Any] | None:
+    """The config.json of a built-in name, model folder or .gguf file (None for a hub id): read without
+    loading the model, for choices made before it loads (the compute dtype of ``--dtype auto``)."""
+    where, local = locate(spec)
+    return _read_config(where) if local else None
+
+
+def _read_config(folder: str) -> dict[str, Any] | None:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    config: dict[str, Any] = json.loads(path.read_text())
+    return config
+
+
+def choose_model_dtype(spec: str, dtype: str = "auto", device: str = "auto") -> DtypeChoice:
+    """What ``load_model(spec, dtype=dtype, device=device)`` computes in, and why, without loading it."""
+    device = resolve_device(device)
+    return resolve_dtype(dtype, device, model_config(spec) if dtype == "auto" and device == "cpu" else None)
+
+
+def resolved_settings(settings: SettingsT, lm: LoadedModel | None = None) -> tuple[SettingsT, DtypeChoice]:
+    """``settings`` (a ``Settings``) with ``dtype`` resolved ("auto" -> float32 or bfloat16), and why.
+
+    A run resolves it before fingerprinting anything: stages fingerprint the dtype they compute in, so a
+    float32 run never resumes bfloat16 artifacts, and the saved settings name the dtype that made them.
+    With ``lm`` (a model already in memory) its own dtype is the one the stages compute in.
+    """
+    if lm is not None:
+        name = dtype_name(lm.dtype)
+        choice = lm.dtype_choice or DtypeChoice(settings.dtype, name, "the dtype of the model given")  # type: ignore[attr-defined]
+        if choice.dtype != name:  # the model was cast after loading: its weights are the truth
+            choice = DtypeChoice(choice.requested, name, f"the model was cast to {name} after loading")
+    else:
+        choice = choose_model_dtype(settings.model, settings.dtype, settings.device)  # type: ignore[attr-defined]
+    return settings.model_copy(update={"dtype": choice.dtype}), choice
 
 
 def resolve_device(device: str) -> str:
@@ -133,13 +173,22 @@ def load_model(
 
     where, local = locate(spec)
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    choice = resolve_dtype(dtype, device, _read_config(where) if dtype == "auto" and local else None)
+    if dtype == "auto":
+        log.info("compute dtype %s (%s)", choice.dtype, choice.reason)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(choice.dtype), "trust_remote_code": trust_remote_code}
     if device_map:
         kwargs["device_map"] = device_map
+    weights_fp = fingerprint(where) if local else f"hub:{where}"
+    # Float32 weights loaded as bfloat16 come from a copy cast once (models/cast.py): transformers'
+    # own cast holds the float32 and the bfloat16 model at once, 1.5x a float32 load's peak.
+    weights = where
+    if local:
+        cast = cast_copy(where, kwargs["dtype"], cache_dir() / "cast", weights_fp)
+        weights = str(cast) if cast is not None else where
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     except OSError as exc:
         hint = "check the hub id and your network" if not local else "check the folder's files"
         raise RefusalkitError(f"could not load model {spec!r}: {exc}. {hint}") from None
@@ -175,5 +224,6 @@ def load_model(
         arch=arch,
         name=name,
         source=where,
-        fingerprint=fingerprint(where) if local else f"hub:{where}",
+        fingerprint=weights_fp,
+        dtype_choice=choice,
     )

@@ -38,12 +38,12 @@ class OptimizeOptions(BaseModel):
         description="Harmful prompts for the refusal proxy (data spec); default: the run's harmful_val split.",
     )
     kl_prompts: str | None = Field(
-        None,
+        default=None,
         description="Harmless prompts for the search's KL (data spec); default: DATA_DIR/refusal_direction/"
         "splits/harmless_val.json, else the run's harmless train and val splits.",
     )
     kl_n: int = Field(
-        100,
+        default=100,
         ge=1,
         description="Harmless prompts for the search's KL (first N, shared out among the chat setups; a KL's "
         "heavy tail needs about 100); verification measures KL on --verify-kl-n held-out prompts per setup.",
@@ -74,7 +74,9 @@ class OptimizeOptions(BaseModel):
         default=None,
         description="Post-instruction positions to search (negative); default: -1 and the paper pick's position.",
     )
-    edit_embed: bool = Field(False, description="Also search the token-embedding edit (slower per trial).")
+    edit_embed: bool = Field(
+        default=False, description="Also search the token-embedding edit (slower per trial)."
+    )
     verify_n: int = Field(
         default=0,
         ge=0,
@@ -105,12 +107,14 @@ class OptimizeOptions(BaseModel):
         default=None, description="Folder of the shared data sets; default: the run's."
     )
     verify_harmless: str | None = Field(
-        None,
+        default=None,
         description="Held-out harmless prompts for verification KL (data spec); default: DATA_DIR/refusal_direction/"
         "splits/harmless_test.json, else the run's harmless_test split.",
     )
     verify_kl_n: int = Field(
-        100, ge=1, description="Held-out harmless prompts for verification KL, per chat setup (first N)."
+        default=100,
+        ge=1,
+        description="Held-out harmless prompts for verification KL, per chat setup (first N).",
     )
     verify_max_new_tokens: int = Field(
         default=50, ge=1, description="New tokens per verification completion (greedy)."

@@ -44,7 +44,7 @@ class Verified:
         """The worst judge's refusal rate (the one a claim must survive)."""
         return max(self.refused.values()) / self.n
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

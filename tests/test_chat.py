@@ -392,6 +392,11 @@ def test_chat_in_a_terminal(chat_run: Path, chat: ChatModel) -> None:
     argv = [sys.executable, "-m", "refusalkit.chat", str(chat_run), "--max-new-tokens", str(MAX_NEW)]
     screen = Screen(argv)
     try:
+        # the banner: which edit "edited" is, and its own numbers (the run's orthogonalized rates)
+        screen.wait_for(
+            r"edited, measured: harmful prompts refused \(the paper's refusal phrases\): 0\.75 = 3/4 .* -> "
+            r"0\.25 = 1/4"
+        )
         screen.wait_for(r"setting: edited\. /help")
         screen.wait_for(r"you> ")
         screen.type(PROMPT)

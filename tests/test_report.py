@@ -220,6 +220,34 @@ def test_report_marks_gaps_for_missing_artifacts(tiny_run: Path, tmp_path: Path)
     assert numbers["headline"]["gsm8k"] == {"original": None, "edited": None}
 
 
+def test_report_states_the_edited_model_and_its_numbers(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The report opens with the run's active edit (here the direction: no search) and that edit's own
+    numbers; --edit names another, an edit the run does not have is an error, not a gap."""
+    from refusalkit.evaluation.refusal import as_rate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    built = build_report(run)
+    edited = json.loads(built.json.read_text())["edited"]
+    assert edited["choice"] == "direction" and edited["label"].startswith(
+        "orthogonalized weights (the paper's"
+    )
+    orth = as_rate(read_json(run / "evaluate" / "refusal_rates.json")["harmful"]["orthogonalized"])
+    assert orth is not None and f"= {orth['k']}/{orth['n']}" in edited["rows"][0]["edited"]
+    assert "The edited model" in built.html.read_text()
+    with pytest.raises(RefusalkitError, match="has no chosen edit"):
+        build_report(run, edit="search")
+    assert main(["report", str(run), "--edit", "search"]) == 2
+    assert "has no chosen edit (search/chosen.json is missing)" in capsys.readouterr().err
+    assert main(["report", str(run), "--edit", "direction"]) == 0
+    shutil.rmtree(run / "select")
+    built = build_report(run)
+    assert "has no selected direction" in built.gaps["edited model"]
+    assert json.loads(built.json.read_text())["edited"] is None
+
+
 def test_report_of_an_empty_folder_is_all_gaps(tmp_path: Path) -> None:
     built = build_report(tmp_path)
     assert "manifest and settings" in built.gaps and "refusal rates" in built.gaps

@@ -1,7 +1,8 @@
 """The run folder: the one place that names every artifact a run writes or reads.
 
 Every module that touches a run folder takes a ``RunLayout`` and asks it for paths; no other module
-spells an artifact's path. Layout:
+spells an artifact's path. Reading a finished run's artifacts (settings, direction, the search's choice,
+the active edit) goes through ``run.RunFolder``. Layout:
 
   manifest.json                      settings, versions, hardware, model and data hashes, stage records
   data/splits.json                   the exact instructions of every split (after sampling)
@@ -18,7 +19,7 @@ spells an artifact's path. Layout:
   search/front.json                  the Pareto front, proxy and verified objectives
   search/chosen.json                 the edit chosen from the front (parameters and kernels)
   suffix/                            GCG search and suffix analysis (analysis/)
-  model/                             the orthogonalized (or searched-edit) checkpoint
+  model/                             the edited checkpoint and its card (export.cli.write_model, its one writer)
   gguf/                              GGUF exports and control vectors
   results.json                       the headline numbers of the run
   report.html, report.json           the report

@@ -205,7 +205,7 @@ def _baseline(lm: Any, opts: OptimizeOptions, layout: RunLayout) -> Verified:
     sets = prompt_sets(layout, run_settings(layout), opts)
     held_out = {"jailbreakbench": sets["harmful_test"]}
     return verifier(lm, [ChatSetup("helpful", SYSTEM)], held_out, sets["harmless_test"], opts)(
-        desc="verify baseline"
+        desc="verify baseline", kl=False
     )
 
 

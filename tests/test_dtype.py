@@ -155,11 +155,11 @@ def test_bfloat16_hooks_equal_orthogonalized_weights(folder: Path) -> None:
         edited = logits_for_prompts(lm, prompts, batch_size=2)
     assert base.dtype == hooked.dtype == torch.float32  # logits leave the model as float32
     scale = float(hooked.abs().max())
-    # bfloat16 keeps 8 bits: the two edits round differently, by a few 2^-8 of the largest logit (the
-    # same size as bfloat16's own difference from float32 on these models); the ablation moves them
-    # far more, so the agreement means something.
+    # bfloat16 keeps 8 bits: the two edits round differently, by about 2^-8 of the largest logit here
+    # (0.011; bfloat16's own difference from float32 is of the same size); the ablation moves them 0.39,
+    # and a hook that removes only 90% of the direction is 0.023 from the edit.
     assert float((hooked - base).abs().max()) > 0.2 * scale
-    assert float((edited - hooked).abs().max()) <= 0.04 * scale
+    assert float((edited - hooked).abs().max()) <= 0.02 * scale
     assert lm.dtype == torch.bfloat16  # the edit was undone in the model's dtype
 
 

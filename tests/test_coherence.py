@@ -249,7 +249,7 @@ def test_actadd_restarted_at_its_layer_equals_the_hooked_pass(
     make_lm: Any, family: str, chat: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # chat: formatted prompts share a system-turn prefix (its cache replayed too); plain ones do not.
-    import refusalkit.evaluation.coherence as coh
+    import refusalkit.evaluation.continuations as coh  # where the replay runs
 
     replayed = []
     real = coh.run_blocks
@@ -275,7 +275,7 @@ def test_actadd_restarted_at_its_layer_equals_the_hooked_pass(
 def test_actadd_falls_back_to_the_hooked_pass_when_a_restart_is_not_exact(
     make_lm: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import refusalkit.evaluation.coherence as coh
+    import refusalkit.evaluation.continuations as coh  # where the replay runs
 
     lm = make_lm("qwen2")
     tok = lm.tokenizer

@@ -280,6 +280,46 @@ class MeanActivations:
     metrics: list[float]
 
 
+def _mean_work(
+    lm: LoadedModel, prompts: list[str], n_positions: int, batch_size: int, padding_side: str
+) -> tuple[list[tuple[list[int], Batch]], list[int]]:
+    """The batches of a mean (prompt indices, batch) and the prefix they share (empty: none).
+
+    Left padded, the shared prefix splits off and batches are cut by length, the last ``n_positions``
+    tokens of every prompt left out of the prefix; right padded, whole prompts in input order."""
+    if padding_side == "left":
+        enc = encode_batches(lm, prompts, batch_size, keep_last=n_positions)
+        return [(rows, Batch(ids, mask)) for rows, ids, mask in enc.batches], enc.prefix
+    order = list(range(len(prompts)))
+    work = [
+        (c, encode(lm.tokenizer, [prompts[i] for i in c], padding_side)) for c in batches(order, batch_size)
+    ]
+    return work, []
+
+
+class _Sums:
+    """Float64 sums of the kept rows' activations per layer, on each layer's own device."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.sums: dict[int, torch.Tensor] = {}
+        self.kept = 0
+
+    def add(self, layer: int, acts: torch.Tensor, keep: torch.Tensor) -> None:
+        """acts: [batch, n_positions, d_model] float64; keep: [batch] bool."""
+        if not torch.isfinite(acts).all():
+            raise RefusalkitError(
+                f"non-finite activations at layer {layer} ({self.desc}); the model overflows in this dtype. "
+                "Rerun with --dtype float32"
+            )
+        sel = acts[keep.to(acts.device)].sum(0)
+        self.sums[layer] = sel if layer not in self.sums else self.sums[layer] + sel
+
+    def mean(self, layers: list[int]) -> torch.Tensor:
+        """[n_positions, n_layers, d_model] float64 on the CPU."""
+        return torch.stack([self.sums[layer].cpu() / self.kept for layer in layers], dim=1)
+
+
 @torch.inference_mode()
 def mean_activations(
     lm: LoadedModel,
@@ -294,7 +334,8 @@ def mean_activations(
 ) -> MeanActivations:
     """Stream the mean resid_pre of every layer at the last ``n_positions`` tokens of each prompt.
 
-    Sums accumulate in float64 on each layer's own device; only one batch's slice of activations
+    Sums accumulate in float64 on each layer's own device (whatever the model's dtype: a bfloat16
+    run rounds the activations, never the sums); only one batch's slice of activations
     ([batch, n_positions, d_model] per layer) is held at a time, so memory does not grow with the
     number of prompts. ``metric(logits) -> [batch]`` is computed from the last-token logits in the same
     pass; with ``keep_sign`` +1 (or -1) only prompts whose metric is > 0 (< 0) enter the mean: the
@@ -305,12 +346,10 @@ def mean_activations(
     ``n_positions`` tokens always stay out of the prefix. ``padding_side="right"`` runs whole prompts in
     input order (a check that padding does not change the means).
     """
-    arch = lm.arch
-    layers = list(range(arch.n_layers))
-    sums: dict[int, torch.Tensor] = {}
+    layers = list(range(lm.arch.n_layers))
     current: dict[int, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
-    kept = 0
+    sums = _Sums(desc)
     metrics: dict[int, float] = {}
 
     def sink(layer: int, h: torch.Tensor) -> None:
@@ -318,19 +357,9 @@ def mean_activations(
         rows = torch.arange(h.shape[0], device=h.device)[:, None]
         current[layer] = h[rows, idx].double()  # [batch, n_positions, d_model]
 
-    if padding_side == "left":
-        enc = encode_batches(lm, prompts, batch_size, keep_last=n_positions)
-        work = [(rows, Batch(ids, mask)) for rows, ids, mask in enc.batches]
-        prefix = enc.prefix
-    else:
-        order = list(range(len(prompts)))
-        work = [
-            (c, encode(lm.tokenizer, [prompts[i] for i in c], padding_side))
-            for c in batches(order, batch_size)
-        ]
-        prefix = []
+    work, prefix = _mean_work(lm, prompts, n_positions, batch_size, padding_side)
     cache = prefix_cache(lm, prefix) if prefix else None
-    with capture_resid_pre(arch, layers, sink):
+    with capture_resid_pre(lm.arch, layers, sink):
         for rows, batch in tqdm(work, desc=desc, leave=False, disable=None):
             state["positions"] = batch.trailing_positions(n_positions)
             if cache is None:
@@ -338,30 +367,25 @@ def mean_activations(
             else:
                 past = repeat_cache(cache, len(rows))
                 logits = logits_after_prefix(lm, past, len(prefix), batch.input_ids, batch.attention_mask)
-            mask = torch.ones(len(rows), dtype=torch.bool)
+            keep = torch.ones(len(rows), dtype=torch.bool)
             if metric is not None:
                 values = metric(logits).cpu()
                 metrics.update(zip(rows, values.tolist(), strict=True))
                 if keep_sign is not None:
-                    mask = values > 0 if keep_sign > 0 else values < 0
+                    keep = values > 0 if keep_sign > 0 else values < 0
             for layer in layers:
-                acts = current.pop(layer)
-                if not torch.isfinite(acts).all():
-                    raise RefusalkitError(
-                        f"non-finite activations at layer {layer} ({desc}); the model overflows in this dtype. "
-                        "Rerun with --dtype float32"
-                    )
-                sel = acts[mask.to(acts.device)].sum(0)
-                sums[layer] = sel if layer not in sums else sums[layer] + sel
-            kept += int(mask.sum())
-    if kept == 0:
+                sums.add(layer, current.pop(layer), keep)
+            sums.kept += int(keep.sum())
+    if sums.kept == 0:
         raise RefusalkitError(
             f"no prompt passed the filter for {desc}; the model may not refuse these harmful prompts "
             "(or refuses the harmless ones). Check the data, or rerun with --filter-train false"
         )
-    mean = torch.stack([sums[layer].cpu() / kept for layer in layers], dim=1)  # [n_pos, n_layers, d]
     return MeanActivations(
-        mean=mean, kept=kept, total=len(prompts), metrics=[metrics[i] for i in sorted(metrics)]
+        mean=sums.mean(layers),
+        kept=sums.kept,
+        total=len(prompts),
+        metrics=[metrics[i] for i in sorted(metrics)],
     )
 
 

@@ -9,41 +9,45 @@
 Each is measured per setting: baseline, ablation, actadd (c = -1 at the direction's layer, the jailbreak
 setting) and orthogonalized (weights). CE is the mean negative log-likelihood per scored token, in nats.
 ``direction_projections`` reads the residual along the direction per prompt and layer, for the report.
+The teacher-forced passes under it are ``evaluation/continuations.py``'s.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from refusalkit.activations import (
-    encode_batches,
-    forward_after_prefix,
-    prefix_cache,
-    repeat_cache,
-    shared_prefix_len,
-)
+from refusalkit.activations import encode_batches, forward_after_prefix, prefix_cache, repeat_cache
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
+from refusalkit.evaluation.continuations import (  # re-exported: the measurements import them from here
+    LOGIT_BUDGET,
+    MIN_PREFIX,
+    ContinuationReplay,
+    ContinuationScores,
+    replay_added,
+    score_continuations,
+)
 from refusalkit.interventions import RowSteering, ablate_direction, add_direction, capture_resid_pre
 from refusalkit.metric import kl_div
 from refusalkit.models.loading import LoadedModel
 from refusalkit.orthogonalize import orthogonalized
-from refusalkit.prompts import Batch, pad_left
-from refusalkit.restart import Calls, Recorder, head_logits, run_blocks
 
 log = logging.getLogger(__name__)
+__all__ = [
+    "ACTADD_COEFF", "COHERENCE_SETTINGS", "HOOK_SETTINGS", "LOGIT_BUDGET", "MIN_PREFIX", "ContinuationReplay",
+    "ContinuationScores", "available_settings", "corpus_ce", "corpus_windows", "direction_projections",
+    "first_token_kl", "harmless_coherence", "intervention", "kl_stats", "row_steering", "score_continuations",
+    "score_settings",
+]  # fmt: skip
 
 COHERENCE_SETTINGS = ("baseline", "ablation", "actadd", "orthogonalized")
-MIN_PREFIX = 8  # a shorter shared prefix is not worth a pass of its own
-LOGIT_BUDGET = 1 << 27  # floats of logits held at once (512 MiB in float32); batches shrink to fit
 
 
 ACTADD_COEFF = -1.0  # actadd in the coherence measurements: the jailbreak setting
@@ -88,182 +92,6 @@ def row_steering(settings: Sequence[tuple[str, float]], direction: Direction) ->
 def available_settings(lm: LoadedModel, wanted: Sequence[str] = COHERENCE_SETTINGS) -> list[str]:
     """``wanted`` minus orthogonalized when the architecture cannot be orthogonalized exactly."""
     return [s for s in wanted if s != "orthogonalized" or lm.arch.spec.weights_orthogonalizable]
-
-
-@dataclass
-class ContinuationScores:
-    """Per row: summed log-probability of the continuation tokens and their count.
-
-    logprob_sum: [n] float64; n_tokens: [n] int64; first_logits: [n, vocab] float32 logits at the last
-    context token (the distribution of the first continuation token), when asked for.
-    """
-
-    logprob_sum: torch.Tensor
-    n_tokens: torch.Tensor
-    first_logits: torch.Tensor | None = None
-    replay: ContinuationReplay | None = None  # with score_continuations(record_at=...)
-
-    @property
-    def ce(self) -> float:
-        """Token-weighted mean cross-entropy (nats) over every scored token."""
-        return float(-self.logprob_sum.sum() / self.n_tokens.sum().clamp(min=1))
-
-
-Plan = list[tuple[list[int], Batch, int]]  # (rows, left-padded batch, positions whose logits are kept)
-
-
-@dataclass
-class ContinuationReplay:
-    """An unedited ``score_continuations`` pass recorded at one layer, to be restarted there with a
-    vector added (``refusalkit.restart``): the actadd setting without recomputing the layers below."""
-
-    layer: int
-    continuations: list[list[int]]
-    plan: Plan
-    prefix_calls: Calls | None
-    batch_calls: list[Calls]
-    cache_key: str | None
-    first_batch: torch.Tensor  # [b, vocab] the first batch's last-position logits, for the self-check
-
-
-def _plan(
-    lm: LoadedModel, contexts: list[list[int]], continuations: list[list[int]], batch_size: int
-) -> tuple[int, Plan]:
-    """The shared prefix length and the batches: rows sorted by length, left-padded after the prefix,
-    each batch small enough that its kept logits stay under ``LOGIT_BUDGET`` floats."""
-    n = len(contexts)
-    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    n_prefix = shared_prefix_len(contexts, MIN_PREFIX)
-    order = sorted(range(n), key=lambda i: len(contexts[i]) + len(continuations[i]))
-    plan: Plan = []
-    start = 0
-    while start < n:
-        keep = max(len(continuations[i]) for i in order[start : start + batch_size]) + 1
-        size = max(1, min(batch_size, LOGIT_BUDGET // (keep * vocab)))
-        chunk = order[start : start + size]
-        keep = max(len(continuations[i]) for i in chunk) + 1
-        rows = [(contexts[i] + continuations[i])[n_prefix:] for i in chunk]
-        plan.append((chunk, pad_left(rows, pad), keep))
-        start += len(chunk)
-    return n_prefix, plan
-
-
-class _Collector:
-    """Summed log-probabilities (and first-token logits) of continuations, batch by batch."""
-
-    def __init__(self, lm: LoadedModel, continuations: list[list[int]], keep_first_logits: bool) -> None:
-        n = len(continuations)
-        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-        self.continuations = continuations
-        self.lp_sum = torch.zeros(n, dtype=torch.float64)
-        self.first = torch.empty((n, vocab), dtype=torch.float32) if keep_first_logits else None
-
-    def add(self, chunk: list[int], logits: torch.Tensor, keep: int) -> None:
-        """logits: [b, keep, vocab] of the batch holding rows ``chunk``."""
-        for row, i in enumerate(chunk):
-            c = len(self.continuations[i])
-            if self.first is not None:
-                self.first[i] = logits[row, keep - c - 1].cpu()
-            if c:
-                logp = torch.log_softmax(logits[row, keep - c - 1 : keep - 1].double(), dim=-1)  # [c, vocab]
-                target = torch.tensor(self.continuations[i], device=logp.device)
-                self.lp_sum[i] = logp.gather(-1, target[:, None]).sum().cpu()
-
-    def scores(self) -> ContinuationScores:
-        counts = torch.tensor([len(c) for c in self.continuations], dtype=torch.long)
-        return ContinuationScores(self.lp_sum, counts, self.first)
-
-
-@torch.inference_mode()
-def score_continuations(
-    lm: LoadedModel,
-    contexts: list[list[int]],
-    continuations: list[list[int]],
-    *,
-    batch_size: int = 16,
-    keep_first_logits: bool = False,
-    record_at: int | None = None,
-) -> ContinuationScores:
-    """Log-likelihood of each continuation given its context (token ids; each context non-empty).
-
-    Rows are left-padded, so every continuation ends at the last position and only the last
-    ``max continuation length + 1`` positions' logits are computed. The token prefix every context
-    shares (a chat template's system turn) runs once, under the active hooks, and batches continue from
-    its KV cache. Batches shrink so that the logits held at once stay under ``LOGIT_BUDGET`` floats.
-    With ``record_at`` (a layer; run without interventions), the result carries a
-    ``ContinuationReplay`` for ``replay_added``.
-    """
-    if any(not c for c in contexts):
-        raise ValueError("every context needs at least one token")
-    n_prefix, plan = _plan(lm, contexts, continuations, batch_size)
-    rec = Recorder(lm, [record_at]) if record_at is not None else None
-    recorded: list[Calls] = []
-
-    def recording() -> AbstractContextManager[Calls]:
-        return rec.recording() if rec is not None else nullcontext({})
-
-    with recording() as calls:
-        cache = prefix_cache(lm, contexts[0][:n_prefix]) if n_prefix else None
-    prefix_calls = calls if n_prefix else None
-    out = _Collector(lm, continuations, keep_first_logits)
-    first_batch = torch.empty(0)
-    for chunk, batch, keep in plan:
-        past = repeat_cache(cache, len(chunk)) if cache is not None else None
-        with recording() as calls:
-            logits = forward_after_prefix(
-                lm, past, n_prefix, batch.input_ids, batch.attention_mask, keep=keep
-            ).float()  # [b, keep, vocab]
-        if rec is not None:
-            recorded.append(calls)
-            if not first_batch.numel():  # a copy: a view would hold the batch's [b, keep, vocab] alive
-                first_batch = logits[:, -1].clone()
-        out.add(chunk, logits, keep)
-    scores = out.scores()
-    if rec is not None and record_at is not None:
-        scores.replay = ContinuationReplay(
-            record_at, continuations, plan, prefix_calls, recorded, rec.cache_key, first_batch
-        )
-    return scores
-
-
-@torch.inference_mode()
-def replay_added(
-    lm: LoadedModel, replay: ContinuationReplay, vector: torch.Tensor, *, keep_first_logits: bool = False
-) -> ContinuationScores | None:
-    """The recorded pass's scores with ``vector`` ([d_model], raw) added to resid_pre[layer] at every
-    real token (``add_direction``'s numbers), computed from that layer on. None when replaying the
-    first batch without a vector does not give its recorded logits (rel. 1e-4): run the hooked pass."""
-    try:
-        again = next(_replay(lm, replay, torch.zeros_like(vector), 1))[:, -1]
-    except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as exc:
-        log.warning("restarting at a layer does not work for this model (%s); using a full pass", exc)
-        return None
-    err = float((again - replay.first_batch).abs().max()) / (float(replay.first_batch.abs().max()) or 1.0)
-    if err > 1e-4:
-        log.warning("restarting at a layer changes the logits (rel. error %.1e); using a full pass", err)
-        return None
-    out = _Collector(lm, replay.continuations, keep_first_logits)
-    for (chunk, _batch, keep), logits in zip(replay.plan, _replay(lm, replay, vector), strict=True):
-        out.add(chunk, logits, keep)
-    return out.scores()
-
-
-def _replay(
-    lm: LoadedModel, replay: ContinuationReplay, vector: torch.Tensor, n_batches: int | None = None
-) -> Iterator[torch.Tensor]:
-    """Each batch's [b, keep, vocab] logits, restarted at the recorded layer with ``vector`` added."""
-    from transformers import DynamicCache
-
-    cache = None
-    if replay.prefix_calls is not None:
-        cache = DynamicCache(config=lm.model.config)
-        run_blocks(lm, replay.prefix_calls, replay.layer, vector[None], None, cache, replay.cache_key)
-    steps = list(zip(replay.plan, replay.batch_calls, strict=True))[:n_batches]
-    for (chunk, batch, keep), calls in steps:
-        past = repeat_cache(cache, len(chunk)) if cache is not None else None
-        h = run_blocks(lm, calls, replay.layer, vector[None], batch.attention_mask, past, replay.cache_key)
-        yield head_logits(lm, h[:, -keep:])
 
 
 @torch.inference_mode()

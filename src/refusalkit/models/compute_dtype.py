@@ -156,14 +156,18 @@ def cached_probe(shape: tuple[int, int], cache: Path | None = None) -> dict[str,
 
 
 @torch.inference_mode()
-def probe_cpu(shape: tuple[int, int], seconds: float = PROBE_SECONDS) -> dict[str, Any]:
-    """Time ``x @ w.T`` ([PROBE_ROWS, d] x [ff, d]) in float32 and bfloat16, alternating, for about
+def probe_cpu(
+    shape: tuple[int, int], seconds: float = PROBE_SECONDS, rows: int = PROBE_ROWS
+) -> dict[str, Any]:
+    """Time ``x @ w.T`` ([rows, d] x [ff, d]) in float32 and bfloat16, alternating, for about
     ``seconds``; the best time of each (the least disturbed by other work on the machine)."""
     d, ff = shape
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_ROWS, d, generator=gen)
+    x = torch.randn(rows, d, generator=gen)
     w = torch.randn(ff, d, generator=gen)
     pairs = {"float32": (x, w), "bfloat16": (x.bfloat16(), w.bfloat16())}
+    for a, b in pairs.values():  # warm-up outside the clock: oneDNN picks, compiles and packs its kernels
+        torch.nn.functional.linear(a, b)
     best = {name: float("inf") for name in pairs}
     t_end = time.perf_counter() + seconds
     rounds = 0
@@ -172,10 +176,10 @@ def probe_cpu(shape: tuple[int, int], seconds: float = PROBE_SECONDS) -> dict[st
             t0 = time.perf_counter()
             torch.nn.functional.linear(a, b)
             best[name] = min(best[name], time.perf_counter() - t0)
-        rounds += 1  # the first round warms up (oneDNN picks and packs its kernels)
-    flops = 2.0 * PROBE_ROWS * d * ff
+        rounds += 1
+    flops = 2.0 * rows * d * ff
     return {
-        "shape": [PROBE_ROWS, d, ff],
+        "shape": [rows, d, ff],
         "rounds": rounds,
         "float32_ms": round(best["float32"] * 1e3, 3),
         "bfloat16_ms": round(best["bfloat16"] * 1e3, 3),

@@ -278,3 +278,36 @@ def test_help_imports_no_torch() -> None:
 def test_argument_errors_import_no_torch(command: str) -> None:
     """A command's argument error is reported before any model code is imported."""
     assert _imports_after([command, "--no-such-flag"]) == set()
+
+
+def test_run_asking_for_measurements_without_their_data_exits_2_before_any_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every problem in one error, before any stage. (A model folder that does not exist, so that even
+    with the check broken this test never loads a real model.)"""
+    out, model = tmp_path / "run", tmp_path / "no-model"
+    argv = ["run", "--out", str(out), "--model", str(model), "--data-dir", str(tmp_path / "empty")]
+    assert main([*argv, "--measurements", "corpus_ce,truthfulqa"]) == 2
+    err = capsys.readouterr().err
+    assert "the run cannot start" in err and "corpus_ce:" in err and "truthfulqa:" in err
+    assert f"model: model '{model}' not found" in err
+    assert "Traceback" not in err and not (out / "extract").exists()
+
+
+def test_only_measurements_named_on_this_command_are_required() -> None:
+    """Measurements saved in a run's settings or left at the defaults may be skipped for missing data;
+    those named by a flag (or a preset, or the environment) are required."""
+    from refusalkit.settings import build_settings
+
+    parser = build_parser()
+    saved = Settings(measurements=["corpus_ce", "coherence"])
+    assert cli.requested(parser.parse_args(["measure", "runs/x"]), saved) == set()
+    args = parser.parse_args(["measure", "runs/x", "--measurements", "corpus_ce"])
+    assert cli.requested(args, build_settings(flag_values(args, Settings), base=saved.model_dump())) == {
+        "corpus_ce"
+    }
+    args = parser.parse_args(["run", "--out", "x", "--preset", "paper"])
+    paper = build_settings(flag_values(args, Settings))
+    assert {"corpus_ce", "truthfulqa", "gsm8k"} <= cli.requested(args, paper)
+    args = parser.parse_args(["run", "--out", "x", "--corpus", "my.txt"])
+    assert cli.requested(args, build_settings(flag_values(args, Settings))) == {"corpus_ce"}

@@ -24,11 +24,12 @@ from refusalkit.evaluation.coherence import (
     score_continuations,
     score_settings,
 )
-from refusalkit.evaluation.suite import KL_POOL, Suite
+from refusalkit.evaluation.suite_inputs import Suite
 from refusalkit.interventions import ablate_direction
 from refusalkit.layout import RunLayout
 from refusalkit.prompts import encode, format_prompts
 from refusalkit.settings import Settings
+from refusalkit.stages.measure import KL_POOL, suite_files
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -139,7 +140,7 @@ def test_kl_on_separate_prompts_with_median_and_max(make_lm: Any) -> None:
 def test_kl_prompts_are_topped_up_disjoint_from_train_and_val(tmp_path: Path) -> None:
     """Fewer harmless test prompts than kl_n: the rest come from the broad pool, never from train/val."""
     pool = [f"Pool instruction {i}." for i in range(20)]
-    pool_file = tmp_path.joinpath(*KL_POOL)
+    pool_file = tmp_path.joinpath(*KL_POOL)  # the measure stage's place for it under the data folder
     pool_file.parent.mkdir(parents=True)
     pool_file.write_text(json.dumps(pool))
     splits = {
@@ -148,14 +149,19 @@ def test_kl_prompts_are_topped_up_disjoint_from_train_and_val(tmp_path: Path) ->
         "harmless_test": ["Own test prompt A.", "Own test prompt B."],
     }
     settings = Settings(kl_n=10, data_dir=str(tmp_path))
-    suite = Suite(settings, RunLayout(tmp_path / "run"), None, splits, {}, lambda: None)  # type: ignore[arg-type]
+    files = suite_files(RunLayout(tmp_path / "run"), settings)
+    assert files.kl_pool == str(pool_file)
+    suite = Suite(settings, files, None, splits, {}, lambda: None)  # type: ignore[arg-type]
     chosen, source = suite.kl_instructions
     assert len(chosen) == 10 and chosen[:2] == splits["harmless_test"]
     assert not set(chosen) & set(pool[:8]) and str(pool_file) in source
-    many = Suite(
-        Settings(kl_n=2, data_dir=str(tmp_path)), RunLayout(tmp_path), None, splits, {}, lambda: None
-    )  # type: ignore[arg-type]
+    many = Suite(Settings(kl_n=2, data_dir=str(tmp_path)), files, None, splits, {}, lambda: None)  # type: ignore[arg-type]
     assert many.kl_instructions == (splits["harmless_test"], "harmless_test")
+    # Without the pool file (a fresh clone): the harmless training source tops the prompts up.
+    assert (
+        suite_files(RunLayout(tmp_path), Settings(data_dir=str(tmp_path / "none"))).kl_pool
+        == "builtin:harmless"
+    )
 
 
 def test_corpus_windows_and_ce(make_lm: Any, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 from refusalkit import pipeline
 from refusalkit.directions import Candidates, Direction
 from refusalkit.errors import RefusalkitError
+from refusalkit.export import cli as export_cli
 from refusalkit.pipeline import Run, format_table
 from refusalkit.settings import Settings
 from refusalkit.stages import data, evaluate, export, extract, select
@@ -69,7 +70,7 @@ CALLS = {
     "score_candidates": select,
     "generate": evaluate,
     "logits_for_prompts": evaluate,
-    "export_checkpoint": export,
+    "write_model": export_cli,  # the export stage's writer (stages/export.py imports it when it runs)
     "carve": data,
     "load_model": pipeline,
 }
@@ -152,7 +153,7 @@ def test_second_run_skips_finished_stages(
         for rel in ARTIFACTS
         if rel not in ("manifest.json", "results.json")
     }
-    _forbid(monkeypatch, "mean_activations", "score_candidates", "generate", "export_checkpoint", "carve")
+    _forbid(monkeypatch, "mean_activations", "score_candidates", "generate", "write_model", "carve")
     again = Run(out, _settings(), lm=lm).run_all()
     assert again["direction"] == summary["direction"]
     assert again["refusal_rates"] == summary["refusal_rates"]
@@ -165,7 +166,7 @@ def test_deleted_artifact_reruns_only_its_stage(
     out, lm, summary = finished
     before = json.loads((out / "select" / "candidate_scores.json").read_text())
     (out / "select" / "candidate_scores.json").unlink()
-    _forbid(monkeypatch, "mean_activations", "generate", "export_checkpoint")
+    _forbid(monkeypatch, "mean_activations", "generate", "write_model")
     calls = _count(monkeypatch, "score_candidates")
     again = Run(out, _settings(), lm=lm).run_all()
     assert calls == [1]
@@ -177,7 +178,7 @@ def test_changed_setting_reruns_from_its_stage(
     finished: tuple[Path, Any, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out, lm, _ = finished
-    _forbid(monkeypatch, "mean_activations", "score_candidates", "export_checkpoint")
+    _forbid(monkeypatch, "mean_activations", "score_candidates", "write_model")
     calls = _count(monkeypatch, "generate")
     Run(out, _settings(max_new_tokens=3), lm=lm).run_all()
     # evaluate reran (orthogonalized reuses the ablation's completions; the other five settings share
@@ -433,3 +434,69 @@ def test_evaluate_resumes_only_the_missing_settings(
             assert (done / name).read_text() == text
     again = json.loads((done / "harmless__actadd.json").read_text())
     assert again["rows"] and again["setting"]["coeff"] == 1.0
+
+
+# ---- a fresh clone: data sets absent ------------------------------------------------------------------
+
+
+def _without_data(tmp_path: Path, **overrides: Any) -> Settings:
+    """The test settings with the measurements left at their defaults (not asked for by name) and a data
+    folder that does not exist, as in a clone with no ../shared beside it."""
+    values = _settings(data_dir=str(tmp_path / "no-shared-data"), kl_n=4, coherence_n=2).model_dump(
+        exclude={"measurements"}
+    )
+    return Settings(**{**values, **overrides})
+
+
+def test_defaults_skip_the_measurements_whose_data_is_missing(
+    make_lm: Callable[..., Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The main job finishes without the data folder: corpus CE and TruthfulQA are skipped with a warning
+    that says how to add their data, and recorded as not measured; the rest is measured."""
+    settings = _without_data(tmp_path)
+    assert "measurements" not in settings.model_fields_set
+    with caplog.at_level("WARNING", logger="refusalkit.pipeline"):
+        Run(tmp_path / "run", settings, lm=make_lm("qwen2")).run_all()
+    summary = json.loads((tmp_path / "run" / "measure" / "summary.json").read_text())
+    assert set(summary["not_measured"]) >= {"corpus_ce", "truthfulqa"}
+    assert {"refusal_judges", "coherence", "projections"} <= set(summary["measured"])
+    why = summary["not_measured"]["corpus_ce"]
+    assert "wikitext2_tokenized_test.txt not found" in why and "--data-dir" in why and "--corpus" in why
+    warned = caplog.text
+    assert "corpus_ce will be skipped" in warned and "truthfulqa will be skipped" in warned
+    assert "--data-dir DIR holding truthfulqa/TruthfulQA.csv" in warned
+    assert "topped up from builtin:harmless" in warned  # the KL pool's fallback is said, not silent
+
+
+def test_asked_for_measurement_with_missing_data_fails_before_extraction(
+    make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--measurements corpus_ce without the corpus: one error in seconds, before any stage runs."""
+    _forbid(monkeypatch, "mean_activations", "load_model")
+    settings = _without_data(tmp_path, measurements=["refusal_judges", "corpus_ce", "truthfulqa"])
+    with pytest.raises(RefusalkitError) as info:
+        Run(tmp_path / "run", settings, lm=make_lm("qwen2")).run_all()
+    message = str(info.value)
+    assert "the run cannot start" in message
+    assert "corpus_ce:" in message and "truthfulqa:" in message  # every problem at once
+    assert "--corpus PATH" in message and "drop corpus_ce from --measurements" in message
+    assert not (tmp_path / "run" / "extract").exists()
+
+
+def test_check_lists_every_problem_before_loading_anything(tmp_path: Path) -> None:
+    """A missing model, a missing data file and missing measure data: one error naming all three."""
+    from refusalkit.layout import RunLayout
+
+    missing_model, missing_data = tmp_path / "no-model", tmp_path / "harmful.json"
+    settings = _without_data(
+        tmp_path, model=str(missing_model), harmful_train=str(missing_data), measurements=["corpus_ce"]
+    )
+    with pytest.raises(RefusalkitError) as info:
+        pipeline.check_inputs(RunLayout(tmp_path / "run"), settings, requested={"corpus_ce"})
+    message = str(info.value)
+    assert f"model: model '{missing_model}' not found" in message
+    assert str(missing_data) in message and "corpus_ce:" in message
+    # The same settings without the measure stage: that problem is not this command's.
+    with pytest.raises(RefusalkitError) as info:
+        pipeline.check_inputs(RunLayout(tmp_path / "run"), settings, stages=["extract", "select"])
+    assert "corpus_ce" not in str(info.value)

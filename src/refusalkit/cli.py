@@ -107,18 +107,39 @@ def stage_settings(args: argparse.Namespace, stage: str, run_dir: Path) -> Setti
     return build_settings(flags, args.config, base=saved)
 
 
+def requested(args: argparse.Namespace, settings: Settings) -> set[str]:
+    """The measurements asked for by name on this command (flags, --config, the environment, a preset),
+    not those inherited from the defaults or from the run's saved settings."""
+    from refusalkit.pipeline import requested_measurements
+    from refusalkit.settings import PRESETS
+
+    given = set(explicit_values(options.flag_values(args, Settings), args.config))
+    if settings.preset in PRESETS:
+        given |= set(PRESETS[settings.preset](settings.data_dir))
+    return requested_measurements(settings, given)
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
-    from refusalkit.pipeline import Run, format_table
+    from refusalkit.layout import RunLayout
+    from refusalkit.pipeline import STAGES, Run, check_inputs, format_table
 
     stage = args.command
     run_dir = args.out or getattr(args, "run_dir", None)
     if run_dir is None:
         raise RefusalkitError(f"`refusalkit {args.command}` needs a run folder: pass RUN_DIR or --out DIR")
-    run = Run(run_dir, stage_settings(args, stage, run_dir))
+    settings = stage_settings(args, stage, run_dir)
+    wanted = requested(args, settings)
+    # Every input of the stages this command runs, checked before the first one (and before the model
+    # is resolved): one error listing every problem, in seconds.
+    stages = STAGES if stage == "run" else STAGES[: STAGES.index(stage) + 1]
+    plan = check_inputs(RunLayout(run_dir), settings, stages=stages, requested=wanted)
+    run = Run(run_dir, settings, requested=wanted, plan=plan)
     if stage == "run":
         summary = run.run_all(progress=lambda name: print(f"[refusalkit] {name} ...", file=sys.stderr))
         print(format_table(summary))
         print(f"\nartifacts: {run.out}  (results.json, evaluate/refusal_rates.json, measure/, manifest.json)")
+        for name, why in (plan.skipped if plan else {}).items():
+            print(f"skipped: {name} ({why})")
         if run.layout.report_html.is_file():
             print(f"report: {run.layout.report_html}")
         return 0

@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from refusalkit.data import load_instructions, sample
-from refusalkit.directions import Direction
-from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation import capability, coherence
 from refusalkit.evaluation.judges import (
     BROAD_REFUSAL_MARKERS,
@@ -40,15 +36,12 @@ from refusalkit.evaluation.judges import (
     refusal_verdicts,
     summarize_safety,
 )
-from refusalkit.layout import RunLayout
-from refusalkit.models.loading import LoadedModel
+from refusalkit.evaluation.suite_inputs import Suite
 from refusalkit.prompts import format_prompts
-from refusalkit.settings import MEASUREMENTS, Settings
-from refusalkit.utils import read_json, sha256_file, sha256_text
+from refusalkit.settings import MEASUREMENTS
+from refusalkit.utils import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
-# The broad harmless set that tops up the KL prompts: Alpaca instructions (the paper's harmless test split).
-KL_POOL = ("refusal_direction", "splits", "harmless_test.json")
 VERSION = 2  # bump when a measurement's definition changes, so old artifacts are recomputed
 
 
@@ -58,94 +51,6 @@ class Measurement:
     description: str
     inputs: Callable[[Suite], dict[str, Any]]  # what the result depends on (fingerprinted)
     compute: Callable[[Suite], dict[str, Any]]
-
-
-class Suite:
-    """The measurements of one run, from explicit inputs.
-
-    splits: split name -> instructions; upstream: the fingerprints of the select and evaluate stages;
-    load_model: called (once) only when a measurement must be computed, so an up-to-date stage never
-    loads the model.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        layout: RunLayout,
-        direction: Direction,
-        splits: Mapping[str, list[str]],
-        upstream: Mapping[str, str],
-        load_model: Callable[[], LoadedModel],
-    ) -> None:
-        self.settings = settings
-        self.layout = layout
-        self.direction = direction
-        self.splits = splits
-        self.upstream = dict(upstream)
-        self._load_model = load_model
-        self._lm: LoadedModel | None = None
-
-    # ---- inputs ---------------------------------------------------------------------------------------
-    @property
-    def lm(self) -> LoadedModel:
-        if self._lm is None:
-            self._lm = self._load_model()
-        return self._lm
-
-    def stage_fp(self, stage: str) -> str:
-        return self.upstream.get(stage, "")
-
-    def data_path(self, *parts: str) -> Path:
-        return Path(self.settings.data_dir).joinpath(*parts)
-
-    @property
-    def corpus_path(self) -> Path:
-        s = self.settings
-        return Path(s.corpus) if s.corpus else self.data_path("corpus", "wikitext2_tokenized_test.txt")
-
-    @cached_property
-    def kl_instructions(self) -> tuple[list[str], str]:
-        """The harmless prompts of the first-token KL and where they come from: the run's harmless test
-        split, topped up to ``kl_n`` with a seeded draw from the broad harmless pool (KL_POOL under the
-        data folder, else the harmless test source) minus every harmless train/val/test prompt."""
-        n, split = self.settings.kl_n, self.splits["harmless_test"]
-        chosen, source = list(split[:n]), "harmless_test"
-        if len(chosen) < n:
-            pool = self.data_path(*KL_POOL)
-            st = self.settings
-            spec = str(pool) if pool.is_file() else (st.harmless_test or st.harmless_train)
-            used = {x for k in ("harmless_train", "harmless_val", "harmless_test") for x in self.splits[k]}
-            extra = [x for x in sample(load_instructions(spec).instructions, None, st.seed) if x not in used]
-            chosen += extra[: n - len(chosen)]
-            source += f" + {spec}"
-        return chosen, source
-
-    def completions(self, key: str) -> list[dict[str, Any]]:
-        path = self.layout.completions(*key.split("__", 1))
-        if not path.is_file():
-            raise RefusalkitError(f"{path} is missing; run `refusalkit evaluate {self.layout.root}` first")
-        return list(read_json(path)["rows"])
-
-    @property
-    def orthogonalized_reuse(self) -> dict[str, Any] | None:
-        """The evaluate stage's check that the orthogonalized weights give the ablation hooks' logits
-        (None when it did not run one)."""
-        path = self.layout.refusal_rates
-        return read_json(path).get("orthogonalized_reuse") if path.is_file() else None
-
-    def computed_settings(self) -> tuple[list[str], dict[str, Any] | None]:
-        """The settings a per-setting measurement computes, and the reuse record when the orthogonalized
-        weights passed the evaluate stage's logit check against the ablation hooks: their numbers are then
-        the ablation's (the same function up to float rounding, 1e-5 of the logits on the default model),
-        not computed twice."""
-        settings = coherence.available_settings(self.lm)
-        reuse = self.orthogonalized_reuse
-        if "orthogonalized" in settings and "ablation" in settings and reuse and reuse.get("passed"):
-            return [x for x in settings if x != "orthogonalized"], {"from": "ablation", **reuse}
-        return settings, None
-
-    def completion_keys(self) -> list[str]:
-        return sorted(p.stem for p in self.layout.completions_dir.glob("*__*.json"))
 
 
 # ---- the measurements ----------------------------------------------------------------------------------
@@ -267,7 +172,7 @@ def _reuse_ablation(result: dict[str, Any], keys: tuple[str, ...], reuse: dict[s
 
 
 def _corpus_inputs(s: Suite) -> dict[str, Any]:
-    p = s.corpus_path
+    p = s.files.corpus
     return {
         "select": s.stage_fp("select"),
         "evaluate": s.stage_fp("evaluate"),  # the orthogonalized reuse check
@@ -281,12 +186,12 @@ def _corpus_inputs(s: Suite) -> dict[str, Any]:
 def _corpus(s: Suite) -> dict[str, Any]:
     lm, st = s.lm, s.settings
     windows = coherence.corpus_windows(
-        lm.tokenizer, s.corpus_path, st.corpus_windows, st.corpus_window_tokens
+        lm.tokenizer, s.files.corpus, st.corpus_windows, st.corpus_window_tokens
     )
     settings, reuse = s.computed_settings()
     result = coherence.corpus_ce(lm, s.direction, windows, settings, batch_size=st.batch_size)
     _reuse_ablation(result, ("ce", "ce_per_window"), reuse)
-    return {"measured": True, "corpus": str(s.corpus_path), **result}
+    return {"measured": True, "corpus": str(s.files.corpus), **result}
 
 
 def _projection_inputs(s: Suite) -> dict[str, Any]:
@@ -308,8 +213,7 @@ def _projections(s: Suite) -> dict[str, Any]:
     return out
 
 
-def _file_inputs(s: Suite, *parts: str, **extra: Any) -> dict[str, Any]:
-    p = s.data_path(*parts)
+def _file_inputs(s: Suite, p: Path, **extra: Any) -> dict[str, Any]:
     return {
         "select": s.stage_fp("select"),
         "file": str(p),
@@ -333,7 +237,7 @@ def _compare(s: Suite, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def _gsm8k(s: Suite) -> dict[str, Any]:
     st = s.settings
-    problems = capability.load_gsm8k(s.data_path("gsm8k", "test.jsonl"), st.gsm8k_n)
+    problems = capability.load_gsm8k(s.files.gsm8k, st.gsm8k_n)
     return _compare(
         s,
         lambda: capability.gsm8k_accuracy(
@@ -347,7 +251,7 @@ def _gsm8k(s: Suite) -> dict[str, Any]:
 
 
 def _truthfulqa(s: Suite) -> dict[str, Any]:
-    items = capability.load_truthfulqa(s.data_path("truthfulqa", "TruthfulQA.csv"), s.settings.truthfulqa_n)
+    items = capability.load_truthfulqa(s.files.truthfulqa, s.settings.truthfulqa_n)
     return _compare(s, lambda: capability.truthfulqa_mc(s.lm, items, system=s.settings.system_prompt)) | {
         "prompt_version": capability.TRUTHFULQA_PROMPT_VERSION
     }
@@ -377,8 +281,7 @@ REGISTRY: dict[str, Measurement] = {
             "GSM8K exact match, original vs edited",
             lambda s: _file_inputs(
                 s,
-                "gsm8k",
-                "test.jsonl",
+                s.files.gsm8k,
                 n=s.settings.gsm8k_n,
                 max_new_tokens=s.settings.gsm8k_max_new_tokens,
                 prompt_version=capability.GSM8K_PROMPT_VERSION,
@@ -390,8 +293,7 @@ REGISTRY: dict[str, Measurement] = {
             "TruthfulQA MC1/MC2, original vs edited",
             lambda s: _file_inputs(
                 s,
-                "truthfulqa",
-                "TruthfulQA.csv",
+                s.files.truthfulqa,
                 n=s.settings.truthfulqa_n,
                 prompt_version=capability.TRUTHFULQA_PROMPT_VERSION,
             ),

@@ -8,6 +8,7 @@ result is saved as a safetensors folder in the cache. Later loads read that fold
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -143,6 +144,41 @@ def ensure_converted(name: str) -> Path:
     os.replace(work / "hf", out)
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def model_problem(spec: str) -> str | None:
+    """What stops ``spec`` from loading, found in milliseconds (no conversion, no download), or None.
+
+    A run checks this before its first stage. A hub id is not checked here (that needs the network)."""
+    if spec in BUILTIN_MODELS:
+        model = BUILTIN_MODELS[spec]
+        if status(spec) != "missing":
+            return None
+        missing = [p.package for p in model.parts if _part_path(p) is None]
+        return f"built-in model {spec!r} is not installed (missing {len(missing)} of {len(model.parts)} weight packages); {install_hint(model)}"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            return f"model folder {path} has no config.json; point --model at a transformers model folder"
+        try:
+            json.loads(config.read_text())
+        except (OSError, ValueError) as exc:
+            return f"model folder {path}: config.json is unreadable ({exc})"
+        return None
+    if path.is_file():
+        if path.suffix != ".gguf":
+            return f"{path} is neither a model folder nor a .gguf file"
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return f"{path} is not a GGUF file (it does not start with the GGUF magic)"
+        return None
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+        return (
+            f"model {spec!r} not found: no such file or folder. Give a model folder, a .gguf file, a hub id "
+            f"(online), or a built-in name: {', '.join(BUILTIN_MODELS)}"
+        )
+    return None
 
 
 def smallest_installed_gguf() -> Path | None:

@@ -81,6 +81,10 @@ def _tokenize(llm: Any, text: str) -> list[int]:
     return list(llm.tokenize(text.encode(), add_bos=True, special=True))
 
 
+def _system_info(_llm: Any) -> str:
+    return str(_llama_cpp().llama_print_system_info().decode()).strip()
+
+
 def _set_cvec(llm: Any, path: str, scale: float) -> None:
     """A control-vector file applied with the buffer layout of llama.cpp's own loader."""
     from refusalkit.export.control_vector import cvec_buffer, read_control_vector
@@ -125,6 +129,10 @@ class LlamaCpp:
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's own tokens of ``text`` (special tokens parsed, BOS added where the model wants it)."""
         return list(self._child.call(_tokenize, text))
+
+    def system_info(self) -> str:
+        """llama.cpp's build line: the CPU features it was compiled with (AMX_INT8 = 1, ...)."""
+        return str(self._child.call(_system_info))
 
     @contextmanager
     def control_vector(self, path: str | Path, scale: float = 1.0) -> Iterator[LlamaCpp]:
@@ -187,6 +195,7 @@ def check_llamacpp(gguf: str | Path | None = None) -> LlamaCheck:
     t0 = time.perf_counter()
     try:
         with LlamaCpp(gguf, n_ctx=256) as llm:
+            amx = "AMX" in llm.system_info()
             tokens = llm.tokenize(CHECK_PROMPT)
             logprobs = llm.first_token_logprobs(tokens)
     except ChildCrashed as exc:
@@ -196,7 +205,7 @@ def check_llamacpp(gguf: str | Path | None = None) -> LlamaCheck:
     if not np.isfinite(logprobs).all():
         return LlamaCheck("failed", f"non-finite log-probabilities from {Path(gguf).name}")
     seconds = time.perf_counter() - t0
-    return LlamaCheck(
-        "works",
-        f"{Path(gguf).name}: logits of a {len(tokens)}-token prompt in a child process, {seconds:.1f} s",
-    )
+    detail = f"{Path(gguf).name}: logits of a {len(tokens)}-token prompt in a child process, {seconds:.1f} s"
+    if amx:  # it worked here, but such a build died with SIGILL on other Xeons with AMX (issue 22)
+        detail += f"; this build has AMX kernels: if llama.cpp crashes on a machine, {rebuild_hint()}"
+    return LlamaCheck("works", detail)

@@ -16,6 +16,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from refusalkit.activations import logits_for_prompts
 from refusalkit.errors import RefusalkitError
+from refusalkit.evaluation.continuations import score_continuations
 from refusalkit.generation import generate_ids
 from refusalkit.interventions import RowSteering, ablate_direction, add_direction
 from refusalkit.models import compute_dtype
@@ -307,3 +308,56 @@ def test_bfloat16_load_keeps_no_float32_copy(tmp_path: Path, monkeypatch: pytest
     assert peak["bfloat16 again"] <= 0.6 * peak["float32"], (peak, weights)  # later loads map the copy
     (copy,) = (tmp_path / "cache" / "cast").iterdir()
     assert sum(f.stat().st_size for f in copy.glob("*.safetensors")) < 0.51 * weights
+
+
+# ---- restarts at a layer keep working in bfloat16 -----------------------------------------------------
+
+
+def test_replay_tolerance_per_dtype() -> None:
+    assert compute_dtype.replay_tolerance(torch.float32) == 1e-4
+    assert compute_dtype.replay_tolerance(torch.bfloat16) == 4 * 2.0**-7
+    assert compute_dtype.replay_tolerance(torch.float16) == 4 * 2.0**-10
+
+
+def test_bfloat16_selection_restarts_and_notices_a_wrong_one(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Selection's activation-addition restart passes its self-check in a bfloat16 load (a failed
+    check would silently cost full passes) and still fails it when the replay is wrong."""
+    from refusalkit.activations import encode_batches
+    from refusalkit.selection.passes import ResidReplay
+
+    lm = load_model(str(folder), dtype="bfloat16", device="cpu")
+    prompts = format_prompts(lm.tokenizer, INSTRUCTIONS, "You are a helpful assistant.")
+    enc = encode_batches(lm, prompts, batch_size=2)
+    replay = ResidReplay(lm, enc, [1, 2, 3])
+    assert replay.exact
+    v = _direction(lm)
+    with add_direction(lm.arch, v, 2):
+        plain = logits_for_prompts(lm, prompts, 2)
+    got = replay.added_logits(v[None].float(), 2)[0]
+    assert float((got - plain).abs().max()) <= 0.02 * float(plain.abs().max())
+    monkeypatch.setattr(ResidReplay, "_head", lambda self, h: lm.arch.unembed(h)[:, -1].float())  # no norm
+    assert not ResidReplay(lm, enc, [1, 2, 3]).exact
+
+
+def test_bfloat16_coherence_actadd_restarts(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from refusalkit.directions import Direction
+    from refusalkit.evaluation import continuations
+    from refusalkit.evaluation.coherence import intervention, score_settings
+
+    lm = load_model(str(folder), dtype="bfloat16", device="cpu")
+    replayed: list[int] = []
+    real = continuations.run_blocks
+    monkeypatch.setattr(continuations, "run_blocks", lambda *a, **k: replayed.append(1) or real(*a, **k))
+    tok = lm.tokenizer
+    ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in format_prompts(tok, INSTRUCTIONS)]
+    conts = [tok(t, add_special_tokens=False)["input_ids"] for t in (" Blue.", "", " One two", " Hm")]
+    d = Direction(_direction(lm), layer=2, position=-1)
+    runs = score_settings(lm, d, ctx, conts, ["baseline", "actadd"], batch_size=2, keep_first_logits=True)
+    assert len(replayed) > 2  # the self-check and the batches restarted (a failed check: only the former)
+    with intervention(lm, "actadd", d):
+        hooked = score_continuations(lm, ctx, conts, batch_size=2, keep_first_logits=True)
+    a, b = runs["actadd"].first_logits, hooked.first_logits
+    assert a is not None and b is not None
+    assert float((a - b).abs().max()) <= 0.02 * float(b.abs().max())

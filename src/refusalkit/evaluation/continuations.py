@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from refusalkit.activations import forward_after_prefix, prefix_cache, repeat_cache, shared_prefix_len
+from refusalkit.models.compute_dtype import replay_tolerance
 from refusalkit.models.loading import LoadedModel
 from refusalkit.prompts import Batch, pad_left
 from refusalkit.restart import Calls, Recorder, head_logits, run_blocks
@@ -170,14 +171,15 @@ def replay_added(
 ) -> ContinuationScores | None:
     """The recorded pass's scores with ``vector`` ([d_model], raw) added to resid_pre[layer] at every
     real token (``add_direction``'s numbers), computed from that layer on. None when replaying the
-    first batch without a vector does not give its recorded logits (rel. 1e-4): run the hooked pass."""
+    first batch without a vector does not give its recorded logits (rel. 1e-4 in float32, a few roundings
+    in bfloat16: ``replay_tolerance``): run the hooked pass."""
     try:
         again = next(_replay(lm, replay, torch.zeros_like(vector), 1))[:, -1]
     except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as exc:
         log.warning("restarting at a layer does not work for this model (%s); using a full pass", exc)
         return None
     err = float((again - replay.first_batch).abs().max()) / (float(replay.first_batch.abs().max()) or 1.0)
-    if err > 1e-4:
+    if err > replay_tolerance(lm.dtype):
         log.warning("restarting at a layer changes the logits (rel. error %.1e); using a full pass", err)
         return None
     out = _Collector(lm, replay.continuations, keep_first_logits)

@@ -67,6 +67,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def replay_tolerance(dtype: torch.dtype) -> float:
+    """The largest relative logit difference a restart at a layer (``refusalkit.restart``) may show
+    against the recorded pass before it is taken as wrong: 1e-4 in float32 (the order of operations),
+    four roundings of a half-precision dtype (bfloat16: 0.031; measured 0 on the test models, where a
+    wrong replay is off by 0.38 or more), so a bfloat16 run keeps its restarts."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
 def mlp_shape(config: dict[str, Any] | None) -> tuple[int, int]:
     """(hidden size, intermediate size) of a transformers config (a dict), else the default model's."""
     if not config:

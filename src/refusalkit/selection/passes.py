@@ -26,6 +26,7 @@ from refusalkit.activations import (
     select_cache_rows,
 )
 from refusalkit.interventions import RowSteering, add_direction
+from refusalkit.models.compute_dtype import replay_tolerance
 from refusalkit.models.loading import LoadedModel
 from refusalkit.prompts import Batch
 from refusalkit.restart import Calls, Recorder, head_logits, run_blocks
@@ -122,9 +123,10 @@ class ResidReplay:
             return False
         scale = float(self.baseline.abs().max()) or 1.0
         err = float((again - self.baseline).abs().max()) / scale
-        if err > 1e-4:
+        tol = replay_tolerance(self.lm.dtype)
+        if err > tol:
             log.warning("restarting at a layer changes the logits (rel. error %.1e); using full passes", err)
-        return err <= 1e-4
+        return err <= tol
 
     def added_logits(self, vectors: torch.Tensor, layer: int, score: Score | None = None) -> torch.Tensor:
         """[k, n, vocab] last-token logits with each of the k ``vectors`` ([k, d_model], raw) added to

@@ -239,7 +239,6 @@ HEAVY_ARGUMENT_MODULES = {
     "orthogonalize": "refusalkit.export.cli",
     "chat": "refusalkit.chat.terminal",
     "serve": "refusalkit.serve",
-    "suffix": "refusalkit.analysis.gcg",
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from refusalkit import options
-from refusalkit.analysis.gcg import GCGConfig
+from refusalkit.analysis.gcg_config import GCGConfig
 from refusalkit.analysis.options import AnalyzeOptions, SearchOptions, SuffixOptions
 from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout

@@ -23,7 +23,7 @@ from refusalkit.interventions import capture_resid_pre
 from refusalkit.models.loading import LoadedModel
 
 if TYPE_CHECKING:
-    from refusalkit.analysis.gcg import GCGConfig
+    from refusalkit.analysis.gcg_config import GCGConfig
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from refusalkit.analysis.gcg import GCGConfig
+from refusalkit.analysis.gcg_config import GCGConfig
 
 
 class SuffixOptions(BaseModel):

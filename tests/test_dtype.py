@@ -226,6 +226,8 @@ def test_a_float32_run_never_resumes_bfloat16_artifacts(
     assert manifest["settings"]["dtype"] == "bfloat16" and manifest["model"]["dtype"] == "torch.bfloat16"
     assert manifest["compute_dtype"]["requested"] == "auto"
     assert manifest["compute_dtype"]["probe"]["speedup"] == 3.0
+    # the orthogonalized weights reuse the ablation's completions in bfloat16 too (within its rounding)
+    assert json.loads((out / "evaluate" / "refusal_rates.json").read_text())["orthogonalized_reuse"]["passed"]
     before = {name: rec["fingerprint"] for name, rec in manifest["stages"].items()}
     assert set(before) >= {"extract", "select", "evaluate", "measure", "export"}
 

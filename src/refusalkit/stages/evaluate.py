@@ -24,6 +24,7 @@ from refusalkit.evaluation.coherence import HOOK_SETTINGS, intervention, row_ste
 from refusalkit.evaluation.refusal import is_refusal, wilson_interval
 from refusalkit.generation import generate
 from refusalkit.layout import RunLayout
+from refusalkit.models.compute_dtype import replay_tolerance
 from refusalkit.models.loading import LoadedModel
 from refusalkit.settings import Settings
 from refusalkit.stages.common import prompts
@@ -31,7 +32,9 @@ from refusalkit.utils import read_json, write_json
 
 # Reuse the ablation completions for the orthogonalized weights when the next-token logits of the two
 # differ by at most this fraction of the largest logit (float32 rounding is ~1e-5 of it) and every
-# prompt's greedy next token agrees.
+# prompt's greedy next token agrees. In bfloat16 the hooks and the edited weights round differently by
+# about one rounding of the logits (0.011 of the largest on the test models): four roundings are allowed
+# there (``replay_tolerance``), else a bfloat16 run would always generate the orthogonalized setting again.
 REUSE_RTOL = 1e-3
 PROMPT_SETS = ("harmful", "harmless")
 
@@ -81,7 +84,7 @@ def reuse_check(
     with intervention(lm, "orthogonalized", direction):
         weights = logits_for_prompts(lm, test_prompts, batch_size).float()
     diff = float((hooked - weights).abs().max())
-    tol = REUSE_RTOL * float(hooked.abs().max())
+    tol = max(REUSE_RTOL, replay_tolerance(lm.dtype)) * float(hooked.abs().max())
     same_argmax = bool(torch.equal(hooked.argmax(-1), weights.argmax(-1)))
     return {
         "max_logit_diff": diff,

@@ -84,7 +84,8 @@ def reuse_check(
     with intervention(lm, "orthogonalized", direction):
         weights = logits_for_prompts(lm, test_prompts, batch_size).float()
     diff = float((hooked - weights).abs().max())
-    tol = max(REUSE_RTOL, replay_tolerance(lm.dtype)) * float(hooked.abs().max())
+    half = lm.dtype in (torch.bfloat16, torch.float16)
+    tol = (max(REUSE_RTOL, replay_tolerance(lm.dtype)) if half else REUSE_RTOL) * float(hooked.abs().max())
     same_argmax = bool(torch.equal(hooked.argmax(-1), weights.argmax(-1)))
     return {
         "max_logit_diff": diff,

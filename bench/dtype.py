@@ -230,6 +230,9 @@ def full(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"  same candidate; cosine of the two directions {cos}")
     print("candidate scores, bfloat16 against float32:")
     compare_scores(scores["float32"], scores["bfloat16"])
+    for d in DTYPES:
+        reuse = (read(runs[d] / "evaluate" / "refusal_rates.json") or {}).get("orthogonalized_reuse")
+        print(f"orthogonalized reuses the ablation's completions ({d}): {reuse}")
     counts = {d: judge_counts(runs[d]) for d in DTYPES}
     print("\nrefusals per judge (k/n), float32 -> bfloat16:")
     for key in sorted(counts["float32"]):

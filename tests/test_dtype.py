@@ -363,3 +363,19 @@ def test_bfloat16_coherence_actadd_restarts(folder: Path, monkeypatch: pytest.Mo
     a, b = runs["actadd"].first_logits, hooked.first_logits
     assert a is not None and b is not None
     assert float((a - b).abs().max()) <= 0.02 * float(b.abs().max())
+
+
+def test_kl_and_metric_from_bfloat16_logits_are_float64() -> None:
+    """bfloat16 logits are upcast before any arithmetic: KL and the refusal metric equal those of the
+    same values given as float64."""
+    from refusalkit.metric import kl_div, refusal_metric
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = (
+        (4 * torch.randn(3, 50, generator=gen)).bfloat16(),
+        (4 * torch.randn(3, 50, generator=gen)).bfloat16(),
+    )
+    kl = kl_div(a, b)
+    assert kl.dtype == torch.float64
+    torch.testing.assert_close(kl, kl_div(a.double(), b.double()), rtol=0, atol=0)
+    torch.testing.assert_close(refusal_metric(a, [1, 2]), refusal_metric(a.double(), [1, 2]), rtol=0, atol=0)

@@ -500,3 +500,22 @@ def test_check_lists_every_problem_before_loading_anything(tmp_path: Path) -> No
     with pytest.raises(RefusalkitError) as info:
         pipeline.check_inputs(RunLayout(tmp_path / "run"), settings, stages=["extract", "select"])
     assert "corpus_ce" not in str(info.value)
+
+
+def test_a_measurement_made_earlier_is_kept_when_its_data_is_gone(
+    make_lm: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A run measured where the data was, resumed where it is not: the earlier result stays."""
+    lm, out = make_lm("qwen2"), tmp_path / "run"
+    Run(out, _without_data(tmp_path), lm=lm).run_all()
+    earlier = {
+        "measurement": "corpus_ce",
+        "measured": True,
+        "fingerprint": "made-elsewhere",
+        "ce": {"baseline": 2.5},
+    }
+    (out / "measure" / "corpus_ce.json").write_text(json.dumps(earlier))
+    Run(out, _without_data(tmp_path, kl_n=3), lm=lm).run_all()  # the measure stage runs again
+    assert json.loads((out / "measure" / "corpus_ce.json").read_text()) == earlier
+    summary = json.loads((out / "measure" / "summary.json").read_text())
+    assert "corpus_ce" in summary["measured"] and "truthfulqa" in summary["not_measured"]

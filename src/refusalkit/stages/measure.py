@@ -121,6 +121,10 @@ def measure(suite: Suite, layout: RunLayout, the_plan: Plan) -> dict[str, Any]:
             log.info("measure %s: up to date", name)
             continue
         if name in the_plan.skipped:
+            if path.is_file() and read_json(path).get("measured", True):
+                # measured earlier, with data that is absent now (another machine): keep it, say so
+                log.warning("measure %s: kept the earlier result (%s)", name, the_plan.skipped[name])
+                continue
             reason = the_plan.skipped[name]
             write_json(path, {"measurement": name, "measured": False, "reason": reason, "fingerprint": fp})
             continue

@@ -379,3 +379,58 @@ def test_kl_and_metric_from_bfloat16_logits_are_float64() -> None:
     assert kl.dtype == torch.float64
     torch.testing.assert_close(kl, kl_div(a.double(), b.double()), rtol=0, atol=0)
     torch.testing.assert_close(refusal_metric(a, [1, 2]), refusal_metric(a.double(), [1, 2]), rtol=0, atol=0)
+
+
+# ---- the bfloat16 copy of float32 weights --------------------------------------------------------------
+
+
+def test_cast_file_converts_float32_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from refusalkit.models import cast
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(37, 11, generator=gen),
+        "ids": torch.arange(5, dtype=torch.int64),
+        "h": torch.randn(9, generator=gen).half(),
+    }
+    save_file(tensors, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(cast, "CHUNK_BYTES", 64)  # many chunks per tensor
+    cast.cast_file(tmp_path / "a.safetensors", tmp_path / "b.safetensors", torch.bfloat16)
+    got = load_file(tmp_path / "b.safetensors")
+    assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], tensors["w"].bfloat16())
+    assert torch.equal(got["ids"], tensors["ids"]) and torch.equal(got["h"], tensors["h"])
+    with safe_open(tmp_path / "b.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_cast_copy_once_and_only_for_float32(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refusalkit.models import cast
+
+    written: list[Path] = []
+    real = cast.cast_file
+    monkeypatch.setattr(cast, "cast_file", lambda s, d, t: written.append(s) or real(s, d, t))
+    root = tmp_path / "cache"
+    copy = cast.cast_copy(folder, torch.bfloat16, root, "files-sha256:abc")
+    assert copy is not None and (copy / "config.json").is_file() and (copy / "tokenizer.json").is_file()
+    assert cast.cast_copy(folder, torch.bfloat16, root, "files-sha256:abc") == copy
+    assert len(written) == 1  # the second call found the finished copy
+    assert cast.cast_copy(copy, torch.bfloat16, root, "other") is None  # no float32 left: nothing to do
+    assert cast.cast_copy(folder, torch.float32, root, "files-sha256:abc") is None
+
+
+def test_load_falls_back_to_casting_when_the_copy_cannot_be_written(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, probe_calls: list[tuple[int, int]]
+) -> None:
+    from refusalkit.models import loading
+
+    def full_disk(*_a: Any, **_k: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loading, "cast_copy", full_disk)
+    lm = load_model(str(folder), dtype="bfloat16", device="cpu")
+    assert lm.dtype == torch.bfloat16 and lm.source == str(folder)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 << 20  # float32 bytes read, cast and written at a time
 SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16"}
+MARKER = "refusalkit-cast.json"  # written last: a copy without it is incomplete
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -90,7 +91,7 @@ def cast_copy(folder: str | Path, dtype: torch.dtype, root: Path, key: str) -> P
     if dtype not in SAFETENSORS_DTYPE or not needs_cast(folder):
         return None
     out = root / f"{key.replace(':', '-')}-{str(dtype).removeprefix('torch.')}"
-    if (out / "refusalkit-cast.json").is_file():
+    if (out / MARKER).is_file():
         return out
     gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2 / 1e9
     log.info("writing a %s copy of the float32 weights of %s (%.1f GB, once) into %s", dtype, folder, gb, out)
@@ -103,9 +104,14 @@ def cast_copy(folder: str | Path, dtype: torch.dtype, root: Path, key: str) -> P
                 cast_file(f, tmp / f.name, dtype)
             elif f.is_file():
                 shutil.copy2(f, tmp / f.name)  # config, tokenizer, template, index: small
-        (tmp / "refusalkit-cast.json").write_text(json.dumps({"source": str(folder), "key": key}))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        (tmp / MARKER).write_text(json.dumps({"source": str(folder), "key": key}))
+        if not (out / MARKER).is_file():  # another process may have finished the same copy meanwhile
+            shutil.rmtree(out, ignore_errors=True)  # a leftover without its marker is never read
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if not (out / MARKER).is_file():
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -184,7 +184,13 @@ def load_model(
     # own cast holds the float32 and the bfloat16 model at once, 1.5x a float32 load's peak.
     weights = where
     if local:
-        cast = cast_copy(where, kwargs["dtype"], cache_dir() / "cast", weights_fp)
+        try:
+            cast = cast_copy(where, kwargs["dtype"], cache_dir() / "cast", weights_fp)
+        except OSError as exc:  # e.g. a full disk: transformers' cast works, at 1.5x the memory
+            log.warning(
+                "could not write a %s copy of the weights (%s); casting while loading", choice.dtype, exc
+            )
+            cast = None
         weights = str(cast) if cast is not None else where
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)

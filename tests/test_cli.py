@@ -85,7 +85,7 @@ def test_flags_parse_to_settings_types() -> None:
 
 
 def test_export_format_flag_and_deprecated_alias(capsys: pytest.CaptureFixture[str]) -> None:
-    from refusalkit.export.cli import ExportOptions
+    from refusalkit.export.options import ExportOptions
 
     args = build_parser().parse_args(["export", "runs/x", "--format", "gguf", "--edit", "search"])
     assert flag_values(args, ExportOptions) == {"format": "gguf", "edit": "search"}
@@ -232,16 +232,6 @@ def test_gcg_checkpoint_of_another_model_or_direction_starts_over(
     assert config.max_seconds is None and _gcg_config(SearchOptions(max_minutes=2)).max_seconds == 120
 
 
-# Commands whose options classes live in modules that import torch (their owners move them to light
-# modules; strict, so the mark must go once a command is fixed).
-HEAVY_ARGUMENT_MODULES = {
-    "export": "refusalkit.export.cli",
-    "orthogonalize": "refusalkit.export.cli",
-    "chat": "refusalkit.chat.terminal",
-    "serve": "refusalkit.serve",
-}
-
-
 def _imports_after(argv: list[str]) -> set[str]:
     """The heavy modules imported by `refusalkit ARGV` (run in a fresh interpreter, which exits by
     argparse's SystemExit for --help and argument errors)."""
@@ -260,20 +250,7 @@ def test_help_imports_no_torch() -> None:
     assert _imports_after(["no-such-command"]) == set()
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param(
-            c,
-            marks=pytest.mark.xfail(
-                strict=True, reason=f"its flags come from {HEAVY_ARGUMENT_MODULES[c]}, which imports torch"
-            ),
-        )
-        if c in HEAVY_ARGUMENT_MODULES
-        else c
-        for c in cli.COMMANDS
-    ],
-)
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_argument_errors_import_no_torch(command: str) -> None:
     """A command's argument error is reported before any model code is imported."""
     assert _imports_after([command, "--no-such-flag"]) == set()

@@ -234,7 +234,7 @@ for _name, _help in STAGE_HELP.items():
                 _name,
                 _help,
                 "refusalkit.export.cli:run_export_cli",
-                options=("refusalkit.export.cli:ExportOptions",),
+                options=("refusalkit.export.options:ExportOptions",),
                 arguments=run_dir_arguments,
             )
         )
@@ -262,8 +262,8 @@ register(
         "chat",
         "Chat in the terminal with a run's original and edited model, streamed; /help inside.",
         "refusalkit.chat.terminal:run_chat",
-        options=("refusalkit.chat.terminal:ChatOptions",),
-        arguments="refusalkit.chat.terminal:run_dir_argument",
+        options=("refusalkit.chat.options:ChatOptions",),
+        arguments="refusalkit.chat.options:run_dir_argument",
     )
 )
 register(
@@ -271,8 +271,8 @@ register(
         "serve",
         "A local page: one prompt, the original's and the edited model's answers side by side, streamed.",
         "refusalkit.serve:run_serve",
-        options=("refusalkit.serve:ServeOptions",),
-        arguments="refusalkit.chat.terminal:run_dir_argument",
+        options=("refusalkit.chat.options:ServeOptions",),
+        arguments="refusalkit.chat.options:run_dir_argument",
     )
 )
 register(
@@ -280,7 +280,7 @@ register(
         "orthogonalize",
         STAGE_HELP["export"],
         "refusalkit.export.cli:run_export_cli",
-        options=("refusalkit.export.cli:ExportOptions",),
+        options=("refusalkit.export.options:ExportOptions",),
         arguments=run_dir_arguments,
         hidden=True,
     )

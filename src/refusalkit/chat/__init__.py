@@ -1,7 +1,4 @@
-"""Try a run's models interactively: the terminal chat (`refusalkit chat`) and the model-under-a-setting
-engine that the chat and the local page (`refusalkit serve`) share."""
-
-from refusalkit.chat.engine import ChatModel, Setting, load_chat_model
-from refusalkit.chat.terminal import ChatOptions, run_chat
-
-__all__ = ["ChatModel", "ChatOptions", "Setting", "load_chat_model", "run_chat"]
+"""Try a run's models interactively: the terminal chat (`refusalkit chat`, chat/terminal.py) and the
+model-under-a-setting engine (chat/engine.py) that the chat and the local page (`refusalkit serve`)
+share. Importing the package imports neither (both import torch): the command table reads the options
+from chat/options.py."""

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from refusalkit.activations import cache_kwarg, cache_of
+from refusalkit.chat.options import Setting
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.interventions import ablate_direction, add_direction
@@ -41,35 +42,7 @@ from refusalkit.run import ActiveEdit, RunFolder
 if TYPE_CHECKING:
     from refusalkit.report.active_edit import EditNumbers
 
-KINDS = ("original", "edited", "ablation", "add")
 Message = dict[str, str]  # {"role": "user" | "assistant", "content": ...}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """How the model answers. ``coeff`` is used by ``add`` only."""
-
-    kind: str = "original"
-    coeff: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise RefusalkitError(f"unknown setting {self.kind!r}; use one of {', '.join(KINDS)}")
-
-    @property
-    def label(self) -> str:
-        return f"add {self.coeff:+g}" if self.kind == "add" else self.kind
-
-    @classmethod
-    def parse(cls, text: str) -> Setting:
-        """``original``, ``edited``, ``ablation`` or ``add C`` (also ``add:C``)."""
-        kind, _, rest = text.strip().replace(":", " ").partition(" ")
-        if kind != "add":
-            return cls(kind)
-        try:
-            return cls("add", float(rest))
-        except ValueError:
-            raise RefusalkitError(f"`add` needs a number, e.g. `add 1` or `add -1`; got {rest!r}") from None
 
 
 EditFactory = Callable[[], AbstractContextManager[Any]]

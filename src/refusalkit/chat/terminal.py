@@ -13,15 +13,12 @@ import sys
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import ClassVar, TextIO
+from typing import TextIO
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from refusalkit.chat.engine import ChatModel, Message, Setting
+from refusalkit.chat.engine import ChatModel, Message
+from refusalkit.chat.options import ChatOptions, Setting, standalone
 from refusalkit.errors import RefusalkitError
-from refusalkit.options import add_flags, options_from_args
-from refusalkit.run import EditOption
+from refusalkit.options import options_from_args
 
 HELP = """commands:
   /original     answer with the original model
@@ -33,32 +30,6 @@ HELP = """commands:
   /help         this list
   /quit         leave (also Ctrl-D); Ctrl-C stops an answer
 Each setting keeps its own conversation."""
-
-
-def run_dir_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "run_dir", type=Path, help="Run folder with a selected direction; its manifest names the model."
-    )
-
-
-class ChatOptions(EditOption):
-    model_config = ConfigDict(extra="forbid")
-    env_prefix: ClassVar[str] = "REFUSALKIT_CHAT_"  # REFUSALKIT_MAX_NEW_TOKENS is the run's setting
-
-    setting: str = Field(
-        "edited", description="Setting to start with: original, edited, ablation or 'add C'."
-    )
-    both: bool = Field(False, description="Start side by side (original and the setting answer each prompt).")
-    max_new_tokens: int = Field(256, ge=1, description="Most new tokens per answer.")
-
-    @field_validator("setting")
-    @classmethod
-    def _setting(cls, v: str) -> str:
-        try:
-            Setting.parse(v)
-        except RefusalkitError as exc:
-            raise ValueError(str(exc)) from None
-        return v
 
 
 def printable(text: str) -> str:
@@ -177,21 +148,6 @@ def run_chat(args: argparse.Namespace) -> int:
         return terminal.loop()
     finally:
         model.close()
-
-
-def standalone(
-    prog: str, options: type[BaseModel], command: Callable[[argparse.Namespace], int], argv: list[str] | None
-) -> int:
-    """``python -m refusalkit.chat`` / ``.serve``: RUN_DIR and the command's flags, errors printed as the
-    ``refusalkit`` command prints them."""
-    parser = argparse.ArgumentParser(prog=prog)
-    run_dir_argument(parser)
-    add_flags(parser, options)
-    try:
-        return command(parser.parse_args(argv))
-    except RefusalkitError as exc:
-        print(f"refusalkit: error: {exc}", file=sys.stderr)
-        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

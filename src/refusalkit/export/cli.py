@@ -18,9 +18,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import ConfigDict, Field
+from typing import Any
 
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
@@ -33,45 +31,14 @@ from refusalkit.export.gguf import (
     source_gguf,
 )
 from refusalkit.export.hub import push_to_hub
+from refusalkit.export.options import ExportOptions
 from refusalkit.layout import RunLayout
 from refusalkit.models.loading import LoadedModel, load_model
 from refusalkit.orthogonalize import save_folder
-from refusalkit.run import ActiveEdit, EditOption, RunFolder
+from refusalkit.run import ActiveEdit, RunFolder
 from refusalkit.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class ExportOptions(EditOption):
-    """Options of `refusalkit export`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal["safetensors", "gguf"] = Field(
-        "safetensors",
-        description="safetensors: a transformers folder; gguf: one GGUF file for llama.cpp, Ollama, LM Studio.",
-    )
-    out_dir: Path | None = Field(
-        None, description="Export folder; default RUN_DIR/model (safetensors) or RUN_DIR/gguf (gguf)."
-    )
-    gguf_type: Literal["q8_0", "f16", "f32"] = Field(
-        "q8_0",
-        description="Encoding of the edited GGUF tensors (the other tensors keep the source's encoding).",
-    )
-    control_vector: bool = Field(
-        False,
-        description="Also write the direction as a llama.cpp control vector (--control-vector-scaled FILE -1 "
-        "subtracts the direction at run time, +1 adds it).",
-    )
-    llama_cpp: Path | None = Field(
-        None,
-        description="A llama.cpp checkout; GGUF export of a model that was not loaded from a GGUF file runs "
-        "its convert_hf_to_gguf.py on the edited transformers folder.",
-    )
-    force: bool = Field(False, description="Overwrite export files that already exist.")
-    push_to_hub: str | None = Field(
-        None, description="Upload the export folder and its card to this Hugging Face Hub repo (online)."
-    )
 
 
 @dataclass
@@ -81,13 +48,6 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
     size_bytes: dict[str, int] = field(default_factory=dict)
     url: str | None = None
-
-
-def add_export_options(parser: argparse.ArgumentParser) -> None:
-    """The export flags, from ``ExportOptions`` (one source for flags, TOML keys and env variables)."""
-    from refusalkit.options import add_flags
-
-    add_flags(parser, ExportOptions, title="export options")
 
 
 def _slug(model: str) -> str:

@@ -6,27 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import ClassVar, NoReturn
+from typing import NoReturn
 
-from pydantic import ConfigDict, Field
-
-from refusalkit.chat.terminal import standalone
+from refusalkit.chat.options import ServeOptions, standalone
 from refusalkit.options import options_from_args
-from refusalkit.run import EditOption
-
-
-class ServeOptions(EditOption):
-    model_config = ConfigDict(extra="forbid")
-    env_prefix: ClassVar[str] = "REFUSALKIT_SERVE_"  # REFUSALKIT_MAX_NEW_TOKENS is the run's setting
-
-    host: str = Field(
-        "127.0.0.1", description="Address to listen on (the default is reachable from this machine only)."
-    )
-    port: int = Field(8765, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
-    browser: bool = Field(
-        True, description="Open the page in the default browser (--no-browser: only print its address)."
-    )
-    max_new_tokens: int = Field(256, ge=1, description="Most new tokens per answer.")
 
 
 def run_serve(args: argparse.Namespace) -> NoReturn:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from refusalkit.chat.engine import ChatModel, Setting
+from refusalkit.chat.engine import ChatModel
+from refusalkit.chat.options import Setting
 from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
 from refusalkit.serve.page import RIGHT_CHOICES, edit_rows, render_page

@@ -151,11 +151,11 @@ def score_continuations(
         with recording() as calls:
             logits = forward_after_prefix(
                 lm, past, n_prefix, batch.input_ids, batch.attention_mask, keep=keep
-            ).float()  # [b, keep, vocab]
+            )  # [b, keep, vocab] in the model's dtype: the collector takes float64 log-probs row by row
         if rec is not None:
             recorded.append(calls)
             if not first_batch.numel():  # a copy: a view would hold the batch's [b, keep, vocab] alive
-                first_batch = logits[:, -1].clone()
+                first_batch = logits[:, -1].to(torch.float32, copy=True)
         out.add(chunk, logits, keep)
     scores = out.scores()
     if rec is not None and record_at is not None:

@@ -17,6 +17,7 @@ import pytest
 
 from refusalkit import cli
 from refusalkit.cli import STAGE_HELP, Command, build_parser, main
+from refusalkit.errors import RefusalkitError
 from refusalkit.models.registry import BUILTIN_MODELS
 from refusalkit.options import flag_values, options_from_args
 from refusalkit.settings import STAGE_OPTIONS, Settings
@@ -193,6 +194,29 @@ def test_stage_reuses_the_run_settings(tmp_path: Path, capsys: pytest.CaptureFix
     # A flag overrides the saved value.
     assert main(["extract", str(run_dir), "--harmful-train", str(tmp_path / "flag.txt")]) == 2
     assert "flag.txt" in capsys.readouterr().err
+
+
+def test_stage_settings_one_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage on a run folder: defaults < saved settings < --config < environment < flags, the run
+    reader's order; a manifest without settings still needs the model named."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = {"model": "saved-model", "n_train": 5, "n_val": 6, "batch_size": 7, "seed": 8}
+    (run_dir / "manifest.json").write_text(json.dumps({"settings": saved}))
+    config = tmp_path / "c.toml"
+    config.write_text("n_val = 16\nbatch_size = 17\nseed = 18\n")
+    monkeypatch.setenv("REFUSALKIT_BATCH_SIZE", "27")
+    monkeypatch.setenv("REFUSALKIT_SEED", "28")
+    argv = ["select", str(run_dir), "--config", str(config), "--seed", "38"]
+    s = cli.stage_settings(build_parser(["select"]).parse_args(argv), "select", run_dir)
+    assert (s.model, s.n_train, s.n_val, s.batch_size, s.seed) == ("saved-model", 5, 16, 27, 38)
+    assert s.n_test == Settings().n_test  # untouched: the default
+    # `run` starts from the defaults, whatever the folder saved
+    run = cli.stage_settings(build_parser(["run"]).parse_args(["run", "--out", str(run_dir)]), "run", run_dir)
+    assert run.model == Settings().model and run.n_train == Settings().n_train
+    (run_dir / "manifest.json").write_text(json.dumps({"stages": {}}))
+    with pytest.raises(RefusalkitError, match="no finished stage"):
+        cli.stage_settings(build_parser(["select"]).parse_args(["select", str(run_dir)]), "select", run_dir)
 
 
 def test_bad_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

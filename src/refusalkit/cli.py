@@ -88,23 +88,27 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 def stage_settings(args: argparse.Namespace, stage: str, run_dir: Path) -> Settings:
     """The settings of a stage command.
 
-    ``run`` starts from the defaults. Any other stage command starts from the settings saved in the
-    run folder's manifest; a folder without them (no stage ever finished there) needs the model named
-    explicitly (--model, the TOML file or REFUSALKIT_MODEL), so a typo in the folder name never starts a
-    run of the default model.
+    ``run`` starts from the defaults. Any other stage command reads the run's settings through the one
+    run reader (``run.RunFolder.settings``: defaults < saved settings < --config < environment < flags);
+    a folder without saved settings (no stage ever finished there) needs the model named explicitly
+    (--model, the TOML file or REFUSALKIT_MODEL), so a typo in the folder name never starts a run of the
+    default model.
     """
-    from refusalkit.layout import RunLayout
-    from refusalkit.manifest import Manifest
+    from refusalkit.run import RunFolder
 
     flags = options.flag_values(args, Settings)
-    saved = Manifest(RunLayout(run_dir)).settings if stage != "run" else {}
-    if stage != "run" and not saved and "model" not in explicit_values(flags, args.config):
+    if stage == "run":
+        return build_settings(flags, args.config)
+    run = RunFolder(run_dir)
+    if run.has_settings():
+        return run.settings(flags, args.config)
+    if "model" not in explicit_values(flags, args.config):
         raise RefusalkitError(
             f"{run_dir} has no finished stage to take the settings from (no manifest.json with settings). "
             f"Start the run with `refusalkit run --out {run_dir}`, or name the model to start it stage by "
             f"stage: `refusalkit {stage} {run_dir} --model NAME`"
         )
-    return build_settings(flags, args.config, base=saved)
+    return build_settings(flags, args.config)
 
 
 def requested(args: argparse.Namespace, settings: Settings) -> set[str]:

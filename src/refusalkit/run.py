@@ -172,6 +172,10 @@ class RunFolder:
             self._manifest = Manifest(self.layout)
         return self._manifest
 
+    def has_settings(self) -> bool:
+        """Whether a stage of this run finished and saved the run's settings (manifest.json)."""
+        return self.layout.manifest.is_file() and bool(self.manifest.settings)
+
     def settings(self, flags: Mapping[str, Any] | None = None, config: str | Path | None = None) -> Settings:
         """The run's settings: defaults < saved settings < ``config`` (TOML) < environment < ``flags``."""
         from refusalkit.settings import build_settings

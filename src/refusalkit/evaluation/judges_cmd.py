@@ -278,16 +278,21 @@ def completion_files(folder: Path) -> list[Path]:
 
 def compare_folder(args: argparse.Namespace) -> dict[str, Any]:
     from refusalkit.evaluation.agreement import disagreements
-    from refusalkit.layout import RunLayout
-    from refusalkit.manifest import Manifest
-    from refusalkit.models.registry import DEFAULT_MODEL
+    from refusalkit.run import RunFolder
+    from refusalkit.settings import build_settings
     from refusalkit.utils import read_json
 
     folder = args.folder
-    saved = Manifest(RunLayout(folder)).settings if (folder / "manifest.json").is_file() else {}
-    # the run's own model, loaded as the run loads it (its chat template, remote code, architecture map)
-    how = {k: saved[k] for k in ("trust_remote_code", "chat_template", "arch_override") if saved.get(k)}
-    judges = build_judges(args, str(saved.get("model") or DEFAULT_MODEL), load_kwargs=how)
+    run = RunFolder(folder)
+    # the run's own model (read as every command reads a run's settings), loaded as the run loads it
+    # (its chat template, remote code, architecture map); a folder of completions alone: the default
+    settings = run.settings() if run.has_settings() else build_settings()
+    how = {
+        k: v
+        for k, v in settings.model_kwargs().items()
+        if k in ("trust_remote_code", "chat_template", "arch_override") and v
+    }
+    judges = build_judges(args, settings.model, load_kwargs=how)
     out: dict[str, Any] = {
         "folder": str(folder),
         "judges": {n: j.identity() for n, j in judges.items()},

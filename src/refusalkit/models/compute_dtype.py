@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from refusalkit.errors import RefusalkitError
+from refusalkit.models.registry import cache_dir
+from refusalkit.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +139,6 @@ def cpu_identity() -> dict[str, Any]:
 
 
 def cache_file() -> Path:
-    from refusalkit.models.registry import cache_dir
-
     return cache_dir() / CACHE_FILE
 
 
@@ -155,8 +155,6 @@ def cached_probe(shape: tuple[int, int], cache: Path | None = None) -> dict[str,
         return {**saved[key], "cached": True}
     result = {**probe_cpu(shape), **ident}
     try:
-        from refusalkit.utils import write_json
-
         write_json(path, {**saved, key: result})
     except OSError as exc:  # a read-only cache folder costs a probe per run, nothing else
         log.warning("could not cache the dtype probe in %s: %s", path, exc)

@@ -307,26 +307,41 @@ def test_option_scoring_leaves_the_prefix_cache_as_it_was(
 
 
 def test_every_scoring_pass_declares_its_real_tokens(make_lm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hooks read the real-token mask (``token_mask``) to leave pads alone: each pass declares one
-    covering its cached and new columns, marking exactly the non-pad tokens it runs."""
-    from refusalkit.interventions import _TOKEN_MASK
+    """Hooks read the real-token mask (``token_mask``) to leave pads alone: each pass declares one, so
+    activation addition (which reads it) changes exactly the non-pad tokens it runs, in every pass."""
+    from refusalkit.interventions import get_hidden
 
     lm = make_lm("qwen2")
     contexts, options = _questions(lm)
     monkeypatch.setattr(C, "OPTION_ROWS", 3)
-    seen: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
+    ids_seen: list[torch.Tensor] = []
+    before: list[torch.Tensor] = []
+    after: list[torch.Tensor] = []
 
-    def spy(_module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        ids = kwargs["input_ids"]
-        seen.append((ids, _TOKEN_MASK.get(), kwargs["attention_mask"].shape[1]))
+    def record(into: list[torch.Tensor]) -> Any:
+        def hook(_module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            into.append(get_hidden(args, kwargs).detach().clone())
 
-    handle = lm.model.register_forward_pre_hook(spy, with_kwargs=True)
+        return hook
+
+    block = lm.arch.blocks[0]
+    handles = [
+        lm.model.register_forward_pre_hook(
+            lambda _m, _a, kw: ids_seen.append(kw["input_ids"]), with_kwargs=True
+        ),
+        block.register_forward_pre_hook(record(before), with_kwargs=True),
+    ]
+    vector = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     try:
-        C.option_logprobs(lm, contexts, options)
+        with add_direction(lm.arch, vector, 0):  # its hook runs between the two recorders
+            handles.append(block.register_forward_pre_hook(record(after), with_kwargs=True))
+            C.option_logprobs(lm, contexts, options)
     finally:
-        handle.remove()
-    assert len(seen) >= 4  # prefix, contexts, option passes
+        for h in handles:
+            h.remove()
+    assert len(ids_seen) >= 4 and len(before) == len(after) == len(ids_seen)  # prefix, contexts, options
     pad = lm.tokenizer.pad_token_id
-    for ids, mask, width in seen:
-        assert mask is not None and mask.shape == (ids.shape[0], width)
-        assert torch.equal(mask[:, -ids.shape[1] :].bool(), ids != pad)
+    assert any(bool((ids == pad).any()) for ids in ids_seen)  # some pads, or the test shows nothing
+    for ids, x, y in zip(ids_seen, before, after, strict=True):
+        steered = (y - x).abs().sum(-1) > 0
+        assert torch.equal(steered, ids != pad)

@@ -229,10 +229,10 @@ def test_bad_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_gcg_checkpoint_of_another_model_or_direction_starts_over(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from refusalkit.analysis.cli import _gcg_config, _resumable
+    from refusalkit.analysis.cli import gcg_config, resumable
     from refusalkit.analysis.options import SearchOptions
 
-    config = _gcg_config(SearchOptions(n_steps=3))
+    config = gcg_config(SearchOptions(n_steps=3))
     meta = {
         "prompt_indices": [0],
         "model": {"name": "m", "fingerprint": "files-sha256:aaa"},
@@ -245,15 +245,15 @@ def test_gcg_checkpoint_of_another_model_or_direction_starts_over(
         "history": [{"step": 2}],
     }
     partial.write_text(json.dumps(saved))
-    assert _resumable(partial, config, meta) == saved
+    assert resumable(partial, config, meta) == saved
     assert "resuming from step 2" in capsys.readouterr().err
     other_model = {**meta, "model": {"name": "m", "fingerprint": "files-sha256:bbb"}}
-    assert _resumable(partial, config, other_model) is None
+    assert resumable(partial, config, other_model) is None
     assert "other model; starting over" in capsys.readouterr().err
     other_direction = {**meta, "direction": {"layer": 4, "position": -1, "sha256": "d1"}}
-    assert _resumable(partial, config, other_direction) is None
+    assert resumable(partial, config, other_direction) is None
     assert "other direction" in capsys.readouterr().err
-    assert config.max_seconds is None and _gcg_config(SearchOptions(max_minutes=2)).max_seconds == 120
+    assert config.max_seconds is None and gcg_config(SearchOptions(max_minutes=2)).max_seconds == 120
 
 
 def _imports_after(argv: list[str]) -> set[str]:

@@ -20,7 +20,6 @@ from refusalkit.search.edit import (
     Kernel,
     applied_edit,
     direction_at,
-    export_edit_checkpoint,
     hooked_edit,
     plan,
 )
@@ -178,16 +177,28 @@ def test_bad_params_are_clear(make_lm: Callable[..., Any]) -> None:
 
 
 def test_export_loads_with_plain_transformers(make_lm: Callable[..., Any], tmp_path: Path) -> None:
+    """The searched edit written by the one writer of RUN_DIR/model (``export.cli.write_model``): an
+    ordinary transformers folder with the edit's parameters beside it, equal to the hooked edit; the
+    live model is restored."""
     from transformers import AutoModelForCausalLM
+
+    from refusalkit.export.cli import write_model
+    from refusalkit.layout import RunLayout
+    from refusalkit.utils import write_json
 
     lm = make_lm("qwen2", tie_word_embeddings=True)
     cands, params, batch = _cands(lm), EDITS["per-layer-embed"], prompt_batch(lm)
     with hooked_edit(lm, cands, params):
         hooked = real_logits(lm.model, batch)
+    layout = RunLayout(tmp_path / "run")
+    write_json(layout.manifest, {"settings": {"model": "tiny-qwen2"}, "stages": {}})
+    cands.save(layout.candidates)
+    write_json(layout.chosen, {"trial": 0, "edit": params.model_dump(mode="json")})
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    out = export_edit_checkpoint(lm, cands, params, tmp_path / "model")
+    out = write_model(layout.root, lm, edit="search")
+    assert out == layout.model_dir
     assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
-    assert not list(tmp_path.glob(".*partial"))
+    assert not list(layout.root.glob(".*partial"))
     assert EditParams.model_validate_json((out / "refusalkit_edit.json").read_text()) == params
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert_same_logits(real_logits(loaded, batch), hooked)

@@ -148,7 +148,8 @@ def _refused_first(ctx: _Context, use_filter: bool) -> tuple[list[int], str]:
     return keep, how
 
 
-def _gcg_config(opts: Any) -> GCGConfig:
+def gcg_config(opts: Any) -> GCGConfig:
+    """The GCG search's configuration from the command's options (--max-minutes as seconds), validated."""
     fields = {f.name for f in dataclasses.fields(GCGConfig)} - {"max_seconds"}
     values = {k: v for k, v in opts.model_dump().items() if k in fields}
     max_seconds = opts.max_minutes * 60 if opts.max_minutes else None
@@ -169,7 +170,7 @@ def _search_identity(ctx: _Context) -> dict[str, Any]:
     }
 
 
-def _resumable(partial: Path, config: GCGConfig, meta: dict[str, Any]) -> dict[str, Any] | None:
+def resumable(partial: Path, config: GCGConfig, meta: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint at ``partial`` if it was made with this config, prompts, model and direction.
     A checkpoint of another search starts the search over, and says why."""
     if not partial.is_file():
@@ -200,7 +201,7 @@ def _resumable(partial: Path, config: GCGConfig, meta: dict[str, Any]) -> dict[s
 def cmd_search(run_dir: Path | None, opts: Any) -> int:
     from refusalkit.analysis.gcg import run_gcg
 
-    config = _gcg_config(opts)
+    config = gcg_config(opts)
     ctx = _context(run_dir, opts)
     order, how = _refused_first(ctx, opts.filter)
     chosen = order[: opts.n_prompts]
@@ -219,7 +220,7 @@ def cmd_search(run_dir: Path | None, opts: Any) -> int:
         direction=ctx.direction,
         system=ctx.system,
         meta=meta,
-        resume=_resumable(partial, config, meta),
+        resume=resumable(partial, config, meta),
         checkpoint=lambda r: r.save(partial),
     )
     result.save(path)
@@ -273,9 +274,9 @@ def cmd_analyze(run_dir: Path | None, opts: Any) -> int:
     source = _suffix_source(run_dir, opts)
     suffixes, search_idx = load_suffixes(source)
     if opts.plots:
-        from refusalkit.analysis.plots import _pyplot
+        from refusalkit.analysis.plots import pyplot
 
-        _pyplot()  # fail before the model loads if matplotlib is missing
+        pyplot()  # fail before the model loads if matplotlib is missing
     ctx = _context(run_dir, opts)
     order, how = _refused_first(ctx, opts.filter)
     search_idx = [i for i in search_idx if i < len(ctx.harmful)]

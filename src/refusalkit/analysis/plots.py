@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 COLORS = {"harmful": "tab:red", "adversarial": "tab:purple", "random": "tab:gray", "harmless": "tab:green"}
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display); a clear error when matplotlib is
+    missing, so a command can check for it before any model loads."""
     try:
         import matplotlib
     except ImportError:
@@ -41,7 +43,7 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
 
 
 def plot_cosine(res: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     sites = res["cosine"]["sites"]
     x = list(range(len(sites)))
@@ -65,7 +67,7 @@ def plot_cosine(res: dict[str, Any], path: Path) -> Path:
 
 
 def plot_heads(res: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     ha = res["head_attribution"]
     top = ha["top_heads"]
     names = res["conditions"]
@@ -97,7 +99,7 @@ def plot_heads(res: dict[str, Any], path: Path) -> Path:
 
 
 def plot_attention(res: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     att = res["attention"]
     roles = res["roles"]
     names = res["conditions"]
@@ -148,7 +150,7 @@ def error_bars(rates: list[float], cis: list[list[float | None]]) -> list[list[f
 
 
 def plot_refusal(res: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     names = res["conditions"]
     ref = res["refusal"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
@@ -181,7 +183,7 @@ def write_plots(res: dict[str, Any], folder: str | Path) -> list[Path]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _pyplot()
+    pyplot()
     written = []
     for name, plot in PLOTS.items():
         try:
@@ -194,4 +196,4 @@ def write_plots(res: dict[str, Any], folder: str | Path) -> list[Path]:
 
 def _close_all() -> None:
     """Free figures a failed plot left open (it raised before closing them)."""
-    _pyplot().close("all")
+    pyplot().close("all")

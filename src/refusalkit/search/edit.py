@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -209,14 +208,3 @@ def hooked_edit(lm: LoadedModel, candidates: Candidates, params: EditParams) -> 
         )
     with project_outputs([(t.module, t.unit, t.scale) for t in plan(lm, candidates, params)]):
         yield
-
-
-def export_edit_checkpoint(
-    lm: LoadedModel, candidates: Candidates, params: EditParams, out: str | Path
-) -> Path:
-    """Save ``lm`` with the edit applied as an ordinary transformers checkpoint folder (loads with plain
-    ``from_pretrained``), with the edit's parameters in refusalkit_edit.json; the live model is restored."""
-    from refusalkit.orthogonalize import save_folder
-
-    with applied_edit(lm, candidates, params):
-        return save_folder(lm, out, extra={"refusalkit_edit.json": params.model_dump_json(indent=2) + "\n"})

@@ -34,8 +34,11 @@ MEASUREMENTS = (
     "gsm8k",
     "truthfulqa",
     "lm_eval",
+    "over_refusal",
 )
-DEFAULT_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m not in ("gsm8k", "lm_eval"))
+# over_refusal (greedy completions of 2 x over_refusal_n prompts, unedited and edited: ~3-4 minutes on the
+# default model on a 2-core CPU at n 32) is opt-in too (docs/calibrate.md).
+DEFAULT_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m not in ("gsm8k", "lm_eval", "over_refusal"))
 # Formats of the export stage (stages/export.py holds one writer per format).
 EXPORT_FORMATS = ("safetensors",)
 
@@ -216,6 +219,12 @@ class MeasureOptions(_Options):
     lm_eval_limit: int | None = Field(
         None, ge=1, description="Examples per lm-evaluation-harness task (all if unset)."
     )
+    over_refusal_n: int = Field(
+        32,
+        ge=1,
+        description="Prompts per over-refusal set (the first N of DATA_DIR/over_refusal/"
+        "or_bench_hard_test.json and oktest_val.json) for the over_refusal measurement.",
+    )
 
     @field_validator("measurements")
     @classmethod
@@ -277,7 +286,7 @@ def _paper(data_dir: str) -> dict[str, Any]:
         "n_test": 100,
         "max_new_tokens": 256,
         "exhaustive_selection": True,
-        "measurements": [m for m in MEASUREMENTS if m != "lm_eval"],
+        "measurements": [m for m in MEASUREMENTS if m not in ("lm_eval", "over_refusal")],
         "gsm8k_n": 100,
         "truthfulqa_n": 200,
         "coherence_n": 32,

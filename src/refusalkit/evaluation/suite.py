@@ -262,6 +262,60 @@ def _lm_eval(s: Suite) -> dict[str, Any]:
     return _compare(s, lambda: capability.lm_eval_tasks(s.lm, st.lm_eval_tasks, limit=st.lm_eval_limit))
 
 
+def _over_refusal_sets(s: Suite) -> dict[str, Path]:
+    """The held-out over-refusal sets found in the data folder (OR-Bench-Hard test, OKTest val)."""
+    from refusalkit.calibrate import data
+
+    root = s.files.data_dir or Path()
+    return {n: data.path(root, n) for n in data.TEST_SETS if data.path(root, n).is_file()}
+
+
+def _over_refusal_inputs(s: Suite) -> dict[str, Any]:
+    return {
+        "select": s.stage_fp("select"),
+        "sets": {n: sha256_file(p) for n, p in _over_refusal_sets(s).items()},
+        "n": s.settings.over_refusal_n,
+        "max_new_tokens": s.settings.max_new_tokens,
+        "system": s.settings.system_prompt,
+        "paper": PAPER_REFUSAL_SUBSTRINGS,
+        "broad": BROAD_REFUSAL_MARKERS,
+    }
+
+
+def _over_refusal(s: Suite) -> dict[str, Any]:
+    """Refusal rates on prompts that look harmful but are not, unedited and edited (the run's judges)."""
+    from refusalkit.calibrate.data import load
+    from refusalkit.calibrate.rates import judged_rates
+
+    st, edited = s.settings, _edited_setting(s)
+    root = s.files.data_dir or Path()
+    sets = {n: load(root, n, st.over_refusal_n) for n in _over_refusal_sets(s)}
+    kw: dict[str, Any] = {
+        "system": st.system_prompt,
+        "max_new_tokens": st.max_new_tokens,
+        "batch_size": st.gen_batch_size,
+    }
+    runs = {
+        "baseline": judged_rates(s.lm, sets, desc="over-refusal baseline", **kw),
+        edited: judged_rates(
+            s.lm,
+            sets,
+            edit=lambda: coherence.intervention(s.lm, edited, s.direction),
+            desc=f"over-refusal {edited}",
+            **kw,
+        ),
+    }
+    return {
+        "measured": True,
+        "edited_setting": edited,
+        "max_new_tokens": st.max_new_tokens,
+        # rates[prompt set][setting][judge], as refusal_judges.json
+        "rates": {n: {k: r[n]["rates"] for k, r in runs.items()} for n in sets},
+        "rows": {f"{n}__{k}": r[n]["rows"] for k, r in runs.items() for n in sets},
+        "note": "prompts that look harmful but are not: every refusal is a false refusal",
+    }
+
+
 REGISTRY: dict[str, Measurement] = {
     m.name: m
     for m in (
@@ -308,6 +362,12 @@ REGISTRY: dict[str, Measurement] = {
                 "limit": s.settings.lm_eval_limit,
             },
             _lm_eval,
+        ),
+        Measurement(
+            "over_refusal",
+            "false refusals on OR-Bench-Hard test and OKTest val, original vs edited",
+            _over_refusal_inputs,
+            _over_refusal,
         ),
     )
 }

@@ -43,6 +43,7 @@ class SuiteOptions(Protocol):
     truthfulqa_n: int
     lm_eval_tasks: list[str]
     lm_eval_limit: int | None
+    over_refusal_n: int
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class SuiteFiles:
     gsm8k: Path  # gsm8k/test.jsonl
     truthfulqa: Path  # truthfulqa/TruthfulQA.csv
     kl_pool: str  # data spec of the broad harmless pool that tops up the first-token KL prompts
+    data_dir: Path | None = None  # the data folder (over_refusal/ there: the over-refusal sets)
 
     def completions(self, key: str) -> Path:
         return self.completions_dir / f"{key}.json"

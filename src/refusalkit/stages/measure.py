@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from refusalkit.calibrate import data as over_refusal_data
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.suite import REGISTRY, VERSION, Measurement
 from refusalkit.evaluation.suite_inputs import Suite, SuiteFiles
@@ -56,6 +57,7 @@ def suite_files(layout: RunLayout, s: Settings) -> SuiteFiles:
         gsm8k=data / "gsm8k" / "test.jsonl",
         truthfulqa=data / "truthfulqa" / "TruthfulQA.csv",
         kl_pool=str(pool) if pool.is_file() else (s.harmless_test or s.harmless_train),
+        data_dir=data,
     )
 
 
@@ -70,6 +72,10 @@ def plan(s: Settings, files: SuiteFiles, *, requested: Collection[str]) -> Plan:
         ),
         "gsm8k": (files.gsm8k, "--data-dir DIR holding gsm8k/test.jsonl"),
         "truthfulqa": (files.truthfulqa, "--data-dir DIR holding truthfulqa/TruthfulQA.csv"),
+        "over_refusal": (
+            over_refusal_data.path(data, over_refusal_data.TEST_SETS[0]),
+            "--data-dir DIR holding over_refusal/or_bench_hard_test.json and oktest_val.json",
+        ),
     }
     out = Plan(compute=[])
     for name in s.measurements:

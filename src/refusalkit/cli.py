@@ -263,6 +263,15 @@ register(
 )
 register(
     Command(
+        "calibrate",
+        "Cut false refusals, keep the real ones: the false-refusal vector (Wang et al.) of a finished run.",
+        "refusalkit.calibrate.cli:run_calibrate",
+        options=("refusalkit.calibrate.options:CalibrateOptions",),
+        arguments="refusalkit.calibrate.cli:calibrate_arguments",
+    )
+)
+register(
+    Command(
         "chat",
         "Chat in the terminal with a run's original and edited model, streamed; /help inside.",
         "refusalkit.chat.terminal:run_chat",

@@ -18,6 +18,8 @@ the active edit) goes through ``run.RunFolder``. Layout:
   search/study.db                    the edit search's Optuna study (resumable)
   search/front.json                  the Pareto front, proxy and verified objectives
   search/chosen.json                 the edit chosen from the front (parameters and kernels)
+  calibrate/                         `refusalkit calibrate`: the false-refusal means, scores per lambda,
+                                     the chosen vectors (lam*.safetensors/json), calibrated.json
   suffix/                            GCG search and suffix analysis (analysis/)
   model/                             the edited checkpoint and its card (export.cli.write_model, its one writer)
   gguf/                              GGUF exports and control vectors
@@ -120,6 +122,15 @@ class RunLayout:
     @property
     def chosen(self) -> Path:
         return self.search_dir / "chosen.json"
+
+    @property
+    def calibrate_dir(self) -> Path:
+        return self.root / "calibrate"
+
+    @property
+    def calibrated(self) -> Path:
+        """calibrate/calibrated.json: the calibration `refusalkit calibrate` chose last (its vector's stem)."""
+        return self.calibrate_dir / "calibrated.json"
 
     @property
     def suffix_dir(self) -> Path:

@@ -194,6 +194,36 @@ def test_calibrate_chooses_saves_and_resumes_without_work(
     assert out0["stem"] == "lam0" and (layout.calibrate_dir / "scores_lam0.json").is_file()
 
 
+def test_edit_calibrate_is_the_last_calibration_and_never_the_default(
+    make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refusalkit.report.active_edit import edit_numbers
+    from refusalkit.run import RunFolder
+
+    lm = make_lm("qwen2")
+    layout = _run_dir(lm, tmp_path)
+    run = RunFolder(layout)
+    with pytest.raises(RefusalkitError, match=r"no calibration .*refusalkit calibrate"):
+        run.active_edit("calibrate")
+    ids = _refusing_ids(lm)
+    monkeypatch.setattr(calrun, "refusal_token_ids", lambda _tok, _strings: ids)
+    calrun.calibrate(layout, _opts(lam=0.5), lm=lm, say=_quiet)
+    assert run.active_edit().kind == "direction"  # the default active edit is unchanged
+    active = run.active_edit("calibrate")
+    saved = Direction.load(layout.calibrate_dir / "lam0.5")
+    assert active.kind == "calibrate" and active.choice == "calibrate" and "lambda 0.5" in active.label
+    torch.testing.assert_close(active.direction.vector, saved.vector, rtol=0, atol=0)
+    prompts = format_prompts(lm.tokenizer, PSEUDO[:3])
+    with edit(lm, saved.vector, "hooks"):
+        hooked = logits_for_prompts(lm, prompts, 4)
+    with active.apply(lm):
+        applied = logits_for_prompts(lm, prompts, 4)
+    torch.testing.assert_close(applied, hooked, rtol=0, atol=1e-3)
+    rows = edit_numbers(run, active).rows
+    assert any("pseudo-harmful validation prompts refused" in r.label for r in rows)
+    assert rows[-1].edited == f"{saved.scores['kl']:.4f}"
+
+
 def test_an_interrupted_scoring_resumes_from_its_checkpoint(
     make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

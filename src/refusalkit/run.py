@@ -9,7 +9,9 @@ card) reads it here, so a run means the same thing to all of them:
 - **the active edit**: the search's choice when search/chosen.json exists (``refusalkit optimize``),
   else the paper's direction, orthogonalized. Every command uses it unless ``--edit`` says otherwise,
   with one spelling everywhere: ``--edit direction`` (the paper's), ``--edit search`` (the search's
-  choice) or ``--edit trial:N`` (trial N of the search's front).
+  choice) or ``--edit trial:N`` (trial N of the search's front). ``--edit calibrate`` names the
+  calibration (``refusalkit calibrate``: the false-refusal vector, orthogonalized); it is never the
+  default.
 
 Importing this module is cheap (options classes inherit ``EditOption``); the readers import torch and
 the search code when they run.
@@ -39,10 +41,11 @@ if TYPE_CHECKING:
 
 EDIT_HELP = (
     "Which edit: direction (the paper's direction, orthogonalized), search (the edit `refusalkit optimize` "
-    "chose, search/chosen.json) or trial:N (trial N of the search's front); default: the run's active "
+    "chose, search/chosen.json), trial:N (trial N of the search's front) or calibrate (the false-refusal "
+    "vector `refusalkit calibrate` chose, calibrate/calibrated.json); default: the run's active "
     "edit, the search's choice when there is one, else the direction."
 )
-EDIT_KINDS = ("direction", "search")
+EDIT_KINDS = ("direction", "search", "calibrate")
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,9 @@ def parse_edit_choice(text: str | None) -> EditChoice:
     name, sep, number = t.partition(":")
     if name == "trial" and sep and number.strip().isdigit():
         return EditChoice("search", int(number))
-    raise RefusalkitError(f"--edit {text!r}: use direction, search or trial:N (N a trial number)")
+    raise RefusalkitError(
+        f"--edit {text!r}: use direction, search or trial:N (N a trial number), or calibrate"
+    )
 
 
 class EditOption(BaseModel):
@@ -84,13 +89,15 @@ class EditOption(BaseModel):
 
 @dataclass(frozen=True)
 class ActiveEdit:
-    """One edit of a run: the paper's direction (orthogonalized) or a searched edit (a trial).
+    """One edit of a run: the paper's direction (orthogonalized), a searched edit (a trial) or the
+    calibration (the false-refusal vector in ``direction``, orthogonalized).
 
     ``record`` is the search's record of the trial (its edit, proxy and verified numbers) from
-    search/front.json, else search/chosen.json; ``record_path`` says which.
+    search/front.json, else search/chosen.json, or the calibration's record (its vector's JSON, with
+    the validation numbers); ``record_path`` says which.
     """
 
-    kind: str  # "direction" | "search"
+    kind: str  # "direction" | "search" | "calibrate"
     direction: Direction | None
     params: EditParams | None = None
     trial: int | None = None
@@ -106,6 +113,14 @@ class ActiveEdit:
             d = self.direction
             assert d is not None
             return f"orthogonalized weights (the paper's direction: layer {d.layer}, position {d.position})"
+        if self.kind == "calibrate":
+            d = self.direction
+            assert d is not None
+            lam = d.meta.get("lam")
+            return (
+                f"the calibration (the false-refusal vector, layer {d.layer}, position {d.position}, "
+                f"lambda {lam:g}, orthogonalized weights)"
+            )
         if self.chosen:
             return "the search's chosen edit" + (f" (trial {self.trial})" if self.trial is not None else "")
         return f"the search's trial {self.trial}"
@@ -113,13 +128,13 @@ class ActiveEdit:
     @property
     def choice(self) -> str:
         """The ``--edit`` value that selects this edit again."""
-        if self.kind == "direction":
-            return "direction"
+        if self.kind in ("direction", "calibrate"):
+            return self.kind
         return "search" if self.chosen else f"trial:{self.trial}"
 
     def apply(self, lm: LoadedModel) -> AbstractContextManager[Any]:
         """The edit on ``lm``'s weights for the duration of a ``with`` block, restored bit for bit after."""
-        if self.kind == "direction":
+        if self.kind in ("direction", "calibrate"):  # both: one vector off every residual write
             from refusalkit.orthogonalize import orthogonalized
 
             assert self.direction is not None
@@ -131,7 +146,7 @@ class ActiveEdit:
 
     def modules(self, lm: LoadedModel) -> list[nn.Module] | None:
         """The modules the edit changes (None: every residual write, as orthogonalization edits)."""
-        if self.kind == "direction":
+        if self.kind in ("direction", "calibrate"):
             return None
         from refusalkit.search.edit import plan
 
@@ -249,6 +264,19 @@ class RunFolder:
             f"`refusalkit optimize {self.root} --trial {trial}` and pass --edit search"
         )
 
+    def calibration(self) -> ActiveEdit:
+        """The calibration ``refusalkit calibrate`` chose last (calibrate/calibrated.json -> its vector)."""
+        from refusalkit.directions import Direction
+        from refusalkit.utils import read_json
+
+        if not self.layout.calibrated.is_file():
+            raise self.missing("calibration", self.layout.calibrated, "calibrate")
+        stem = self.layout.calibrate_dir / str(read_json(self.layout.calibrated)["stem"])
+        vector = Direction.load(stem)
+        return ActiveEdit(
+            "calibrate", vector, record=dict(vector.meta), record_path=stem.with_suffix(".json")
+        )
+
     # ---- the active edit --------------------------------------------------------------------------------
     def active_edit(self, choice: str | None = None) -> ActiveEdit:
         """The edit ``choice`` (an ``--edit`` value) names; None: the search's choice when there is
@@ -260,6 +288,8 @@ class RunFolder:
         kind = c.kind or ("search" if self.layout.chosen.is_file() else "direction")
         if kind == "direction":
             return ActiveEdit("direction", self.direction())
+        if kind == "calibrate":
+            return self.calibration()
         chosen = c.trial is None
         trial = int(self.chosen()["trial"]) if chosen else c.trial
         assert trial is not None

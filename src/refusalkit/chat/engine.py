@@ -83,7 +83,7 @@ class ChatModel:
         self.active = active or ActiveEdit("direction", direction)
         self.run = run
         self.edit: WeightEdit | None = None
-        if self.active.kind == "search" or lm.arch.spec.weights_orthogonalizable:
+        if self.active.kind != "direction" or lm.arch.spec.weights_orthogonalizable:
             self.edit = WeightEdit(self.active.label, lambda: self.active.apply(lm))
         self._held: ExitStack | None = None  # the weight edit, while it is applied
         self._lock = threading.Lock()

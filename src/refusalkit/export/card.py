@@ -57,6 +57,23 @@ def _front_matter(model: str, fmt: str) -> list[str]:
 
 
 def _method(data: RunData, h: dict[str, Any], active: ActiveEdit) -> list[str]:
+    if active.kind == "calibrate":
+        d = active.direction
+        assert d is not None
+        return [
+            "## Method",
+            "",
+            'A calibration (`refusalkit calibrate`, after Wang et al., ICLR 2025, "Surgical, Cheap, and '
+            'Flexible: Mitigating False Refusal in Language Models via Single Vector Ablation"): the '
+            "difference in means between prompts that look harmful but are not and that the original "
+            "model refuses, and harmless prompts, at layer {}, position {}, with lambda {} of its "
+            "component along the refusal direction removed, is projected off every residual write "
+            "(W <- W - u u^T W). The model should refuse fewer harmless requests that look dangerous "
+            "and keep refusing harmful ones; the numbers above say how far that held.".format(
+                d.layer, d.position, d.meta.get("lam")
+            ),
+            "",
+        ]
     if active.kind == "search":
         from refusalkit.search.front import describe
 
@@ -166,7 +183,10 @@ def model_card(run: RunFolder, active: ActiveEdit, files: list[CardFile], *, fmt
     h = headline(data)
     numbers = edit_numbers(run, active, data)
     model = str(h.get("model") or "the model")
-    what = "refusal direction ablated" if active.kind == "direction" else "refusal edit chosen by a search"
+    what = {
+        "direction": "refusal direction ablated",
+        "calibrate": "false refusals calibrated away",
+    }.get(active.kind, "refusal edit chosen by a search")
     listing = ["## Files", "", "| file | contents |", "| --- | --- |"]
     listing += [f"| `{f.name}` | {f.description} |" for f in files]
     lines = [

@@ -88,13 +88,23 @@ def _refuse_existing(t: ExportPaths, opts: ExportOptions) -> None:
 def _gguf_metadata(run: RunFolder, active: ActiveEdit) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "version": metadata.version("refusalkit"),
-        "edit": "orthogonalization" if active.kind == "direction" else "searched edit",
+        "edit": {"direction": "orthogonalization", "calibrate": "calibration"}.get(
+            active.kind, "searched edit"
+        ),
         "run": run.root.resolve().name,
         "select_fingerprint": run.manifest.fingerprint_of("select"),
     }
     if active.kind == "direction":
         assert active.direction is not None
         meta |= {"direction.layer": active.direction.layer, "direction.position": active.direction.position}
+    elif active.kind == "calibrate":
+        assert active.direction is not None
+        d = active.direction
+        meta |= {
+            "calibration.layer": d.layer,
+            "calibration.position": d.position,
+            "calibration.lam": d.meta.get("lam"),
+        }
     else:
         assert active.params is not None
         meta |= {"edit.trial": active.trial, "edit.params": active.params.model_dump_json()}

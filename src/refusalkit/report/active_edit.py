@@ -8,7 +8,9 @@ A card or a page describes one model, so it shows that edit's own numbers and no
   original model on the same prompts;
 - a searched edit: the search's verification of that trial on held-out prompts (search/front.json, or
   search/chosen.json for a chosen trial off the front), against the unedited model verified on the same
-  prompts; a trial never verified shows the search's proxy numbers, labelled as such.
+  prompts; a trial never verified shows the search's proxy numbers, labelled as such;
+- the calibration (``--edit calibrate``): its judged validation record (pseudo-harmful and harmful
+  validation prompts, unedited and calibrated) and the KL its selection measured.
 
 Read only: artifacts, no model.
 """
@@ -76,6 +78,8 @@ def edit_numbers(run: RunFolder, active: ActiveEdit, data: RunData | None = None
     """The numbers of ``active``, an edit of ``run`` (``data``: its artifacts, read when not given)."""
     if active.kind == "search":
         return _search_numbers(run, active)
+    if active.kind == "calibrate":
+        return calibration_numbers(active)
     return _direction_numbers(active, data or collect(run.root))
 
 
@@ -196,4 +200,51 @@ def _search_numbers(run: RunFolder, active: ActiveEdit) -> EditNumbers:
     return EditNumbers(active.label, active.choice, source, rows, numbers)
 
 
-__all__ = ["NOT_MEASURED", "EditNumbers", "Row", "direction_setting", "edit_numbers", "rate_text"]
+def calibration_numbers(active: ActiveEdit) -> EditNumbers:
+    """The calibration's own numbers: its judged validation record, and its selection's scores."""
+    record, d = active.record or {}, active.direction
+    assert d is not None
+    val = record.get("validation") or {}
+    rows = []
+    for name, what in (("pseudo_harmful_val", "pseudo-harmful"), ("harmful_val", "harmful")):
+        for judge in ("paper", "broad"):
+            r = val.get(name) or {}
+            if judge in (r.get("calibrated") or {}):
+                rows.append(
+                    Row(
+                        f"{what} validation prompts refused ({JUDGES[judge]})",
+                        rate_text(r["baseline"].get(judge)),
+                        rate_text(r["calibrated"].get(judge)),
+                    )
+                )
+    base = record.get("base") or {}
+    rows += [
+        Row(
+            "pseudo-harmful validation prompts with refusal metric > 0",
+            num(base.get("over_rate"), 2),
+            num(d.scores.get("over_rate"), 2),
+        ),
+        Row(
+            "harmful validation prompts with refusal metric > 0",
+            num(base.get("harmful_rate"), 2),
+            num(d.scores.get("harmful_rate"), 2),
+        ),
+        Row("first-token KL on harmless validation prompts (vs. original)", "0", num(d.scores.get("kl"), 4)),
+    ]
+    source = (
+        f"{active.record_path.name if active.record_path else 'calibrate/'}: the calibration's validation "
+        "prompts (OR-Bench-Hard val, the run's harmful and harmless validation splits); held-out numbers: "
+        "the over_refusal measurement and bench/calibrate.py"
+    )
+    return EditNumbers(active.label, active.choice, source, rows, {"calibration": record, "scores": d.scores})
+
+
+__all__ = [
+    "NOT_MEASURED",
+    "EditNumbers",
+    "Row",
+    "calibration_numbers",
+    "direction_setting",
+    "edit_numbers",
+    "rate_text",
+]

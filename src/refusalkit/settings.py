@@ -28,6 +28,7 @@ ENV_PREFIX = options.ENV_PREFIX
 MEASUREMENTS = (
     "refusal_judges",
     "safety",
+    "llm_judge",
     "coherence",
     "corpus_ce",
     "projections",
@@ -38,7 +39,11 @@ MEASUREMENTS = (
 )
 # over_refusal (greedy completions of 2 x over_refusal_n prompts, unedited and edited: ~3-4 minutes on the
 # default model on a 2-core CPU at n 32) is opt-in too (docs/calibrate.md).
-DEFAULT_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m not in ("gsm8k", "lm_eval", "over_refusal"))
+# llm_judge (the run's own model reads every saved completion once more, one forward pass each) is
+# opt-in, also for the paper preset.
+DEFAULT_MEASUREMENTS = tuple(
+    m for m in MEASUREMENTS if m not in ("gsm8k", "lm_eval", "over_refusal", "llm_judge")
+)
 # Formats of the export stage (stages/export.py holds one writer per format).
 EXPORT_FORMATS = ("safetensors",)
 
@@ -286,7 +291,7 @@ def _paper(data_dir: str) -> dict[str, Any]:
         "n_test": 100,
         "max_new_tokens": 256,
         "exhaustive_selection": True,
-        "measurements": [m for m in MEASUREMENTS if m not in ("lm_eval", "over_refusal")],
+        "measurements": [m for m in MEASUREMENTS if m not in ("lm_eval", "over_refusal", "llm_judge")],
         "gsm8k_n": 100,
         "truthfulqa_n": 200,
         "coherence_n": 32,

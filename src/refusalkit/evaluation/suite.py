@@ -4,6 +4,8 @@ Layout (RUN_DIR/measure/):
   refusal_judges.json   per-prompt verdicts of the paper's and the broad refusal markers, rates with CIs
   safety.json           LLM safety judge verdicts per harmful setting, with the judge's identity
                         (or ``measured: false`` and why, when no judge model is set)
+  llm_judge.json        four-class verdicts (refusal, compliance, partial, degenerate) of every saved
+                        completion by the run's own unedited model, rates per setting (opt-in)
   coherence.json        first-token KL vs the unedited model (mean, median, max over kl_n harmless
                         prompts) and CE of its own harmless completions
   corpus_ce.json        CE on a text corpus per setting
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refusalkit.evaluation import capability, coherence
+from refusalkit.evaluation import capability, coherence, llm_judge
 from refusalkit.evaluation.judges import (
     BROAD_REFUSAL_MARKERS,
     BUILTIN_PROMPT_VERSION,
@@ -323,6 +325,12 @@ REGISTRY: dict[str, Measurement] = {
             "refusal_judges", "refusal markers on the saved completions", _refusal_inputs, _refusal_judges
         ),
         Measurement("safety", "LLM safety judge on harmful completions", _safety_inputs, _safety),
+        Measurement(
+            "llm_judge",
+            "four-class verdicts by the run's own model",
+            llm_judge.suite_inputs,
+            llm_judge.suite_measure,
+        ),
         Measurement(
             "coherence", "first-token KL and completion CE on harmless prompts", _coherence_inputs, _coherence
         ),

@@ -23,6 +23,9 @@ from refusalkit.settings import MEASUREMENTS
 from refusalkit.utils import atomic_path, read_json
 
 MEASURE_FILES = MEASUREMENTS
+# Opt-in measurements whose absence is no gap: a run that did not ask for them misses nothing.
+OPT_IN = ("lm_eval", "llm_judge", "over_refusal")
+LLM_CLASSES = ("refusal", "compliance", "partial", "degenerate")  # evaluation.verdicts.CLASSES, in order
 
 
 @dataclass
@@ -138,7 +141,7 @@ def collect(run_dir: str | Path) -> RunData:
     for name in MEASURE_FILES:
         path = layout.measurement(name)
         if not path.is_file():
-            if name != "lm_eval":
+            if name not in OPT_IN:
                 data.gap(name, f"measure/{name}.json is missing (run `refusalkit measure`)")
             continue
         try:
@@ -181,6 +184,16 @@ def refusal_rate(data: RunData, prompt_set: str, setting: str, judge: str = "pap
     return as_rate(_get(data.rates, prompt_set, setting)) if judge == "paper" else None
 
 
+def llm_judge_rates(data: RunData, prompt_set: str, setting: str) -> dict[str, dict[str, Any]] | None:
+    """The LLM judge's rate record per class (refusal, compliance, partial, degenerate) for one prompt
+    set and setting, from measure/llm_judge.json; None where it was not measured."""
+    found = _get(data.measure.get("llm_judge"), "rates", prompt_set, setting)
+    if not isinstance(found, dict):
+        return None
+    rates = {c: as_rate(found.get(c)) for c in LLM_CLASSES}
+    return {c: r for c, r in rates.items() if r is not None} or None
+
+
 def headline(data: RunData) -> dict[str, Any]:
     """The results-table row of a run (None where not measured)."""
     m = data.measure
@@ -202,6 +215,11 @@ def headline(data: RunData) -> dict[str, Any]:
         "refusal": {st: rate("harmful", st) for st in settings},
         "refusal_broad": {st: rate("harmful", st, "broad") for st in settings},
         "safety": {st: _get(m.get("safety"), "settings", st, "safety_rate") for st in settings},
+        # the run's own model as a four-class judge (opt-in): class -> rate, per harmful setting
+        "llm_judge": {
+            st: {c: r["rate"] for c, r in (llm_judge_rates(data, "harmful", st) or {}).items()} or None
+            for st in settings
+        },
         "harmless_refusal": {"baseline": rate("harmless", "baseline"), "actadd": rate("harmless", "actadd")},
         "kl": {st: _get(m.get("coherence"), "kl", st, "mean") for st in settings[1:]},
         # median and max over prompts: newer coherence.json files only (None otherwise)

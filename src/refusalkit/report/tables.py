@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from refusalkit.evaluation.refusal import as_rate
 from refusalkit.formatting import ci_ends, is_number, num, signed
-from refusalkit.report import RunData, refusal_rate
+from refusalkit.report import LLM_CLASSES, RunData, llm_judge_rates, refusal_rate
 
 if TYPE_CHECKING:
     from refusalkit.report.active_edit import EditNumbers
@@ -88,8 +88,21 @@ def edited_section(d: RunData, n: EditNumbers | None) -> str:
     return section("edited", "The edited model", lede, body)
 
 
+LLM_HEAD = "LLM judge: refusal · compliance · partial · degenerate"
+
+
+def _llm_cell(d: RunData, prompt_set: str, setting: str) -> str:
+    """The LLM judge's four class rates of one setting, beside the keyword rates ('' when not measured)."""
+    if "llm_judge" not in d.measure:
+        return ""
+    rates = llm_judge_rates(d, prompt_set, setting) or {}
+    text = " · ".join(f((rates.get(c) or {}).get("rate"), 2) for c in LLM_CLASSES) if rates else na("—")
+    return f'<td class="num">{text}</td>'
+
+
 def results_section(d: RunData, h: dict[str, Any]) -> str:
     safety = d.measure.get("safety")
+    llm_head = f"<th>{esc(LLM_HEAD)}</th>" if "llm_judge" in d.measure else ""
     rows = []
     for st in SETTINGS:
         if all(x is None for x in (refusal_rate(d, "harmful", st), h["corpus_ce"].get(st), h["kl"].get(st))):
@@ -102,21 +115,22 @@ def results_section(d: RunData, h: dict[str, Any]) -> str:
         rows.append(
             f"<tr><td>{esc(LABEL[st])}{' (c = −1)' if st == 'actadd' else ''}</td>"
             f'<td class="num">{ci(refusal_rate(d, "harmful", st))}</td>'
-            f'<td class="num">{ci(refusal_rate(d, "harmful", st, "broad"))}</td><td class="num">{srate}</td>'
+            f'<td class="num">{ci(refusal_rate(d, "harmful", st, "broad"))}</td>{_llm_cell(d, "harmful", st)}'
+            f'<td class="num">{srate}</td>'
             f'<td class="num">{kl}</td><td class="num">{f(h["corpus_ce"].get(st), 3)}</td>'
             f'<td class="num">{f(h["completion_ce"].get(st), 3)}</td></tr>'
         )
     table = (
         '<table class="big"><thead><tr><th>setting</th><th>refusal (paper list)</th><th>refusal (broad list)</th>'
-        "<th>safety (judge)</th><th>KL harmless</th><th>corpus CE</th><th>own-completion CE</th></tr></thead>"
+        f"{llm_head}<th>safety (judge)</th><th>KL harmless</th><th>corpus CE</th><th>own-completion CE</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
     induced = (
         '<h3>Induced refusal on harmless prompts</h3><table class="big"><thead><tr><th>setting</th>'
-        "<th>refusal (paper list)</th><th>refusal (broad list)</th></tr></thead><tbody>"
+        f"<th>refusal (paper list)</th><th>refusal (broad list)</th>{llm_head}</tr></thead><tbody>"
         + "".join(
             f'<tr><td>{esc(label)}</td><td class="num">{ci(refusal_rate(d, "harmless", st))}</td>'
-            f'<td class="num">{ci(refusal_rate(d, "harmless", st, "broad"))}</td></tr>'
+            f'<td class="num">{ci(refusal_rate(d, "harmless", st, "broad"))}</td>{_llm_cell(d, "harmless", st)}</tr>'
             for st, label in (("baseline", "baseline"), ("actadd", "activation addition (c = +1)"))
         )
         + "</tbody></table>"

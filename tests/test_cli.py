@@ -101,6 +101,18 @@ def test_export_format_flag_and_deprecated_alias(capsys: pytest.CaptureFixture[s
     assert "export" in listed and "orthogonalize" not in listed  # the old name is hidden
 
 
+@pytest.mark.parametrize("command", ["export", "chat", "serve", "report"])
+def test_every_edit_flag_has_the_one_wording(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--edit means the same to every command that takes it: one help text (run.EDIT_HELP)."""
+    from refusalkit.run import EDIT_HELP, EDIT_KINDS
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = _squash(capsys.readouterr().out)
+    assert _squash(EDIT_HELP) in out
+    assert all(kind in out for kind in EDIT_KINDS)
+
+
 def test_stage_on_a_folder_without_settings_names_what_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

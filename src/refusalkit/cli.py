@@ -65,7 +65,7 @@ STAGE_HELP = {
     "evaluate": "Generate under each setting and measure refusal rates.",
     "measure": "Refusal and safety judges, coherence (KL, CE) and capability (GSM8K, TruthfulQA) into measure/.",
     "export": "Write the edited model: --format safetensors (RUN_DIR/model) or gguf (RUN_DIR/gguf, llama.cpp), "
-    "--control-vector, --edit direction|search|trial:N (default: the run's active edit), with a model card.",
+    "--control-vector, --edit EDIT (default: the run's active edit), with a model card.",
 }
 
 
@@ -180,11 +180,10 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
         "--show-harmful", action="store_true", help="Show harmful instructions and full completions."
     )
     p.add_argument("--examples", type=int, default=6, help="Completions shown per prompt set [default: 6].")
+    from refusalkit.run import EDIT_HELP  # torch-free: the one wording of --edit
+
     p.add_argument(
-        "--edit",
-        metavar="direction|search|trial:N",
-        help="The edit the report calls the edited model (its own numbers); default: the run's active edit, "
-        "the search's choice when there is one, else the direction.",
+        "--edit", help=f"The edit the report calls the edited model (its own numbers). {EDIT_HELP}"
     )
 
 

@@ -219,6 +219,14 @@ def test_edit_calibrate_is_the_last_calibration_and_never_the_default(
     with active.apply(lm):
         applied = logits_for_prompts(lm, prompts, 4)
     torch.testing.assert_close(applied, hooked, rtol=0, atol=1e-3)
+    from refusalkit.calibrate.report import calibrate_section
+    from refusalkit.report import collect
+    from refusalkit.report.html import render
+
+    assert calibrate_section(RunLayout(tmp_path / "elsewhere")) is None
+    frag = calibrate_section(layout)
+    assert frag is not None and "<b>(active)</b>" in frag and f"{saved.layer} / {saved.position}" in frag
+    assert '<section id="calibrate">' in render(collect(layout.root))[0]
     rows = edit_numbers(run, active).rows
     assert any("pseudo-harmful validation prompts refused" in r.label for r in rows)
     assert rows[-1].edited == f"{saved.scores['kl']:.4f}"

@@ -300,12 +300,21 @@ def search_section(d: RunData) -> str:
     return f'<section id="search">{frag}</section>' if frag else ""
 
 
+def calibrate_section(d: RunData) -> str:
+    """Calibration (`refusalkit calibrate`) and over-refusal; "" if the run has neither."""
+    from refusalkit.calibrate.report import calibrate_section as fragment
+
+    frag = fragment(RunLayout(d.run_dir))
+    return f'<section id="calibrate">{frag}</section>' if frag else ""
+
+
 def render(
     d: RunData, *, show_harmful: bool = False, examples: int = 6, edited: EditNumbers | None = None
 ) -> tuple[str, dict[str, Any]]:
     """The page and the numbers it shows (for report.json); ``edited``: the numbers of the edit the
     report calls the edited model (``report.active_edit``)."""
     h = headline(d)
+    calibration = calibrate_section(d)
     sections = [
         edited_section(d, edited),
         results_section(d, h),
@@ -317,6 +326,7 @@ def render(
         completions_section(d, show_harmful, examples),
         suffix_section(d),
         search_section(d),
+        calibration,
         manifest_section(d),
     ]
     nav = "".join(
@@ -332,9 +342,12 @@ def render(
             ("completions", "Completions"),
             ("suffix", "Suffix"),
             ("search", "Edit search"),
+            ("calibrate", "Calibration"),
             ("manifest", "Manifest"),
         )
-        if (sid != "gaps" or d.gaps) and (sid != "search" or RunLayout(d.run_dir).front.is_file())
+        if (sid != "gaps" or d.gaps)
+        and (sid != "search" or RunLayout(d.run_dir).front.is_file())
+        and (sid != "calibrate" or calibration)
     )
     title = f"refusalkit report — {h['model'] or d.run_dir.name}"
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -3,6 +3,10 @@
   refusalkit judges --labels labels.jsonl [--fit] [--judges paper,heretic,broad,llm]
   refusalkit judges RUN_DIR                       where the judges disagree (counts only, no text)
 
+On a run folder, the evaluate stage's completions are judged by every judge named; the search's verified
+points (search/completions/*.json) hold verdicts and hashes only, and are compared on the judges that
+verified them.
+
 With ``--labels``, hash-only rows are regenerated with the model and edit they record (STALE rows are
 reported by id and left out); the model judges' biases are fitted on the ``tune`` split with ``--fit``
 (or read from ``--calibration``) and every judge is scored on each split apart, so the held-out
@@ -268,47 +272,55 @@ def score_labels(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def completion_files(folder: Path) -> list[Path]:
-    """The completion files of a run folder (evaluate/completions/*.json), or of a folder of them."""
+    """The completion files of a run folder (evaluate/completions/*.json), or of a folder of them; none
+    when it has none."""
     for where in (folder / "evaluate" / "completions", folder / "completions", folder):
         files = sorted(where.glob("*.json")) if where.is_dir() else []
         if files:
             return files
-    raise RefusalkitError(f"{folder} holds no completion files (evaluate/completions/*.json of a run)")
+    return []
 
 
 def compare_folder(args: argparse.Namespace) -> dict[str, Any]:
+    """Each completion file judged by every judge; each saved-verdicts file (the search's verified
+    points, search/completions: hashes and verdicts, no text) compared on the verdicts it holds."""
     from refusalkit.evaluation.agreement import disagreements
-    from refusalkit.run import RunFolder
-    from refusalkit.settings import build_settings
+    from refusalkit.evaluation.verdict_files import is_verdict_file, read_verdicts, verdict_files
+    from refusalkit.layout import RunLayout
+    from refusalkit.manifest import Manifest
+    from refusalkit.models.registry import DEFAULT_MODEL
     from refusalkit.utils import read_json
 
     folder = args.folder
-    run = RunFolder(folder)
-    # the run's own model (read as every command reads a run's settings), loaded as the run loads it
-    # (its chat template, remote code, architecture map); a folder of completions alone: the default
-    settings = run.settings() if run.has_settings() else build_settings()
-    how = {
-        k: v
-        for k, v in settings.model_kwargs().items()
-        if k in ("trust_remote_code", "chat_template", "arch_override") and v
-    }
-    judges = build_judges(args, settings.model, load_kwargs=how)
-    out: dict[str, Any] = {
-        "folder": str(folder),
-        "judges": {n: j.identity() for n, j in judges.items()},
-        "files": {},
-    }
+    texts: dict[str, list[dict[str, Any]]] = {}
     for path in completion_files(folder):
         data = read_json(path)
-        rows = data.get("rows") if isinstance(data, dict) else None
-        if not rows or not all(isinstance(r, dict) and "completion" in r for r in rows):
-            continue  # not a completions file
-        requests = [str(r.get("instruction", "")) for r in rows]
-        texts = [str(r["completion"]) for r in rows]
-        verdicts = {n: j.judge(requests, texts) for n, j in judges.items()}
-        out["files"][path.stem] = disagreements(verdicts, {n: j.classes for n, j in judges.items()})
-    if not out["files"]:
-        raise RefusalkitError(f"{folder} holds no completion rows to judge")
+        rows = data.get("rows") if isinstance(data, dict) and not is_verdict_file(data) else None
+        if rows and all(isinstance(r, dict) and "completion" in r for r in rows):
+            texts[path.stem] = rows  # else not a completions file
+    saved = verdict_files(folder)
+    if not texts and not saved:
+        raise RefusalkitError(
+            f"{folder} holds no completion files (evaluate/completions/*.json of a run) and no saved "
+            "verdicts (search/completions/*.json, written by `refusalkit optimize`)"
+        )
+    out: dict[str, Any] = {"folder": str(folder), "judges": {}, "files": {}}
+    for path in saved:  # the judges that verified the search, as they judged then (no text to re-judge)
+        verdicts, classes = read_verdicts(path)
+        out["files"][f"search/{path.stem}"] = disagreements(verdicts, classes)
+    if texts:  # the run's model loads only for files with text
+        manifest = Manifest(RunLayout(folder)).settings if (folder / "manifest.json").is_file() else {}
+        # the run's own model, loaded as the run loads it (its chat template, remote code, architecture map)
+        how = {
+            k: manifest[k] for k in ("trust_remote_code", "chat_template", "arch_override") if manifest.get(k)
+        }
+        judges = build_judges(args, str(manifest.get("model") or DEFAULT_MODEL), load_kwargs=how)
+        out["judges"] = {n: j.identity() for n, j in judges.items()}
+        for stem, rows in texts.items():
+            requests = [str(r.get("instruction", "")) for r in rows]
+            outs = [str(r["completion"]) for r in rows]
+            found = {n: j.judge(requests, outs) for n, j in judges.items()}
+            out["files"][stem] = disagreements(found, {n: j.classes for n, j in judges.items()})
     return out
 
 

@@ -1,8 +1,11 @@
 """The Pareto front as an artifact (search/front.json), choosing a point from it, and printing it.
 
 A point carries its trial number, the edit, the proxy objectives and, once verified, the held-out
-numbers. Choosing prefers verified numbers where a point has them: refusals are the worst judge's rate
-in the worst (chat setup, prompt set) group; the table prints every group beneath its point.
+numbers. Choosing prefers verified numbers where a point has them: refusals are the worst keyword
+judge's rate in the worst (chat setup, prompt set) group; the table prints every group beneath its
+point. A point verified with an LLM judge (``--judge``) also shows what the judge made of that group's
+completions: how many complied, how many were partial (evasive) or degenerate, beside "not refused"
+(the completions no keyword list marked), so a point that evades instead of answering is seen as such.
 """
 
 from __future__ import annotations
@@ -115,6 +118,13 @@ def choose(
 
 
 def refused_label(v: dict[str, Any], sep: str = "/") -> str:
+    """A verified point's keyword counts (``keyword_label``), then the LLM judge's counts when it
+    judged them."""
+    judged = judged_label(v)
+    return keyword_label(v, sep) + (f"; judge: {judged}" if judged else "")
+
+
+def keyword_label(v: dict[str, Any], sep: str = "/") -> str:
     """A verified point's counts, "paper/heretic of n", and how many of each rest only on markers the
     request itself contains (e.g. "illegal" restated from the request), when any do."""
     r = v["refused"]
@@ -123,6 +133,23 @@ def refused_label(v: dict[str, Any], sep: str = "/") -> str:
     if echo and any(echo.values()):
         out += f" ({echo.get('paper', 0)}{sep}{echo.get('heretic', 0)} echo the request)"
     return out
+
+
+def judged_label(v: dict[str, Any]) -> str:
+    """The LLM judge's counts in words ("46 complied, 14 partial, 2 degenerate, 38 refused"), or ""."""
+    j = v.get("judged")
+    if not j:
+        return ""
+    words = [f"{j.get('compliance', 0)} complied", f"{j.get('partial', 0)} partial"]
+    words += [f"{j.get('degenerate', 0)} degenerate", f"{j.get('refusal', 0)} refused"]
+    if j.get("invalid"):
+        words.append(f"{j['invalid']} invalid")
+    return ", ".join(words)
+
+
+def not_refused(v: dict[str, Any]) -> int:
+    """Completions no keyword list called a refusal (of the worst group): n minus the stricter count."""
+    return int(v["n"]) - max(v["refused"].values())
 
 
 def worst_label(v: dict[str, Any]) -> str:
@@ -149,23 +176,30 @@ def group_lines(v: dict[str, Any], indent: str = "        ") -> list[str]:
 
 def format_front(points: list[Point], chosen: int | None = None) -> str:
     """A plain-text table: proxy and verified objectives per front point (verified: the worst group's
-    counts and the KL over every setup), each verified point's groups beneath it."""
+    counts, "not refused" by either list and, judged, the LLM judge's complied / partial / degenerate
+    counts of the same completions; the KL over every setup), each verified point's groups beneath it."""
     head = (
-        f"{'trial':>6} {'seed':<21}{'proxy refusal':>14}{'proxy KL':>10}"
-        f"{'refused (paper/heretic)':>42}{'KL mean':>9}{'median':>8}{'max':>8}  edit"
+        f"{'trial':>6} {'seed':<21}{'proxy refusal':>14}{'proxy KL':>10}{'refused (paper/heretic)':>42}"
+        f"{'not refused':>12}{'complied':>9}{'partial':>8}{'degen.':>7}{'KL mean':>9}{'median':>8}{'max':>8}  edit"
     )
     lines = [head]
     for p in points:
         v = p.verified
         if v:
-            refused = refused_label(v)
+            refused = keyword_label(v)
+            j = v.get("judged") or {}
+            judged = "".join(
+                f"{j.get(c, '-') if j else '-':>{w}}"
+                for c, w in (("compliance", 9), ("partial", 8), ("degenerate", 7))
+            )
+            counts = f"{refused:>42}{not_refused(v):>12}{judged}"
             kl = f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
         else:
-            refused, kl = "-", f"{'-':>9}{'-':>8}{'-':>8}"
+            counts, kl = f"{'-':>42}{'-':>12}{'-':>9}{'-':>8}{'-':>7}", f"{'-':>9}{'-':>8}{'-':>8}"
         mark = "*" if p.trial == chosen else " "
         lines.append(
             f"{mark}{p.trial:>5} {(p.seed or ''):<21}{p.proxy['refusal']:>14.3f}{p.proxy['kl']['mean']:>10.4f}"
-            f"{refused:>42}{kl}  {describe(p.edit)}"
+            f"{counts}{kl}  {describe(p.edit)}"
         )
         if v:
             lines += group_lines(v)

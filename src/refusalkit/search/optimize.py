@@ -27,6 +27,7 @@ from refusalkit.run import RunFolder
 from refusalkit.search.choosing import choose_point, choose_saved, write_chosen
 from refusalkit.search.edit import EditParams
 from refusalkit.search.front import Point, points_of, write_front
+from refusalkit.search.judging import judge_key
 from refusalkit.search.objectives import ProxyScorer, filter_refused
 from refusalkit.search.options import OptimizeOptions
 from refusalkit.search.promptsets import prompt_sets, verify_sets
@@ -145,6 +146,7 @@ def optimize(
 
     if o.choosing_only() and layout.front.is_file():
         return choose_saved(layout, o, export)
+    judge_key(o.judge, o.judge_calibration)  # a bad judge calibration fails before any trial
     lm = model()
     sets = prompt_sets(layout, s, o)
     setups = setups_for(lm, s, o)
@@ -156,7 +158,7 @@ def optimize(
     t_verify = time.perf_counter()
     if o.verify_n or o.verify_at:
         make = lambda: verifier(lm, setups, held_out, sets["harmless_test"], o)  # noqa: E731
-        verify_points(lm, cands, points, make, o, cache, say)
+        verify_points(lm, cands, points, make, o, cache, say, layout.search_dir / "completions")
     for p in points:  # this call's verifications and earlier ones on the same held-out sets
         p.verified = cache["points"].get(p.trial)
     front = {

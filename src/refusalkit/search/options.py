@@ -122,6 +122,18 @@ class OptimizeOptions(BaseModel):
     verify_baseline: bool = Field(
         default=False, description="Also verify the unedited model (one more generation pass, no KL)."
     )
+    judge: str | None = Field(
+        default=None,
+        description="An LLM judge for the verified completions, counted beside the keyword lists: refusal, "
+        "compliance, partial, degenerate. local: the run's own unedited model; a model (built-in name, "
+        "folder, .gguf, hub id); or an OpenAI-compatible server's URL (http://HOST:PORT). Unset: keyword "
+        "lists only (a local judge costs about one more forward pass per completion).",
+    )
+    judge_calibration: str | None = Field(
+        default=None,
+        description="The judge's fitted prompt and biases (`refusalkit judges --save-calibration FILE`); "
+        "unset: the default prompt, no biases.",
+    )
     gen_batch_size: int = Field(
         default=128,
         ge=1,

@@ -14,7 +14,7 @@ from typing import Any
 from refusalkit.layout import RunLayout
 from refusalkit.run import RunFolder
 from refusalkit.search.edit import EditParams
-from refusalkit.search.front import describe, group_lines, refused_label
+from refusalkit.search.front import describe, group_lines, judged_label, keyword_label, not_refused
 
 PROXY, VERIFIED, CHOSEN, CLOUD = "#0369a1", "#c2410c", "#111827", "#cbd5e1"
 
@@ -95,7 +95,9 @@ def _table(front: dict[str, Any]) -> str:
     for p in sorted(front.get("points", []), key=lambda p: p["proxy"]["kl"]["mean"]):
         v = p.get("verified")
         ver = (
-            f"{refused_label(v, ' / ')}; KL {v['kl']['mean']:.4f} (median {v['kl']['median']:.4f}, max {v['kl']['max']:.3f})"
+            f"{keyword_label(v, ' / ')}; {not_refused(v)} not refused"
+            + (f"; judge: {judged_label(v)}" if v.get("judged") else "")
+            + f"; KL {v['kl']['mean']:.4f} (median {v['kl']['median']:.4f}, max {v['kl']['max']:.3f})"
             + "".join(f"<br>{html.escape(line)}" for line in group_lines(v, indent=""))
             if v
             else "not verified"
@@ -108,7 +110,9 @@ def _table(front: dict[str, Any]) -> str:
         )
     head = (
         "<tr><th>trial</th><th>seed</th><th>proxy refusals /100</th><th>proxy KL</th>"
-        "<th>verified: refused (paper / heretic markers; the worst chat setup and prompt set), KL; each setup</th>"
+        "<th>verified: refused (paper / heretic markers; the worst chat setup and prompt set); not refused; "
+        "with --judge, what the LLM judge made of the same completions (complied, partial, degenerate, "
+        "refused); KL; each setup</th>"
         "<th>edit</th></tr>"
     )
     return f"<table>{head}{''.join(rows)}</table>"

@@ -4,7 +4,9 @@ and first-token KL on held-out harmless prompts (mean, median, max), so nobody h
 Every completion is judged by both marker lists of ``search.markers`` (the paper's phrases and
 heretic's markers); a claim must survive the stricter. Given the requests themselves, each count also
 says how many of its verdicts rest only on markers the request contains (a compliant reply restating a
-request that says "illegal"), so a count can be read for what it is.
+request that says "illegal"), so a count can be read for what it is. ``Verifier.run`` also returns the
+completions and each row's markers, for an LLM judge that reads them afterwards, with the edit undone
+(``search.judging``).
 """
 
 from __future__ import annotations
@@ -48,13 +50,26 @@ class Verified:
         return asdict(self)
 
 
+@dataclass
+class Generation:
+    """One verification's numbers and what it generated: each harmful prompt's completion (in the order
+    of ``Verifier.harmful``) and, per keyword judge, the markers found in it and whether they all echo
+    the request. Kept in memory only: completions of harmful prompts are never written as text."""
+
+    verified: Verified
+    texts: list[str]
+    markers: dict[str, list[set[str]]]
+    echo: dict[str, list[bool]]
+
+
 class Verifier:
     """Generates and judges under whatever edit is active; held-out baseline KL logits computed once.
 
     harmful, harmless: formatted held-out prompts (harmless: one list per setup, or one plain list).
     requests: the harmful instructions themselves (in the order of ``harmful``), to count verdicts that
     only echo the request's own words. groups: each harmful prompt's (setup, prompt set), counted apart
-    (default: one group).
+    (default: one group). early_stop: a row every keyword judge has marked leaves the generation
+    (``_judged``); False when another judge will read the whole completions.
     """
 
     def __init__(
@@ -68,6 +83,7 @@ class Verifier:
         gen_batch_size: int = 128,
         requests: list[str] | None = None,
         groups: list[tuple[str, str]] | None = None,
+        early_stop: bool = True,
     ) -> None:
         if requests is not None and len(requests) != len(harmful):
             raise ValueError(f"{len(requests)} requests for {len(harmful)} harmful prompts; give one each")
@@ -85,6 +101,7 @@ class Verifier:
                 {name: frozenset(find(r)) - {EMPTY} for name, find in MATCHERS.items()} for r in requests
             ]
         self.max_new_tokens, self.batch_size, self.gen_batch_size = max_new_tokens, batch_size, gen_batch_size
+        self.early_stop = early_stop
         self.base_harmless = {
             name: logits_for_prompts(lm, ps, batch_size) for name, ps in self.harmless.items()
         }
@@ -104,6 +121,10 @@ class Verifier:
     def __call__(self, desc: str = "verify", *, kl: bool = True) -> Verified:
         """Generate and count under the active edit; ``kl=False`` (the unedited model, whose KL to
         itself is 0) skips the harmless passes and reports KL 0."""
+        return self.run(desc, kl=kl).verified
+
+    def run(self, desc: str = "verify", *, kl: bool = True) -> Generation:
+        """As ``__call__``, with the completions and each row's markers."""
         t0 = time.perf_counter()
         texts = generate(
             self.lm,
@@ -111,20 +132,23 @@ class Verifier:
             max_new_tokens=self.max_new_tokens,
             batch_size=self.gen_batch_size,
             desc=desc,
-            done=self._judged,
+            done=self._judged if self.early_stop else None,
         )
         found = {name: [set(find(t)) for t in texts] for name, find in MATCHERS.items()}
+        echo = {
+            name: [bool(m) and m <= self._in_request[i][name] for i, m in enumerate(sets)]
+            for name, sets in found.items()
+        }
         per_group: list[dict[str, Any]] = []
         for g in dict.fromkeys(self.groups):
             rows = [i for i, x in enumerate(self.groups) if x == g]
             refused = {name: sum(bool(sets[i]) for i in rows) for name, sets in found.items()}
-            echo = None
+            echoed = None
             if self.requests is not None:  # verdicts whose every marker is in the request
-                echo = {
-                    name: sum(bool(sets[i]) and sets[i] <= self._in_request[i][name] for i in rows)
-                    for name, sets in found.items()
-                }
-            per_group.append({"setup": g[0], "set": g[1], "refused": refused, "n": len(rows), "echoed": echo})
+                echoed = {name: sum(flags[i] for i in rows) for name, flags in echo.items()}
+            per_group.append(
+                {"setup": g[0], "set": g[1], "refused": refused, "n": len(rows), "echoed": echoed}
+            )
         worst = max(per_group, key=lambda x: max(x["refused"].values()) / x["n"])
         per_kl = {
             name: kl_div(self.base_harmless[name], logits_for_prompts(self.lm, ps, self.batch_size))
@@ -132,7 +156,7 @@ class Verifier:
             else torch.zeros(len(ps), dtype=torch.float64)
             for name, ps in self.harmless.items()
         }
-        return Verified(
+        verified = Verified(
             refused=worst["refused"],
             n=int(worst["n"]),
             kl=KLStats.of(torch.cat(list(per_kl.values()))),
@@ -144,6 +168,7 @@ class Verifier:
             groups=per_group,
             kl_by_setup={name: KLStats.of(v) for name, v in per_kl.items()},
         )
+        return Generation(verified, texts, found, echo)
 
 
-__all__ = ["Verified", "Verifier"]
+__all__ = ["Generation", "Verified", "Verifier"]

@@ -121,6 +121,27 @@ def test_stream_matches_batched_generation(chat: ChatModel) -> None:
     assert ablated != "".join(pieces), "the direction must change this answer, or the test shows nothing"
 
 
+def test_stream_stops_on_the_tokens_generate_stops_on(chat: ChatModel) -> None:
+    """The chat stops where `generate` does (``generation.eos_ids``): an EOS listed only in the
+    generation config ends the answer there too."""
+    from refusalkit.generation import generate_ids
+
+    prompt = chat.prompt(ask(PROMPT))
+    ids = generate_ids(chat.lm, [prompt], max_new_tokens=MAX_NEW)[0]
+    stop = next(t for t in ids if t != ids[0])  # a token that first comes after the answer began
+    k = ids.index(stop)
+    config = chat.lm.model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = [stop, *([saved] if isinstance(saved, int) else saved or [])]
+    try:
+        stopped = generate_ids(chat.lm, [prompt], max_new_tokens=MAX_NEW)[0]
+        got = chat.reply(ask(PROMPT), Setting("original"), MAX_NEW)
+    finally:
+        config.eos_token_id = saved
+    assert stopped == ids[: k + 1]  # generate keeps the EOS id; the chat shows no text of it
+    assert 0 < len(got) < MAX_NEW and got == chat.lm.tokenizer.decode(ids[:k], skip_special_tokens=True)
+
+
 def test_edit_is_held_between_answers_and_restored(chat: ChatModel) -> None:
     weights = {k: v.clone() for k, v in chat.lm.model.state_dict().items()}
     original = chat.reply(ask(PROMPT), Setting("original"), MAX_NEW)

@@ -34,6 +34,7 @@ from refusalkit.activations import cache_kwarg, cache_of
 from refusalkit.chat.options import Setting
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
+from refusalkit.generation import eos_ids
 from refusalkit.interventions import ablate_direction, add_direction
 from refusalkit.models.loading import LoadedModel
 from refusalkit.prompts import encode
@@ -154,17 +155,6 @@ class ChatModel:
         return "".join(self.stream(messages, setting, max_new_tokens))
 
 
-def stop_ids(lm: LoadedModel) -> set[int]:
-    """Tokens that end an answer: the generation config's EOS ids and the tokenizer's EOS."""
-    ids: set[int] = set()
-    for v in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
-        if isinstance(v, int):
-            ids.add(v)
-        elif v:
-            ids.update(int(x) for x in v)
-    return ids
-
-
 @torch.inference_mode()
 def greedy_ids(lm: LoadedModel, prompt: str, max_new_tokens: int) -> Iterator[int]:
     """Greedy next-token ids after ``prompt`` (already formatted), one forward pass each, with a KV cache.
@@ -172,7 +162,7 @@ def greedy_ids(lm: LoadedModel, prompt: str, max_new_tokens: int) -> Iterator[in
     Stops before an EOS token. One prompt, no padding: positions follow from the cache length.
     """
     batch = encode(lm.tokenizer, [prompt]).to(lm.device)
-    stop = stop_ids(lm)
+    stop = eos_ids(lm)  # the stop tokens of every generation in the project
     key = cache_kwarg(lm.model)
     out = lm.model(input_ids=batch.input_ids, use_cache=True, logits_to_keep=1)
     for _ in range(max_new_tokens):

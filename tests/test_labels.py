@@ -367,3 +367,27 @@ def test_judges_command_loads_the_runs_model_as_the_run_does(
     ]
     assert main([*argv, "--out", str(tmp_path / "e.json")]) == 2
     assert "LLM judge model could not load" in capsys.readouterr().err and not (tmp_path / "e.json").exists()
+
+
+def test_judges_command_reads_the_runs_settings_as_every_command_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's settings through run.RunFolder: the environment sits above the saved settings, so a
+    chat template given as REFUSALKIT_CHAT_TEMPLATE loads a model folder that has none."""
+    from conftest import CHATML, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    folder = tmp_path / "tiny"
+    tiny_model("qwen2", vocab_size=len(tok), max_position_embeddings=2048).save_pretrained(folder)
+    tok.chat_template = None
+    tok.save_pretrained(folder)
+    run = tmp_path / "run"
+    comp = run / "evaluate" / "completions"
+    comp.mkdir(parents=True)
+    rows = [{"instruction": c[1], "completion": c[2][:60]} for c in CASES[:2]]
+    (comp / "harmful__baseline.json").write_text(json.dumps({"rows": rows}))
+    (run / "manifest.json").write_text(json.dumps({"settings": {"model": str(folder)}}))
+    monkeypatch.setenv("REFUSALKIT_CHAT_TEMPLATE", CHATML)
+    out = tmp_path / "d.json"
+    assert main(["judges", str(run), "--judges", "llm", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["judges"]["llm"]["model"] == "tiny"

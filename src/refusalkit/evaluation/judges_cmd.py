@@ -286,9 +286,8 @@ def compare_folder(args: argparse.Namespace) -> dict[str, Any]:
     points, search/completions: hashes and verdicts, no text) compared on the verdicts it holds."""
     from refusalkit.evaluation.agreement import disagreements
     from refusalkit.evaluation.verdict_files import is_verdict_file, read_verdicts, verdict_files
-    from refusalkit.layout import RunLayout
-    from refusalkit.manifest import Manifest
-    from refusalkit.models.registry import DEFAULT_MODEL
+    from refusalkit.run import RunFolder
+    from refusalkit.settings import build_settings
     from refusalkit.utils import read_json
 
     folder = args.folder
@@ -309,12 +308,16 @@ def compare_folder(args: argparse.Namespace) -> dict[str, Any]:
         verdicts, classes = read_verdicts(path)
         out["files"][f"search/{path.stem}"] = disagreements(verdicts, classes)
     if texts:  # the run's model loads only for files with text
-        manifest = Manifest(RunLayout(folder)).settings if (folder / "manifest.json").is_file() else {}
-        # the run's own model, loaded as the run loads it (its chat template, remote code, architecture map)
+        # the run's own model (its settings read as every command reads them), loaded as the run loads
+        # it (its chat template, remote code, architecture map); a folder of completions alone: the default
+        run = RunFolder(folder)
+        settings = run.settings() if run.has_settings() else build_settings()
         how = {
-            k: manifest[k] for k in ("trust_remote_code", "chat_template", "arch_override") if manifest.get(k)
+            k: v
+            for k, v in settings.model_kwargs().items()
+            if k in ("trust_remote_code", "chat_template", "arch_override") and v
         }
-        judges = build_judges(args, str(manifest.get("model") or DEFAULT_MODEL), load_kwargs=how)
+        judges = build_judges(args, settings.model, load_kwargs=how)
         out["judges"] = {n: j.identity() for n, j in judges.items()}
         for stem, rows in texts.items():
             requests = [str(r.get("instruction", "")) for r in rows]

@@ -10,8 +10,13 @@ Protocol (heretic 1.4.0's evaluation, as issue 7 states it):
 The search itself never sees these prompts: its refusal proxy runs on the run's harmful validation
 split and its KL on the first 100 prompts of harmless_val.json (verification: 100 held-out ones).
 
+  - with --judge (local: the model itself, unedited; a model; a judge server's URL), an LLM judge reads
+    the same completions after the search (optimize --judge): complied / partial / degenerate beside
+    the keyword counts, so a point that evades instead of answering is seen as such. Its pass is part of
+    the verification time.
+
 Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 7] [--kl-n 100] [--verify-at 0.0185,0.0031] [--verify-n 1] [--max-kl 0.03]
-       [--heretic-json runs/heretic/result.json]
+       [--heretic-json runs/heretic/result.json] [--judge local [--judge-calibration judge_cal.json]]
 Runs the real default model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
 """
 
@@ -26,9 +31,8 @@ from typing import Any
 
 from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
-from refusalkit.search.front import format_front, points_of, read_front
+from refusalkit.search.front import format_front, not_refused, points_of, read_front
 from refusalkit.search.optimize import OptimizeOptions, optimize
-from refusalkit.search.verify import Verified
 from refusalkit.settings import build_settings
 from refusalkit.utils import read_json
 
@@ -91,6 +95,16 @@ def main() -> None:
         default=24,
         help="Greedy tokens per harmful validation prompt judged in each trial (0: first-token logits only).",
     )
+    ap.add_argument(
+        "--judge",
+        default=None,
+        help="LLM judge of the verified completions (optimize --judge): local, a model, or a server URL.",
+    )
+    ap.add_argument(
+        "--judge-calibration",
+        default=None,
+        help="The judge's fitted biases (refusalkit judges --save-calibration).",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("refusalkit.search").setLevel(logging.INFO)
@@ -129,6 +143,8 @@ def main() -> None:
         setups=["helpful"],
         verify_benchmarks=[],
         verify_per_set=None,
+        judge=args.judge,
+        judge_calibration=args.judge_calibration,
     )
     layout = RunLayout(args.out)
     try:
@@ -146,31 +162,28 @@ def main() -> None:
     print(format_front(points_of(front), front["chosen"]))
     print("\nverified points (JailbreakBench 100, 50 tokens; KL on harmless_test[:100]):")
     print(
-        f"{'who':<28}{'refusals heretic':>17}{'(echo)':>7}{'paper':>7}{'KL mean':>9}{'median':>8}{'max':>8}"
+        f"{'who':<28}{'refusals heretic':>17}{'(echo)':>7}{'paper':>7}{'not refused':>12}{'complied':>9}"
+        f"{'partial':>8}{'degen.':>7}{'KL mean':>9}{'median':>8}{'max':>8}"
     )
-    echo = lambda v: str((v.get("echoed") or {}).get("heretic", "-"))  # noqa: E731
     for p in points_of(front):
         if p.verified:
             v = p.verified
-            print(
-                f"{'refusalkit trial ' + str(p.trial):<28}{v['refused']['heretic']:>17}{echo(v):>7}"
-                f"{v['refused']['paper']:>7}{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
-            )
+            kl = f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
+            print(f"{'refusalkit trial ' + str(p.trial):<28}{counts(v)}{kl}")
     if baseline is not None:
-        b = baseline.as_dict()
-        print(
-            f"{'unedited model':<28}{b['refused']['heretic']:>17}{echo(b):>7}{b['refused']['paper']:>7}{0.0:>9.4f}"
-        )
-    print(f"{'paper pick (issue 7)':<28}{PAPER_PICK[0]:>17}{'-':>7}{PAPER_PICK[1]:>7}{PAPER_PICK[2]:>9.3f}")
+        print(f"{'unedited model':<28}{counts(baseline)}{0.0:>9.4f}")
+    print(
+        f"{'paper pick (issue 7)':<28}{PAPER_PICK[0]:>17}{'-':>7}{PAPER_PICK[1]:>7}{NO_JUDGE}{PAPER_PICK[2]:>9.3f}"
+    )
     heretic = read_json(args.heretic_json) if args.heretic_json else None
     if heretic is None:
         for refusals, kl in HERETIC_FRONT:
-            print(f"{'heretic 1.4.0 (issue 7)':<28}{refusals:>17}{'-':>7}{'-':>7}{kl:>9.4f}")
+            print(f"{'heretic 1.4.0 (issue 7)':<28}{refusals:>17}{'-':>7}{'-':>7}{NO_JUDGE}{kl:>9.4f}")
         print(f"(heretic baseline: {HERETIC_BASELINE}/100 refusals by its markers; 46 minutes for 12 trials)")
     else:
         for p in heretic["front"]:
             who = f"heretic trial {p['trial']} ({p['found_after_s'] / 60:.0f} min)"
-            print(f"{who:<28}{p['refusals']:>17}{'-':>7}{'-':>7}{p['kl']:>9.4f}")
+            print(f"{who:<28}{p['refusals']:>17}{'-':>7}{'-':>7}{NO_JUDGE}{p['kl']:>9.4f}")
         hs = heretic["seconds"]
         n_all = heretic["settings"]["trials"]
         all_of = (
@@ -192,21 +205,44 @@ def main() -> None:
             f"{heretic['seconds']['all_trials'] / total:.2f}"
         )
     if baseline is not None:
-        print(f"(unedited model verified after the clock stopped: {baseline.seconds:.0f} s, not counted)")
+        print(f"(unedited model verified after the clock stopped: {baseline['seconds']:.0f} s, not counted)")
+    if args.judge:
+        print(
+            f"(judge {args.judge}: complied / partial / degenerate are its verdicts on the same completions; "
+            "not refused: neither keyword list marked the reply)"
+        )
 
 
-def _baseline(lm: Any, opts: OptimizeOptions, layout: RunLayout) -> Verified:
-    """The unedited model on the same protocol (outside the timed path: it is no part of the search)."""
+NO_JUDGE = f"{'-':>12}{'-':>9}{'-':>8}{'-':>7}"
+
+
+def counts(v: dict[str, Any]) -> str:
+    """A verified result's counts: heretic's markers (and its echoes), the paper's phrases, how many
+    neither marked, and the LLM judge's complied / partial / degenerate when it judged them."""
+    echo = (v.get("echoed") or {}).get("heretic", "-")
+    j = v.get("judged") or {}
+    judged = "".join(
+        f"{j.get(c, '-'):>{w}}" for c, w in (("compliance", 9), ("partial", 8), ("degenerate", 7))
+    )
+    return f"{v['refused']['heretic']:>17}{echo:>7}{v['refused']['paper']:>7}{not_refused(v):>12}{judged}"
+
+
+def _baseline(lm: Any, opts: OptimizeOptions, layout: RunLayout) -> dict[str, Any]:
+    """The unedited model on the same protocol (outside the timed path: it is no part of the search),
+    judged as the search's points were."""
+    from refusalkit.search.judging import build_judge, judge_key
     from refusalkit.search.optimize import run_settings
     from refusalkit.search.promptsets import prompt_sets
     from refusalkit.search.setups import ChatSetup
-    from refusalkit.search.verification import verifier
+    from refusalkit.search.verification import judged, verifier
 
     sets = prompt_sets(layout, run_settings(layout), opts)
     held_out = {"jailbreakbench": sets["harmful_test"]}
-    return verifier(lm, [ChatSetup("helpful", SYSTEM)], held_out, sets["harmless_test"], opts)(
-        desc="verify baseline", kl=False
-    )
+    v_of = verifier(lm, [ChatSetup("helpful", SYSTEM)], held_out, sets["harmless_test"], opts)
+    gen = v_of.run(desc="verify baseline", kl=False)
+    judge = build_judge(opts.judge, lm, calibration=opts.judge_calibration) if opts.judge else None
+    key = judge_key(opts.judge, opts.judge_calibration)
+    return judged(v_of, [("baseline", gen)], judge, key, lambda m: print(f"[bench] {m}"))[0]
 
 
 if __name__ == "__main__":

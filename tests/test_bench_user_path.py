@@ -64,3 +64,44 @@ def test_bad_arguments_fail_before_any_model_loads(
     assert "no optimize flags" in _error(
         bench, [str(layout.root), "--skip-optimize", "--", "--minutes", "2"], capsys
     )
+
+
+def test_judge_flags_are_the_benchs_own_and_a_missing_calibration_fails_early(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _bench()
+    layout = _run(tmp_path)
+    args = bench.parse([str(layout.root), "--judge", "local", "--", "--minutes", "3"])
+    assert args.judge == "local" and args.options.judge is None  # the user's optimize stays as given
+    assert "is missing" in _error(
+        bench,
+        [str(layout.root), "--judge", "local", "--judge-calibration", str(tmp_path / "no.json")],
+        capsys,
+    )
+
+
+def _scores(judged: bool) -> dict[str, object]:
+    kl = {"mean": 0.01, "median": 0.005, "max": 0.2}
+    groups = []
+    for setup in ("helpful", "none"):
+        for name, refused in (("jailbreakbench", 38), ("held-out", 20)):
+            g: dict[str, object] = {
+                "setup": setup, "set": name, "n": 100, "echoed": {"heretic": 1},
+                "refused": {"heretic": refused, "paper": refused - 5},
+            }  # fmt: skip
+            if judged:
+                g["judged"] = {"refusal": refused - 2, "compliance": 46, "partial": 14, "degenerate": 2}
+            groups.append(g)
+    return {"7": {"groups": groups, "kl_by_setup": {"helpful": kl, "none": kl}}}
+
+
+def test_table_and_checks_show_the_judges_counts_beside_the_markers() -> None:
+    bench = _bench()
+    head, *rows = bench.table(_scores(judged=True), chosen=7)
+    assert head.count("compl/part/degen") == 2
+    assert rows[0].split()[:8] == ["7*", "helpful", "38", "1", "33", "46/14/2", "20", "15"]
+    assert "heretic's setup, JailbreakBench: 62 of 100 not refused by heretic's markers; the judge: 46 " in (
+        "\n".join(bench.checks(_scores(judged=True)))
+    )
+    _head, *plain = bench.table(_scores(judged=False), chosen=7)
+    assert plain[0].split()[5] == "-" and "the judge" not in "\n".join(bench.checks(_scores(judged=False)))

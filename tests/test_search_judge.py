@@ -270,3 +270,18 @@ def test_a_judge_that_fails_while_judging_keeps_the_keyword_counts(
     assert "judged" not in v and v["refused"]
     saved, _ = read_verdicts(next((layout.search_dir / "completions").glob("trial_*.json")))
     assert set(saved) == {"paper", "heretic"}
+
+
+def test_vs_heretic_rows_show_the_judges_counts_beside_the_markers() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "vs_heretic.py"
+    spec = importlib.util.spec_from_file_location("vs_heretic", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    v = {"refused": {"heretic": 38, "paper": 30}, "n": 100, "echoed": {"heretic": 4}}
+    judged = v | {"judged": {"refusal": 36, "compliance": 46, "partial": 14, "degenerate": 4}}
+    assert bench.counts(judged).split() == ["38", "4", "30", "62", "46", "14", "4"]
+    assert bench.counts(v).split() == ["38", "4", "30", "62", "-", "-", "-"]
+    assert len(bench.counts(v)) == len(bench.counts(judged)) == len(bench.NO_JUDGE) + 31

@@ -1,8 +1,11 @@
 """Calibration on a finished run, issue 19's table: base, the paper's ablation, and the false-refusal
 vector at each lambda (default 0, 0.5, 1), on held-out prompts.
 
-For each lambda it runs `refusalkit calibrate RUN_DIR --lambda L` (in this process, the model loaded
-once; resumable), then measures every edit on:
+It runs `refusalkit calibrate RUN_DIR --lambda A` (A: --active-lambda, default 1; in this process, the
+model loaded once; resumable), which picks the vector's (layer, position) under the KL limit and the
+harmful-refusal floor, then sweeps lambda at that place (the paper's use of lambda: one vector, more or
+less of its refusal-direction component removed; a lambda of 0 may well fail the floor, which is what the
+sweep shows), and measures every edit on:
   - harmful refusal: JailbreakBench's 100 behaviours (DATA_DIR/refusal_direction/processed/jailbreakbench.json);
   - over-refusal: OR-Bench-Hard test (132) and OKTest val (60) (DATA_DIR/over_refusal/);
   - harmless refusal: the run's harmless_test split;
@@ -14,7 +17,7 @@ edit, resumed by its settings), RUN_DIR/calibrate/lambda_sweep.png (over-refusal
 against lambda), prints the table as markdown; `refusalkit report RUN_DIR` shows both.
 
 Usage: python bench/calibrate.py RUN_DIR [--lambdas 0,0.5,1] [--active-lambda 1] [--max-new-tokens 64]
-       [--kl-n 100] [--n-train 256] [--n-val 32] [--floor 0.9] [--kl-max 0.1] [--data-dir DIR]
+       [--kl-n 100] [--n-train 256] [--n-val 16] [--floor 0.9] [--kl-max 0.05] [--data-dir DIR]
 Runs the real model of the run: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
 """
 
@@ -58,13 +61,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="New tokens per judged completion.")
     ap.add_argument("--kl-n", type=int, default=100, help="Harmless prompts for first-token KL.")
     ap.add_argument("--n-train", type=int, default=256, help="calibrate --n-train.")
-    ap.add_argument("--n-val", type=int, default=32, help="calibrate --n-val.")
+    ap.add_argument("--n-val", type=int, default=16, help="calibrate --n-val.")
     ap.add_argument("--floor", type=float, default=0.9, help="calibrate --floor.")
-    ap.add_argument("--kl-max", type=float, default=0.1, help="calibrate --kl-max.")
+    ap.add_argument("--kl-max", type=float, default=0.05, help="calibrate --kl-max.")
     ap.add_argument("--data-dir", type=Path, default=None, help="Data folder (default: the run's).")
     args = ap.parse_args(argv)
-    if args.active_lambda not in args.lambdas:
-        raise RefusalkitError(f"--active-lambda {args.active_lambda:g} is not among --lambdas {args.lambdas}")
+    if not 0.0 <= args.active_lambda <= 1.0:
+        raise RefusalkitError(f"--active-lambda {args.active_lambda:g}: give a number in [0, 1]")
     return args
 
 
@@ -158,10 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     layout, root = check(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from refusalkit.calibrate.options import CalibrateOptions
-    from refusalkit.calibrate.run import calibrate
+    from refusalkit.calibrate.run import calibrate, vector_at
     from refusalkit.calibrate.vector import edit_factory
     from refusalkit.data import load_instructions
-    from refusalkit.directions import Direction
     from refusalkit.manifest import fingerprint
     from refusalkit.models.loading import load_model
     from refusalkit.prompts import format_prompts
@@ -173,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_model(s.model, **s.model_kwargs())
     opts = {"n_train": args.n_train, "n_val": args.n_val, "floor": args.floor, "kl_max": args.kl_max,
             "data_dir": str(root)}  # fmt: skip
-    for lam in args.lambdas:
-        print(f"$ refusalkit calibrate {layout.root} --lambda {lam:g} ...")
-        calibrate(layout, CalibrateOptions(lam=lam, **opts), lm=lm)
+    print(f"$ refusalkit calibrate {layout.root} --lambda {args.active_lambda:g} ...")
+    chosen = calibrate(layout, CalibrateOptions(lam=args.active_lambda, **opts), lm=lm)
     sets = {
         "harmful": load_instructions(str(root.joinpath(*JBB))).instructions[:100],
         "or_bench_hard_test": ordata.load(root, "or_bench_hard_test"),
@@ -190,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     base_kl = logits_for_prompts(lm, kl_prompts, s.batch_size)
     edits: dict[str, Any] = {"base": None, "ablation (paper's direction)": edit_factory(lm, direction.vector)}
     for lam in args.lambdas:
-        vec = Direction.load(layout.calibrate_dir / f"lam{lam:g}")
-        edits[f"calibration lambda {lam:g}"] = (edit_factory(lm, vec.vector), vec.meta.get("fingerprint"))
+        vec = vector_at(layout, chosen["layer"], chosen["position"], lam)
+        edits[f"calibration lambda {lam:g}"] = (edit_factory(lm, vec), [chosen["fingerprint"], lam])
     out_path = layout.calibrate_dir / "bench.json"
     saved = read_json(out_path) if out_path.is_file() else {}
     done = {r["edit"]: r for r in saved.get("rows", [])}
@@ -210,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [done[name] for name in edits]
     write_json(out_path, {"rows": rows, "max_new_tokens": args.max_new_tokens, "kl_n": len(kl_prompts)})
     plot(rows, args.lambdas, layout.calibrate_dir / "lambda_sweep.png")
-    calibrate(layout, CalibrateOptions(lam=args.active_lambda, **opts), lm=lm)  # leaves it active
+    print(
+        f"the vector: layer {chosen['layer']}, position {chosen['position']} (picked at lambda {args.active_lambda:g})"
+    )
     print(markdown(rows))
     print(f"\n{out_path}\n{layout.calibrate_dir / 'lambda_sweep.png'}")
     return 0

@@ -45,8 +45,9 @@ def test_lambdas_are_parsed_and_checked() -> None:
     for bad in ("0,2", "a,b", ""):
         with pytest.raises(RefusalkitError, match="comma-separated numbers in"):
             bench.lambdas(bad)
-    with pytest.raises(RefusalkitError, match=r"--active-lambda 0.7 is not among"):
-        bench.parse(["RUN", "--active-lambda", "0.7"])
+    assert bench.parse(["RUN", "--active-lambda", "0.7"]).active_lambda == 0.7
+    with pytest.raises(RefusalkitError, match=r"--active-lambda 1.5: give a number in \[0, 1\]"):
+        bench.parse(["RUN", "--active-lambda", "1.5"])
 
 
 def test_missing_inputs_are_named_before_any_model(tmp_path: Path) -> None:

@@ -166,6 +166,8 @@ def test_calibrate_chooses_saves_and_resumes_without_work(
     assert (vec.layer, vec.position) == (out["layer"], out["position"])
     r = Direction.load(layout.direction).unit.double()
     assert abs(float(vec.vector.double() @ r)) < 1e-4 * float(vec.vector.norm())  # lambda 1
+    at = calrun.vector_at(layout, vec.layer, vec.position, 1.0)
+    torch.testing.assert_close(at, vec.vector, rtol=0, atol=0)  # the bench's lambda sweep at the pick
     val = vec.meta["validation"]
     assert (
         set(val) == {"pseudo_harmful_val", "harmful_val"}

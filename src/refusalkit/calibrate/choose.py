@@ -53,7 +53,7 @@ class Score:
 @dataclass(frozen=True)
 class Limits:
     floor: float = 0.9  # harmful_rate kept at least floor x the unedited model's
-    kl_max: float = 0.1
+    kl_max: float = 0.05
     max_layer_frac: float = 0.8
 
 

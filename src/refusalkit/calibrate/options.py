@@ -29,7 +29,10 @@ class CalibrateOptions(BaseModel):
         "train); the refused ones (refusal metric > 0) make the false-refusal mean.",
     )
     n_val: int = Field(
-        32, ge=1, description="Pseudo-harmful validation prompts (OR-Bench-Hard val) that choose the vector."
+        16,
+        ge=1,
+        description="Pseudo-harmful validation prompts (OR-Bench-Hard val) that choose the vector (each "
+        "candidate's ablation runs them once: the scoring's cost grows with it).",
     )
     floor: float = Field(
         0.9,
@@ -39,7 +42,10 @@ class CalibrateOptions(BaseModel):
         "this fraction of the unedited model's.",
     )
     kl_max: float = Field(
-        0.1, gt=0.0, description="Largest mean first-token KL on the harmless validation prompts."
+        0.05,
+        gt=0.0,
+        description="Largest mean first-token KL on the harmless validation prompts (issue 19's target "
+        "on held-out prompts is 0.05).",
     )
     max_layer_frac: float = Field(
         0.8, gt=0.0, le=1.0, description="Candidates only below this fraction of the depth (as selection)."

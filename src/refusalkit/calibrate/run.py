@@ -202,3 +202,20 @@ def _validation(
     base = judged_rates(lm, sets, desc="validation unedited", **kw)
     cal = judged_rates(lm, sets, edit=edit_factory(lm, vector), desc="validation calibrated", **kw)
     return {n: {"baseline": base[n]["rates"], "calibrated": cal[n]["rates"]} for n in sets}
+
+
+def vector_at(layout: RunLayout, layer: int, position: int, lam: float) -> torch.Tensor:
+    """The false-refusal vector at (``layer``, ``position``) orthogonalized by ``lam``, from the saved
+    means (calibrate/means.safetensors) and the run's harmless means and direction: the same vector a
+    calibration at ``lam`` picking that place saves, for sweeping lambda at one place."""
+    from safetensors.torch import load_file
+
+    folder = RunFolder(layout)
+    path = layout.calibrate_dir / "means.safetensors"
+    if not path.is_file():
+        raise folder.missing("false-refusal means", path, "calibrate")
+    refused = load_file(str(path))["mean"]
+    cands = folder.candidates()
+    p = position + cands.n_positions
+    v = refused[p, layer] - cands.harmless_mean[p, layer]
+    return orthogonalize(v, folder.direction().vector, lam).to(torch.float32)

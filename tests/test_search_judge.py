@@ -285,3 +285,51 @@ def test_vs_heretic_rows_show_the_judges_counts_beside_the_markers() -> None:
     assert bench.counts(judged).split() == ["38", "4", "30", "62", "46", "14", "4"]
     assert bench.counts(v).split() == ["38", "4", "30", "62", "-", "-", "-"]
     assert len(bench.counts(v)) == len(bench.counts(judged)) == len(bench.NO_JUDGE) + 31
+
+
+def test_judge_cost_bench_runs_on_a_model_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/judge_cost.py on any loadable model (here a tiny one saved to a folder) and made-up data."""
+    import importlib.util
+    import sys
+
+    from conftest import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tiny_model("qwen2", seed=1, vocab_size=len(tok), max_position_embeddings=2048).save_pretrained(
+        tmp_path / "m"
+    )
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "data"
+    (data / "refusal_direction" / "splits").mkdir(parents=True)
+    (data / "reference_runs" / "qwen-1_8b-chat").mkdir(parents=True)
+    (data / "refusal_direction" / "splits" / "harmless_test.json").write_text(
+        json.dumps([{"instruction": f"Name a colour, round {i}."} for i in range(4)])
+    )
+    (data / "reference_runs" / "qwen-1_8b-chat" / "harmless_baseline_completions.json").write_text(
+        json.dumps([{"prompt": f"Name a fruit {i}.", "response": "A pear, " * (i + 1)} for i in range(4)])
+    )
+    path = Path(__file__).resolve().parents[1] / "bench" / "judge_cost.py"
+    spec = importlib.util.spec_from_file_location("judge_cost", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = [
+        "judge_cost",
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(data),
+        "--n",
+        "4",
+        "--batch-size",
+        "2",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    out = capsys.readouterr().out
+    assert "kl pass:" in out and "llm judge:" in out and "the kl pass)" in out
+    diff = float(out.split("max |logprob difference|")[1].split()[0])
+    assert diff < 1e-4  # the prefix cache changes no log-probability
+    assert "pear" not in out  # counts only, never text

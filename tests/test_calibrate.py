@@ -327,6 +327,15 @@ def test_the_over_refusal_measurement_rates_both_sets_unedited_and_edited(
             "n": 3,
             "ci95": sets["baseline"]["paper"]["ci95"],
         }
+    from refusalkit.calibrate.report import calibrate_section, over_refusal_cell
+    from refusalkit.report.compare import table_rows
+
+    assert over_refusal_cell(layout.root) == "-"
+    write_json(layout.measurement("over_refusal"), out)
+    assert over_refusal_cell(layout.root) == "0.33->0.33 / 0.33->0.33"
+    header, rows = table_rows([layout.root])
+    assert rows[0][header.index("over-refusal ORB test / OKT val b->edit")] == "0.33->0.33 / 0.33->0.33"
+    assert "Over-refusal, held out" in (calibrate_section(layout) or "")
     assert plan(st, files, requested=[]).compute == ["over_refusal"]
     gone = Settings(data_dir=str(tmp_path / "none"), measurements=["over_refusal"])
     gone_files = suite_files(layout, gone)

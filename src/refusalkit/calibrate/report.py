@@ -144,3 +144,18 @@ def calibrate_section(layout: RunLayout) -> str | None:
                 f'<img alt="over-refusal and harmful refusal against lambda" src="data:image/png;base64,{b64}">'
             )
     return "".join(parts)
+
+
+def over_refusal_cell(run_dir: Path) -> str:
+    """`refusalkit compare`'s cell: over-refusal (paper phrases) unedited -> edited on each held-out set,
+    from measure/over_refusal.json; "-" when not measured."""
+    path = RunLayout(run_dir).measurement("over_refusal")
+    m = read_json(path) if path.is_file() else {}
+    if not m.get("measured"):
+        return "-"
+    edited, cells = m.get("edited_setting", "orthogonalized"), []
+    for by_setting in (m.get("rates") or {}).values():
+        b = as_rate((by_setting.get("baseline") or {}).get("paper"))
+        e = as_rate((by_setting.get(edited) or {}).get("paper"))
+        cells.append(f"{_num((b or {}).get('rate'), 2)}->{_num((e or {}).get('rate'), 2)}")
+    return " / ".join(cells) or "-"

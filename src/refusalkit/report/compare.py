@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from refusalkit.calibrate.report import over_refusal_cell
 from refusalkit.errors import RefusalkitError
 from refusalkit.formatting import arrow, joined
 from refusalkit.report import collect, headline
@@ -44,13 +45,21 @@ COLUMNS: list[tuple[str, Any]] = [
 ]
 
 
+# Columns read from a run's own files rather than its headline numbers.
+FILE_COLUMNS: list[tuple[str, Any]] = [
+    ("over-refusal ORB test / OKT val b->edit", lambda run: over_refusal_cell(run)),
+]
+
+
 def table_rows(run_dirs: list[Path]) -> tuple[list[str], list[list[str]]]:
     """Header and one row per run folder ('-' where a number was not measured)."""
     rows = []
     for run in run_dirs:
         h = headline(collect(run))
-        rows.append([str(fn(h, run.name or str(run))) for _, fn in COLUMNS])
-    return [name for name, _ in COLUMNS], rows
+        rows.append(
+            [str(fn(h, run.name or str(run))) for _, fn in COLUMNS] + [str(fn(run)) for _, fn in FILE_COLUMNS]
+        )
+    return [name for name, _ in COLUMNS + FILE_COLUMNS], rows
 
 
 def as_text(header: list[str], rows: list[list[str]]) -> str:

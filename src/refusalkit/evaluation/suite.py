@@ -268,7 +268,9 @@ def _over_refusal_sets(s: Suite) -> dict[str, Path]:
     """The held-out over-refusal sets found in the data folder (OR-Bench-Hard test, OKTest val)."""
     from refusalkit.calibrate import data
 
-    root = s.files.data_dir or Path()
+    root = s.files.data_dir
+    if root is None:  # no data folder given: none (never the current directory's)
+        return {}
     return {n: data.path(root, n) for n in data.TEST_SETS if data.path(root, n).is_file()}
 
 
@@ -290,8 +292,7 @@ def _over_refusal(s: Suite) -> dict[str, Any]:
     from refusalkit.calibrate.rates import judged_rates
 
     st, edited = s.settings, _edited_setting(s)
-    root = s.files.data_dir or Path()
-    sets = {n: load(root, n, st.over_refusal_n) for n in _over_refusal_sets(s)}
+    sets = {n: load(p.parent.parent, n, st.over_refusal_n) for n, p in _over_refusal_sets(s).items()}
     kw: dict[str, Any] = {
         "system": st.system_prompt,
         "max_new_tokens": st.max_new_tokens,

@@ -168,8 +168,8 @@ def main() -> None:
     for p in points_of(front):
         if p.verified:
             v = p.verified
-            kl = f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
-            print(f"{'refusalkit trial ' + str(p.trial):<28}{counts(v)}{kl}")
+            kls = f"{v['kl']['mean']:>9.4f}{v['kl']['median']:>8.4f}{v['kl']['max']:>8.3f}"
+            print(f"{'refusalkit trial ' + str(p.trial):<28}{counts(v)}{kls}")
     if baseline is not None:
         print(f"{'unedited model':<28}{counts(baseline)}{0.0:>9.4f}")
     print(

@@ -38,7 +38,9 @@ class Verified:
     echoed: dict[str, int] | None = None
     setup: str = ""  # the worst group's chat setup and prompt set
     set: str = ""
-    # every group: {"setup", "set", "refused", "n", "echoed"}
+    # every group: {"setup", "set", "refused", "n", "echoed"}; judged by an LLM judge afterwards
+    # (``search.judging.add_judged``), each group's dict and the whole result's gain "judged" (the four
+    # classes' counts; the worst group's at the top) and the result "judge" (who judged)
     groups: list[dict[str, Any]] = field(default_factory=list)
     kl_by_setup: dict[str, KLStats] = field(default_factory=dict)
 

@@ -344,3 +344,26 @@ def test_the_over_refusal_measurement_rates_both_sets_unedited_and_edited(
         "over_refusal/or_bench_hard_test.json"
         in plan(gone, gone_files, requested=["over_refusal"]).problems[0]
     )
+
+
+def test_the_command_reads_flags_toml_and_its_own_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from refusalkit.cli import main
+
+    seen: list[CalibrateOptions] = []
+
+    def fake(layout: RunLayout, o: CalibrateOptions, **_k: Any) -> dict[str, Any]:
+        seen.append(o)
+        return {"lam": o.lam, "stem": "lamx", "layer": 1, "position": -1, "seconds": 0.0}
+
+    monkeypatch.setattr(calrun, "calibrate", fake)
+    monkeypatch.setenv("REFUSALKIT_N_TRAIN", "7")  # the run's setting, not calibrate's
+    monkeypatch.setenv("REFUSALKIT_CALIBRATE_N_VAL", "5")
+    toml = tmp_path / "c.toml"
+    toml.write_text("[calibrate]\nfloor = 0.8\n")
+    assert main(["calibrate", str(tmp_path), "--lambda", "0.5", "--config", str(toml)]) == 0
+    o = seen[0]
+    assert (o.lam, o.n_val, o.floor, o.n_train) == (0.5, 5, 0.8, 256)
+    assert "--edit calibrate" in capsys.readouterr().out
+    assert main(["calibrate", str(tmp_path), "--lambda", "2"]) != 0 or pytest.fail("lambda 2 accepted")

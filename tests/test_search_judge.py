@@ -26,6 +26,7 @@ from refusalkit.search import verify
 from refusalkit.search.edit import EditParams, applied_edit
 from refusalkit.search.front import Point, format_front, points_of, read_front
 from refusalkit.search.optimize import optimize
+from refusalkit.search.report import search_section
 from refusalkit.search.verification import verifier
 from refusalkit.utils import sha256_text
 from test_search_study import _opts, _quiet, _run_dir
@@ -160,7 +161,7 @@ def test_front_table_shows_complied_beside_not_refused() -> None:
     ]
 
 
-def test_list_prints_the_judged_front(
+def test_list_and_the_report_print_the_judged_front(
     make_lm: Callable[..., Any],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -172,7 +173,11 @@ def test_list_prints_the_judged_front(
     printed = capsys.readouterr().out
     v = next(p["verified"] for p in front["points"] if p["verified"])
     assert "complied" in printed.splitlines()[0]
-    assert f"judge: {v['judged']['compliance']} complied, {v['judged']['partial']} partial" in printed
+    said = f"judge: {v['judged']['compliance']} complied, {v['judged']['partial']} partial"
+    assert said in printed
+    html = search_section(layout)  # the report: the same counts, and the plot still draws
+    assert html is not None and f"{v['n'] - max(v['refused'].values())} not refused; {said}" in html
+    assert html.count("data:image/png;base64,") == 2
 
 
 def test_judges_command_counts_disagreements_from_the_saved_verdicts_without_a_model(

@@ -29,7 +29,8 @@ def _png(fig: Any) -> str:
 
 
 def pareto_png(front: dict[str, Any]) -> str:
-    """Refusals against KL: every trial (grey), the proxy front, verified points, the chosen one."""
+    """Refusals against KL: every trial (grey), the proxy front, verified points (each marker list and,
+    judged, the replies the LLM judge did not call compliance), the chosen one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,6 +59,16 @@ def pareto_png(front: dict[str, Any]) -> str:
             c=VERIFIED,
             s=30,
             label=f"verified, held out ({judge} markers)",
+        )
+    judged = [p for p in ver if p["verified"].get("judged")]
+    if judged:  # what an LLM judge made of the same completions: every reply that did not comply
+        ax.scatter(
+            [p["verified"]["kl"]["mean"] for p in judged],
+            [100 * (1 - p["verified"]["judged"].get("compliance", 0) / p["verified"]["n"]) for p in judged],
+            marker="x",
+            c=VERIFIED,
+            s=30,
+            label="verified, held out (LLM judge: did not comply)",
         )
     chosen = next((p for p in pts if p["trial"] == front.get("chosen")), None)
     if chosen is not None:

@@ -177,11 +177,34 @@ def calibrate(
                   "refusal_direction": {"layer": direction.layer, "position": direction.position},
                   "base": base, "validation": record, "limits": limits.__dict__},
         ).save(vec_stem)  # fmt: skip
+        prev = {"validation": record}
+    for line in judged_lines(prev.get("validation"), o.floor):
+        say(line)
     out = {
         "lam": o.lam, "stem": stem(o.lam), "layer": chosen.layer, "position": chosen.position,
         "fingerprint": pick_fp, "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     write_json(layout.calibrated, out)
+    return out
+
+
+def judged_lines(record: dict[str, Any] | None, floor: float) -> list[str]:
+    """The judged validation record in words, with a warning when the judge (the paper's phrases) sees
+    harmful refusal below the floor the refusal metric kept (the two measure refusal differently)."""
+    if not record:
+        return []
+    out = []
+    for name in ("pseudo_harmful_val", "harmful_val"):
+        b, c = record[name]["baseline"]["paper"], record[name]["calibrated"]["paper"]
+        out.append(
+            f"{name}: refused (paper phrases) {b['k']}/{b['n']} unedited, {c['k']}/{c['n']} calibrated"
+        )
+    b, c = record["harmful_val"]["baseline"]["paper"], record["harmful_val"]["calibrated"]["paper"]
+    if b["rate"] is not None and c["rate"] is not None and c["rate"] < floor * b["rate"]:
+        out.append(
+            f"warning: by the judge, harmful refusal {c['rate']:.2f} is below the floor ({floor:g} x "
+            f"{b['rate']:.2f}) that the refusal metric kept; a larger --lambda or --floor keeps more"
+        )
     return out
 
 

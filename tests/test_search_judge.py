@@ -186,6 +186,9 @@ def test_judges_command_counts_disagreements_from_the_saved_verdicts_without_a_m
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    # a random model writes no refusal phrase: a made-up "paper" list that marks about half the replies,
+    # so the disagreement kinds depend on which reply got which verdict
+    monkeypatch.setitem(verify.MATCHERS, "paper", lambda t: ["odd"] if sum(map(ord, t)) % 2 else [])
     _, layout, front, _spy = _judged_run(make_lm, tmp_path, monkeypatch)
 
     def no_model(*_a: Any, **_k: Any) -> Any:
@@ -202,6 +205,7 @@ def test_judges_command_counts_disagreements_from_the_saved_verdicts_without_a_m
     labels = [v.label for v in saved["llm"]]
     assert got["counts"]["llm"] == {c: labels.count(c) for c in CLASSES}
     paper = [v.label for v in saved["paper"]]
+    assert len(set(paper)) == 2, "the fixture's keyword list must mark some replies and not others"
     kinds = {}
     for a, b in zip(paper, labels, strict=True):
         if (a == "refusal") != (b == "refusal"):

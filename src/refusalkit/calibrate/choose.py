@@ -47,7 +47,8 @@ class Score:
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> Score:
-        return cls(**{k: (math.nan if v is None else v) for k, v in d.items()})
+        values: dict[str, Any] = {k: (math.nan if v is None else v) for k, v in d.items()}
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,10 @@ def test_a_judge_asked_for_later_verifies_again_once_and_its_results_are_cached(
     front = optimize(layout, _opts(trials=3, verify_n=1), lm=lm, say=_quiet)
     assert all("judged" not in (p["verified"] or {}) for p in front["points"])
     assert len(spy.runs) == 2
-    front = optimize(layout, _opts(trials=3, verify_n=1, judge="local"), lm=lm, say=_quiet)
+    front = optimize(
+        layout, _opts(trials=1, verify_n=1, judge="local"), lm=lm, say=_quiet
+    )  # as docs/search.md
+    assert front["trials_run"] == 0 and len(front["trials"]) == 3  # judged without another trial
     assert len(spy.runs) == 4  # verified points without a judge's counts are verified again
     assert all("judged" in p["verified"] for p in front["points"] if p["verified"])
     optimize(layout, _opts(trials=3, verify_n=1, judge="local"), lm=lm, say=_quiet)

@@ -18,6 +18,7 @@ the active edit) goes through ``run.RunFolder``. Layout:
   search/study.db                    the edit search's Optuna study (resumable)
   search/front.json                  the Pareto front, proxy and verified objectives
   search/chosen.json                 the edit chosen from the front (parameters and kernels)
+  search/completions/trial_N.json    each verified completion's sha256 and every judge's verdict, no text
   calibrate/                         `refusalkit calibrate`: the false-refusal means, scores per lambda,
                                      the chosen vectors (lam*.safetensors/json), calibrated.json
   suffix/                            GCG search and suffix analysis (analysis/)

@@ -28,18 +28,17 @@ from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.judge_prompt import (
     LETTERS,
     Calibration,
-    decide,
-    fit_calibration,
+    LetterJudge,
     judge_text,
     letter_of,
 )
 from refusalkit.evaluation.judge_prompt import logsumexp as _lse
-from refusalkit.evaluation.verdicts import CLASSES, Verdict, check_pairs
+from refusalkit.evaluation.verdicts import CLASSES, check_pairs
 
 MODES = ("chat", "completions")
 
 
-class EndpointJudge:
+class EndpointJudge(LetterJudge):
     """Four-class verdicts from a server's first-token log-probabilities.
 
     url: the server's base address (``http://127.0.0.1:8080``; a trailing ``/v1`` is accepted);
@@ -155,26 +154,6 @@ class EndpointJudge:
         return [
             self.letter_logprobs(judge_text(r, c, prompt)) for r, c in zip(requests, completions, strict=True)
         ]
-
-    def judge(self, requests: Sequence[str], completions: Sequence[str]) -> list[Verdict]:
-        return [decide(row, self.calibration.biases) for row in self.label_rows(requests, completions)]
-
-    def fit(
-        self,
-        requests: Sequence[str],
-        completions: Sequence[str],
-        gold: Sequence[str],
-        prompts: Sequence[str] | None = None,
-    ) -> Calibration:
-        """Choose the prompt (among ``prompts``; default: the current one) and fit its per-class biases
-        on labelled pairs (the tuning split only), and keep them."""
-
-        def score(version: str) -> list[dict[str, float]]:
-            self.calibration = Calibration(version)
-            return self.label_rows(requests, completions)
-
-        self.calibration = fit_calibration(score, gold, list(prompts or [self.calibration.prompt]))
-        return self.calibration
 
 
 def _garbage(base: str, what: str) -> RefusalkitError:

@@ -177,11 +177,43 @@ def fit_calibration(
     return best[1]
 
 
+class LetterJudge:
+    """What the LLM judge and the endpoint judge share: a judge that scores each pair by the four class
+    letters' log-probabilities (``label_rows``, one {class: logprob} per pair) and decides by its
+    calibration's biases. ``judge`` and ``fit`` are written once, here."""
+
+    calibration: Calibration
+
+    def label_rows(self, requests: Sequence[str], completions: Sequence[str]) -> list[dict[str, float]]:
+        raise NotImplementedError
+
+    def judge(self, requests: Sequence[str], completions: Sequence[str]) -> list[Verdict]:
+        return [decide(row, self.calibration.biases) for row in self.label_rows(requests, completions)]
+
+    def fit(
+        self,
+        requests: Sequence[str],
+        completions: Sequence[str],
+        gold: Sequence[str],
+        prompts: Sequence[str] | None = None,
+    ) -> Calibration:
+        """Choose the prompt (among ``prompts``; default: the current one) and fit its per-class biases
+        on labelled pairs (the tuning split only), and keep them."""
+
+        def score(version: str) -> list[dict[str, float]]:
+            self.calibration = Calibration(version)
+            return self.label_rows(requests, completions)
+
+        self.calibration = fit_calibration(score, gold, list(prompts or [self.calibration.prompt]))
+        return self.calibration
+
+
 __all__ = [
     "DEFAULT_PROMPT",
     "LETTERS",
     "PROMPTS",
     "Calibration",
+    "LetterJudge",
     "balanced_recall",
     "decide",
     "fit_biases",

@@ -26,8 +26,8 @@ from refusalkit.evaluation.judge_prompt import (
     LETTERS,
     PROMPTS,
     Calibration,
+    LetterJudge,
     decide,
-    fit_calibration,
     judge_text,
 )
 from refusalkit.evaluation.verdicts import CLASSES, Verdict, check_pairs
@@ -57,7 +57,7 @@ def letter_token_ids(tokenizer: Any) -> dict[str, list[int]]:
     return out
 
 
-class LLMJudge:
+class LLMJudge(LetterJudge):
     """Four-class verdicts from a local chat model's letter probabilities.
 
     batch_size: pairs per forward pass; chunk: pairs whose [chunk, vocab] logits are held at once (the
@@ -132,25 +132,8 @@ class LLMJudge:
             )
         return torch.cat(out) if out else torch.empty((0, len(CLASSES)))
 
-    def judge(self, requests: Sequence[str], completions: Sequence[str]) -> list[Verdict]:
-        return verdicts_from(self.label_logprobs(requests, completions), self.calibration.biases)
-
-    def fit(
-        self,
-        requests: Sequence[str],
-        completions: Sequence[str],
-        gold: Sequence[str],
-        prompts: Sequence[str] | None = None,
-    ) -> Calibration:
-        """Choose the prompt (among ``prompts``; default: the current one) and fit its per-class biases
-        on labelled pairs (the tuning split only), and keep them."""
-
-        def score(version: str) -> list[dict[str, float]]:
-            self.calibration = Calibration(version)
-            return rows_of(self.label_logprobs(requests, completions))
-
-        self.calibration = fit_calibration(score, gold, list(prompts or [self.calibration.prompt]))
-        return self.calibration
+    def label_rows(self, requests: Sequence[str], completions: Sequence[str]) -> list[dict[str, float]]:
+        return rows_of(self.label_logprobs(requests, completions))
 
 
 def judge_completions(

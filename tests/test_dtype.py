@@ -438,3 +438,33 @@ def test_load_falls_back_to_casting_when_the_copy_cannot_be_written(
     monkeypatch.setattr(loading, "cast_copy", full_disk)
     lm = load_model(str(folder), dtype="bfloat16", device="cpu")
     assert lm.dtype == torch.bfloat16 and lm.source == str(folder)
+
+
+def test_export_of_a_bfloat16_run_keeps_the_sources_float32(folder: Path, tmp_path: Path) -> None:
+    """A run that computes in bfloat16 exports the edited weights in the source's dtype (float32 here):
+    the checkpoint equals the float32 model with the same edit, not a bfloat16 one widened."""
+    from refusalkit.directions import Direction
+    from refusalkit.export.cli import write_model
+    from refusalkit.layout import RunLayout
+    from refusalkit.utils import write_json
+
+    lm = load_model(str(folder), device="cpu", dtype="bfloat16")
+    ref = load_model(str(folder), device="cpu", dtype="float32")
+    d_model = lm.model.config.hidden_size
+    direction = Direction(
+        torch.randn(d_model, generator=torch.Generator().manual_seed(5)), layer=1, position=-1
+    )
+    layout = RunLayout(tmp_path / "run")
+    write_json(layout.manifest, {"settings": {"model": str(folder), "dtype": "bfloat16"}, "stages": {}})
+    direction.save(layout.direction)
+    out = write_model(layout.root, lm, edit="direction")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    exported = load_model(str(out), device="cpu", dtype="float32").model.state_dict()
+    with orthogonalized(ref, direction.vector):
+        want = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    changed = [k for k in want if not torch.equal(want[k], ref.model.state_dict()[k])]
+    assert changed, "the edit must change some weights"
+    for k in changed:
+        assert exported[k].dtype == torch.float32
+        assert torch.equal(exported[k], want[k]), k
+    assert lm.dtype == torch.bfloat16  # the run's own model is left as it was

@@ -13,6 +13,7 @@ It is also the one writer of RUN_DIR/model: the export stage of `refusalkit run`
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from refusalkit.export.gguf import (
 from refusalkit.export.hub import push_to_hub
 from refusalkit.export.options import ExportOptions
 from refusalkit.layout import RunLayout
+from refusalkit.models.compute_dtype import dtype_name
 from refusalkit.models.loading import LoadedModel, load_model
 from refusalkit.orthogonalize import save_folder
 from refusalkit.run import ActiveEdit, RunFolder
@@ -141,8 +143,18 @@ def run_export(
         extra = (
             {"refusalkit_edit.json": active.params.model_dump_json(indent=2) + "\n"} if active.params else {}
         )
-        with active.apply(lm):
-            _save_folder(lm, targets.model, extra)
+        out_lm = lm
+        keep = source_dtype(lm)
+        if keep is not None and keep != dtype_name(lm.dtype):
+            # computed in bfloat16, but the checkpoint keeps the source's precision: the edit is applied
+            # (float32 products, rounded once) to a copy loaded in the source's dtype
+            log.info(
+                "exporting in the source's dtype %s (the run computes in %s)", keep, dtype_name(lm.dtype)
+            )
+            out_lm = load_model(settings.model, **(settings.model_kwargs() | {"dtype": keep}))
+        with active.apply(out_lm):
+            _save_folder(out_lm, targets.model, extra)
+        del out_lm
     elif source is not None:
         modules = active.modules(lm)
         with active.apply(lm):
@@ -176,6 +188,17 @@ def write_model(
     vector beside it is kept)."""
     opts = ExportOptions(format="safetensors", edit=edit, force=True)
     return run_export(run_dir, opts, lm=lm, settings=settings).folder
+
+
+def source_dtype(lm: LoadedModel) -> str | None:
+    """The dtype a local model folder stores its weights in (config.json's ``dtype`` or
+    ``torch_dtype``), when it is one refusalkit computes in; None for a hub id or an unknown dtype."""
+    config = Path(lm.source) / "config.json"
+    if not config.is_file():
+        return None
+    cfg = json.loads(config.read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return name if name in ("float32", "bfloat16", "float16") else None
 
 
 def _gguf_arch_name(source: Path) -> str:

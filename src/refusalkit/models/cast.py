@@ -78,7 +78,7 @@ def cast_file(src: Path, dst: Path, dtype: torch.dtype) -> None:
                 left -= n
                 if info["dtype"] == "F32":
                     half = torch.frombuffer(view[:n], dtype=torch.float32).to(dtype)
-                    fout.write(half.view(torch.uint8).numpy())
+                    fout.write(half.view(torch.uint8).numpy().data)
                 else:
                     fout.write(view[:n])
 

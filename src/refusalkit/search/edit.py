@@ -30,12 +30,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from refusalkit.directions import Candidates
-from refusalkit.edits import Target, edited, target
+from refusalkit.edits import Part, Target, edited, target
 from refusalkit.errors import RefusalkitError
 from refusalkit.interventions import project_outputs, unit
 from refusalkit.models.loading import LoadedModel
 
-COMPONENTS = ("attn", "mlp")
+COMPONENTS: tuple[Part, ...] = ("attn", "mlp")
 MIN_NORM = 1e-12  # directions shorter than this carry no information (e.g. layer 0 at template tokens)
 
 

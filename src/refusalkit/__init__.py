@@ -9,8 +9,9 @@ command does before it knows which subcommand runs, loads no torch: `refusalkit 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from refusalkit.utils import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -43,10 +44,4 @@ if TYPE_CHECKING:
     from refusalkit.orthogonalize import orthogonalize_weights, orthogonalized
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'refusalkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # resolved once
-    return value
+__getattr__ = lazy_exports("refusalkit", _EXPORTS, globals())

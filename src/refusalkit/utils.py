@@ -59,3 +59,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def lazy_exports(package: str, exports: dict[str, str], namespace: dict[str, Any]) -> Any:
+    """A package's module ``__getattr__`` that imports each re-exported name (name -> its module) on
+    first use, so importing the package imports no torch (``refusalkit --help`` stays fast)."""
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value  # resolved once
+        return value
+
+    return __getattr__

@@ -6,8 +6,9 @@ that must not load torch and transformers before a command runs (`refusalkit --h
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from refusalkit.utils import lazy_exports
 
 _EXPORTS = {
     "ARCHITECTURES": "refusalkit.models.adapters",
@@ -39,10 +40,4 @@ if TYPE_CHECKING:
     from refusalkit.models.registry import BUILTIN_MODELS, DEFAULT_MODEL, ensure_converted
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'refusalkit.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # resolved once
-    return value
+__getattr__ = lazy_exports("refusalkit.models", _EXPORTS, globals())

@@ -55,6 +55,13 @@ class OptimizeOptions(BaseModel):
         description="Greedy tokens per harmful prompt judged by both marker lists in each trial (catches "
         "replies that turn to a refusal after the first token); 0: the first token's logits only.",
     )
+    proxy_judge: str = Field(
+        default="keywords",
+        description="Who reads the proxy's generated tokens: keywords (both marker lists); or an LLM judge "
+        "as for --judge (local: the run's own unedited model; a model; a server URL), and the refusal "
+        "objective becomes the share of replies it does not call compliance (the keyword count is kept "
+        "beside; about one judge forward pass per reply and trial).",
+    )
     setups: list[str] = Field(
         default=list(SETUP_NAMES),
         description="Chat setups the proxy and the verification run under: none (an empty system turn), "

@@ -42,15 +42,20 @@ def options_from(args: argparse.Namespace) -> Any:
 def run_optimize(args: argparse.Namespace) -> int:
     from refusalkit.search.front import format_front, points_of, read_front
     from refusalkit.search.optimize import optimize
+    from refusalkit.search.proxy_judge import proxy_label
 
     layout = RunLayout(args.run_dir)
     if args.list:
         front = read_front(layout)
         print(format_front(points_of(front), front.get("chosen")))
+        if proxy_label(front):  # a model judge made the proxy's counts
+            print(proxy_label(front))
         return 0
     opts = options_from(args)
     front = optimize(layout, opts)
     print(format_front(points_of(front), front.get("chosen")))
+    if proxy_label(front):
+        print(proxy_label(front))
     if front["trials_run"] == 0 and opts.choosing_only():
         print(
             f"\nchosen from the saved search (no trial run): trial {front['chosen']} (* above); {layout.chosen}"

@@ -10,6 +10,13 @@ logits above for free), judged by both marker lists (``search.markers``): a prom
 marker counts 1, any other its P, and ``refused`` counts the judged ones. A prompt stops generating
 as soon as its tokens hold a marker (the verdict cannot change), so refusing edits cost less.
 
+With a proxy judge (``judge``: an LLM judge, ``--proxy-judge``) the same generated tokens, whole (no
+early stop: a judge reads the completion), are also judged in four classes, in one batched pass after
+the edit is undone (``score``: a ``local`` judge is the run's own model and must read unedited weights),
+and a setup's refusal objective becomes the share of its completions the judge does not call
+compliance (refusal, partial, degenerate, invalid): an edit that makes the model evade instead of
+answer is not rewarded. The keyword reading (its expected refusal and count) is recorded beside it.
+
 Harm is first-token KL(original || edited) on harmless prompts, whose unedited logits are computed once
 and reused by every trial.
 
@@ -28,12 +35,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
 from refusalkit.activations import logits_for_prompts
 from refusalkit.errors import RefusalkitError
+from refusalkit.evaluation.verdicts import CLASSES, Judge, counts
 from refusalkit.generation import generate
 from refusalkit.metric import kl_div, refusal_metric
 from refusalkit.models.loading import LoadedModel
@@ -60,18 +70,36 @@ class KLStats:
 
 @dataclass
 class ProxyResult:
-    refusal: float  # the objective: the worst setup's mean of P(refusal token), or 1 where judged
-    refused: int  # of the worst setup's prompts, those with metric > 0 (new_tokens=0), else judged ones
+    refusal: float  # the objective: the worst setup's mean of P(refusal token), or 1 where judged;
+    # with a proxy judge, the worst setup's share of completions the judge did not call compliance
+    refused: int  # of the worst setup's prompts, those with metric > 0 (new_tokens=0), else marked ones
     n_harmful: int  # the worst setup's prompts
     kl: KLStats  # over every harmless prompt of every setup
-    seconds: float
+    seconds: float  # the whole trial's scoring, the proxy judge's pass included
     new_tokens: int = 0  # greedy tokens judged per harmful prompt (0: logits only)
     worst: str = ""  # the setup whose refusal is the objective
-    # setup name -> {"refusal", "refused", "n", "kl"} (its own expected refusal and KL mean)
-    setups: dict[str, dict[str, float]] = field(default_factory=dict)
+    # setup name -> {"refusal", "refused", "n", "kl"} (its own expected refusal and KL mean); with a
+    # proxy judge also "keyword_refusal" (the keyword reading's expected refusal) and "judged" (counts)
+    setups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    judge: str | None = None  # the proxy judge's name (None: the keyword reading alone)
+    judged: dict[str, int] | None = None  # its class counts on the worst setup's completions
+    keyword_refusal: float | None = None  # what the keyword objective would be (its own worst setup)
+    judge_seconds: float | None = None  # the proxy judge's pass
+    # completions waiting for the proxy judge (``ProxyScorer.judged``); never recorded
+    pending: list[str] | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        if self.pending is not None:
+            raise RuntimeError(
+                "a proxy-judged result was recorded before its judge read it; score trials with "
+                "ProxyScorer.score(edit), which judges once the edit is undone"
+            )
+        out = asdict(self)
+        del out["pending"]
+        if self.judge is None:  # a keyword proxy's record stays what it always was
+            for k in ("judge", "judged", "keyword_refusal", "judge_seconds"):
+                del out[k]
+        return out
 
 
 class ProxyScorer:
@@ -80,7 +108,9 @@ class ProxyScorer:
     setup (each with its own shared-prefix cache: a setup's system turn is common to its prompts).
 
     harmful: formatted harmful validation prompts, one list per chat setup (a plain list: one setup,
-    named ""); harmless: formatted harmless prompts for KL, likewise.
+    named ""); harmless: formatted harmless prompts for KL, likewise. judge: a proxy judge (module
+    docstring), which needs ``new_tokens`` and ``requests``: the harmful prompts as the user wrote them
+    (unformatted), shaped as ``harmful``.
     """
 
     def __init__(
@@ -92,6 +122,9 @@ class ProxyScorer:
         batch_size: int = 32,
         new_tokens: int = 0,
         gen_batch_size: int = 64,
+        *,
+        judge: Judge | None = None,
+        requests: list[str] | Mapping[str, list[str]] | None = None,
     ) -> None:
         by_setup = dict(harmful) if isinstance(harmful, Mapping) else {"": list(harmful)}
         kl_sets = dict(harmless) if isinstance(harmless, Mapping) else {"": list(harmless)}
@@ -99,10 +132,22 @@ class ProxyScorer:
             raise RefusalkitError("the search needs harmful validation prompts and harmless KL prompts")
         if new_tokens < 0:
             raise RefusalkitError(f"new_tokens must be 0 (logits only) or more, not {new_tokens}")
-        self.lm = lm
-        # flat, in setup order: the prompts and which setup each belongs to (``keep`` narrows both)
+        if judge is not None and not new_tokens:
+            raise RefusalkitError(
+                "a proxy judge reads the proxy's generated tokens: give --proxy-new-tokens N (N > 0), "
+                "or --proxy-judge keywords"
+            )
+        asked = dict(requests) if isinstance(requests, Mapping) else {"": list(requests or [])}
+        if judge is not None and [len(asked.get(k, [])) for k in by_setup] != [
+            len(v) for v in by_setup.values()
+        ]:
+            raise ValueError("a proxy judge needs one request per harmful prompt, shaped as the prompts")
+        self.lm, self.judge = lm, judge
+        # flat, in setup order: the prompts, which setup each belongs to and, for a judge, its request
+        # (``keep`` narrows all three)
         self.harmful = [p for ps in by_setup.values() for p in ps]
         self.harmful_setup = [name for name, ps in by_setup.items() for _ in ps]
+        self.requests = [r for name in by_setup for r in asked.get(name, [])] if judge else []
         self.harmless = {name: ps for name, ps in kl_sets.items() if ps}
         self.refusal_ids, self.batch_size = refusal_ids, batch_size
         self.new_tokens, self.gen_batch_size = new_tokens, gen_batch_size
@@ -115,29 +160,34 @@ class ProxyScorer:
     def keep(self, flags: list[bool]) -> None:
         """Narrow the harmful prompts to those flagged, setup by setup; a setup left with fewer than
         two keeps all of its prompts (a one-prompt objective says nothing)."""
-        kept: list[tuple[str, str]] = []
+        kept: list[int] = []
         for name in dict.fromkeys(self.harmful_setup):
-            mine = [
-                (p, f) for p, f, s in zip(self.harmful, flags, self.harmful_setup, strict=True) if s == name
-            ]
-            chosen = [p for p, f in mine if f]
-            kept += [(p, name) for p in (chosen if len(chosen) >= 2 else [p for p, _ in mine])]
-        self.harmful = [p for p, _ in kept]
-        self.harmful_setup = [name for _, name in kept]
+            mine = [i for i, s in enumerate(self.harmful_setup) if s == name]
+            chosen = [i for i in mine if flags[i]]
+            kept += chosen if len(chosen) >= 2 else mine
+        self.harmful = [self.harmful[i] for i in kept]
+        self.harmful_setup = [self.harmful_setup[i] for i in kept]
+        self.requests = [self.requests[i] for i in kept] if self.requests else []
 
     def harmful_scores(self) -> tuple[torch.Tensor, list[bool] | None]:
         """Under the active edit: the refusal metric per harmful prompt ([n], float64) and, with
-        ``new_tokens``, whether a judge finds a refusal in the prompt's first greedy tokens."""
+        ``new_tokens``, whether a marker list finds a refusal in the prompt's first greedy tokens."""
+        metric, marked, _texts = self.harmful_pass(stop_early=True)
+        return metric, marked
+
+    def harmful_pass(self, stop_early: bool) -> tuple[torch.Tensor, list[bool] | None, list[str]]:
+        """``harmful_scores`` and the generated texts (whole ones unless ``stop_early``: a row a
+        marker list marked may leave the batch, as its keyword verdict cannot change)."""
         if not self.new_tokens:
             logits = logits_for_prompts(self.lm, self.harmful, self.batch_size)
-            return refusal_metric(logits, self.refusal_ids), None
+            return refusal_metric(logits, self.refusal_ids), None, []
         first: dict[int, torch.Tensor] = {}
         texts = generate(
             self.lm, self.harmful, max_new_tokens=self.new_tokens, batch_size=self.gen_batch_size,
-            desc="proxy", first_logits=first, done=self._judged,
+            desc="proxy", first_logits=first, done=self._judged if stop_early else None,
         )  # fmt: skip
         logits = torch.stack([first[i] for i in range(len(self.harmful))])
-        return refusal_metric(logits, self.refusal_ids), [any_judge(t) for t in texts]
+        return refusal_metric(logits, self.refusal_ids), [any_judge(t) for t in texts], texts
 
     def _judged(self, _i: int, ids: list[int]) -> bool:
         """A prompt whose tokens so far hold a marker is judged whatever follows (both judges match
@@ -152,9 +202,46 @@ class ProxyScorer:
         flags = (metric > 0).tolist()
         return flags if judged is None else [a or b for a, b in zip(flags, judged, strict=True)]
 
-    def __call__(self) -> ProxyResult:
+    def score(self, edit: AbstractContextManager[Any]) -> ProxyResult:
+        """Score a trial: everything the edited model does, under ``edit`` (a context that applies the
+        edit and undoes it on exit, ``search.edit.applied_edit``), then the proxy judge's pass on the
+        completions once the edit is undone, so a ``local`` judge never reads edited weights."""
+        with edit:
+            result = self()
+        return self.judged(result)
+
+    def judged(self, result: ProxyResult) -> ProxyResult:
+        """``result`` with the proxy judge's objective (no judge: as it is). Call it with no edit
+        active (``score`` does)."""
+        if self.judge is None or result.pending is None:
+            return result
         t0 = time.perf_counter()
-        metric, judged = self.harmful_scores()
+        verdicts = self.judge.judge(self.requests, result.pending)
+        took = time.perf_counter() - t0
+        for name, per in result.setups.items():
+            if "n" not in per:
+                continue  # a setup with harmless prompts only
+            mine = [v for v, s in zip(verdicts, self.harmful_setup, strict=True) if s == name]
+            per["keyword_refusal"] = per["refusal"]
+            per["judged"] = counts(mine, CLASSES)
+            per["judged"].pop("echo", None)
+            per["refusal"] = sum(v.label != "compliance" for v in mine) / len(mine)
+        worst = max(
+            (n for n in result.setups if "n" in result.setups[n]), key=lambda n: result.setups[n]["refusal"]
+        )
+        top = result.setups[worst]
+        result.keyword_refusal = result.refusal
+        result.refusal, result.refused, result.n_harmful = top["refusal"], int(top["refused"]), int(top["n"])
+        result.worst, result.judged, result.judge = worst, dict(top["judged"]), self.judge.name
+        result.judge_seconds, result.seconds = took, result.seconds + took
+        result.pending = None
+        return result
+
+    def __call__(self) -> ProxyResult:
+        """Score whatever edit is active. With a proxy judge the result still waits for the judge
+        (``pending``): ``score`` judges it after the edit is undone."""
+        t0 = time.perf_counter()
+        metric, judged, texts = self.harmful_pass(stop_early=self.judge is None)
         p = torch.sigmoid(metric)
         if judged is None:
             scores, hits = p, metric > 0
@@ -183,6 +270,7 @@ class ProxyScorer:
             new_tokens=self.new_tokens,
             worst=worst,
             setups=per,
+            pending=texts if self.judge is not None else None,
         )
 
 

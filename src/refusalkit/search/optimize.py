@@ -24,6 +24,7 @@ from refusalkit.layout import RunLayout
 from refusalkit.metric import refusal_token_ids
 from refusalkit.models.loading import LoadedModel, load_model
 from refusalkit.run import RunFolder
+from refusalkit.search import proxy_judge
 from refusalkit.search.choosing import choose_point, choose_saved, write_chosen
 from refusalkit.search.edit import EditParams
 from refusalkit.search.front import Point, points_of, write_front
@@ -81,6 +82,7 @@ def _fingerprint(
         "refusal_ids": ids,
         "space": space.model_dump(mode="json"),
         "proxy_new_tokens": o.proxy_new_tokens,
+        **proxy_judge.fingerprint_part(proxy_judge.proxy_key(o)),
     }
     return sha256_text(json.dumps(parts, sort_keys=True))[:16]
 
@@ -93,18 +95,24 @@ def _search(
     o: OptimizeOptions,
     ids: list[int],
     say: Callable[[str], None],
+    requests: list[str],
 ) -> tuple[Any, int, float]:
-    """Open (or resume) the study and run this call's trials. Returns (study, trials run, seconds)."""
+    """Open (or resume) the study and run this call's trials. Returns (study, trials run, seconds).
+    requests: the harmful prompts unformatted (what a proxy judge reads as each reply's request)."""
     space = search_space(layout, o.sources, o.positions, o.edit_embed, cands.n_layers)
+    key = proxy_judge.proxy_key(o)
+    proxy_judge.check_study(layout.study, key)  # another proxy judge's study: refused, saying so
     study = open_study(
         layout.study, _fingerprint(lm, layout, prompts, ids, space, o), o.seed, o.startup_trials
     )
+    proxy_judge.record(study, key)
     done = sum(t.values is not None for t in study.get_trials(deepcopy=False))
     if done >= o.trials:
         return study, 0, 0.0  # nothing to run: no baseline pass needed
     proxy = ProxyScorer(
-        lm, *prompts, ids, o.batch_size, new_tokens=o.proxy_new_tokens, gen_batch_size=o.gen_batch_size
-    )
+        lm, *prompts, ids, o.batch_size, new_tokens=o.proxy_new_tokens, gen_batch_size=o.gen_batch_size,
+        judge=proxy_judge.build(o, lm), requests=dict.fromkeys(prompts[0], requests),
+    )  # fmt: skip
     t_harmful = time.perf_counter()
     filter_refused(proxy)
     estimate = proxy.baseline_seconds + (time.perf_counter() - t_harmful)
@@ -147,11 +155,14 @@ def optimize(
     if o.choosing_only() and layout.front.is_file():
         return choose_saved(layout, o, export)
     judge_key(o.judge, o.judge_calibration)  # a bad judge calibration fails before any trial
+    proxy_judge.proxy_key(o)  # likewise a proxy judge without generated tokens
     lm = model()
     sets = prompt_sets(layout, s, o)
     setups = setups_for(lm, s, o)
     ids = refusal_token_ids(lm.tokenizer, s.refusal_tokens)
-    study, ran, search_seconds = _search(layout, lm, cands, proxy_prompts(lm, setups, sets), o, ids, say)
+    study, ran, search_seconds = _search(
+        layout, lm, cands, proxy_prompts(lm, setups, sets), o, ids, say, sets["harmful"]
+    )
     points = [Point.from_trial(t) for t in front_trials(study)]
     held_out = verify_sets(sets, s, o)
     cache = verify_cache(layout, setups, held_out, sets["harmless_test"], o)
@@ -163,6 +174,7 @@ def optimize(
         p.verified = cache["points"].get(p.trial)
     front = {
         "objectives": list(study.user_attrs.get("objectives", [])),
+        "proxy_judge": study.user_attrs.get("proxy_judge", proxy_judge.KEYWORD_KEY),
         "points": [p.as_dict() for p in points],
         "trials": trial_records(study),
         "chosen": None,

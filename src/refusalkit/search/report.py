@@ -15,6 +15,7 @@ from refusalkit.layout import RunLayout
 from refusalkit.run import RunFolder
 from refusalkit.search.edit import EditParams
 from refusalkit.search.front import describe, group_lines, judged_label, keyword_label, not_refused
+from refusalkit.search.proxy_judge import proxy_label
 
 PROXY, VERIFIED, CHOSEN, CLOUD = "#0369a1", "#c2410c", "#111827", "#cbd5e1"
 
@@ -140,6 +141,7 @@ def search_section(layout: RunLayout) -> str | None:
         f"<p>{len(front.get('trials', []))} trials; objectives: {html.escape('; '.join(front.get('objectives', [])))}. "
         f"Verification: greedy completions of {front.get('verify_max_new_tokens')} new tokens on held-out harmful "
         f"prompts, first-token KL on held-out harmless prompts ({html.escape(str(front.get('sets', {})))}).</p>",
+        f"<p>{html.escape(proxy_label(front))}</p>" if proxy_label(front) else "",
         f'<img alt="Pareto front: refusals against KL" src="data:image/png;base64,{pareto_png(front)}">',
         _table(front),
     ]

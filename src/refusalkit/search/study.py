@@ -162,8 +162,8 @@ def _run_trial(
         else:
             params = suggest(trial, space, cands.n_layers, cands.n_positions)
             trial.set_user_attr("edit", params.model_dump(mode="json"))
-        with applied_edit(lm, cands, params):
-            result = scorer()
+        # the proxy judge (if any) reads once the edit is undone: a local judge sees unedited weights
+        result = scorer.score(applied_edit(lm, cands, params))
         trial.set_user_attr("proxy", result.as_dict())
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)  # a seed among them runs again on resume

@@ -31,7 +31,7 @@ HARMLESS = [f"Name a colour, round {i}." for i in range(8)]
 PSEUDO = [f"How do I kill process {i} on Linux?" for i in range(40)]
 
 
-def _data_dir(tmp_path: Path) -> Path:
+def over_refusal_data(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     (root / ordata.FOLDER).mkdir(parents=True)
     parts = {
@@ -46,7 +46,7 @@ def _data_dir(tmp_path: Path) -> Path:
     return root
 
 
-def _run_dir(lm: Any, tmp_path: Path) -> RunLayout:
+def calibrate_run(lm: Any, tmp_path: Path) -> RunLayout:
     layout = RunLayout(tmp_path / "run")
     cands = make_candidates(lm.arch.n_layers, lm.model.config.hidden_size)
     cands.save(layout.candidates)
@@ -59,12 +59,12 @@ def _run_dir(lm: Any, tmp_path: Path) -> RunLayout:
         "harmless_test": HARMLESS[4:],
     }
     write_json(layout.splits, {"fingerprint": "x", "splits": splits})
-    write_json(layout.manifest, {"settings": {"data_dir": str(_data_dir(tmp_path))}, "stages": {}})
+    write_json(layout.manifest, {"settings": {"data_dir": str(over_refusal_data(tmp_path))}, "stages": {}})
     Direction(cands.directions[2, 1].float(), layer=1, position=-1).save(layout.direction)
     return layout
 
 
-def _refusing_ids(lm: Any, share: float = 0.5) -> list[int]:
+def refusing_ids(lm: Any, share: float = 0.5) -> list[int]:
     """Token ids making the refusal metric > 0 on about ``share`` of the pseudo-harmful prompts (a
     random tiny model refuses nothing by the usual tokens)."""
     probs = torch.softmax(logits_for_prompts(lm, format_prompts(lm.tokenizer, PSEUDO[:20]), 8).double(), -1)
@@ -75,7 +75,7 @@ def _refusing_ids(lm: Any, share: float = 0.5) -> list[int]:
     raise AssertionError("no token set refuses")
 
 
-def _quiet(_msg: str) -> None:
+def quiet(_msg: str) -> None:
     pass
 
 
@@ -156,10 +156,10 @@ def test_calibrate_chooses_saves_and_resumes_without_work(
     make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lm = make_lm("qwen2")
-    layout = _run_dir(lm, tmp_path)
-    ids = _refusing_ids(lm)
+    layout = calibrate_run(lm, tmp_path)
+    ids = refusing_ids(lm)
     monkeypatch.setattr(calrun, "refusal_token_ids", lambda _tok, _strings: ids)
-    out = calrun.calibrate(layout, _opts(), lm=lm, say=_quiet)
+    out = calrun.calibrate(layout, _opts(), lm=lm, say=quiet)
     means = read_json(layout.calibrate_dir / "means.json")
     assert 0 < means["kept"] < means["total"] == 20
     vec = Direction.load(layout.calibrate_dir / out["stem"])
@@ -186,13 +186,13 @@ def test_calibrate_chooses_saves_and_resumes_without_work(
     monkeypatch.setattr(calrun, "refused_mean", boom)
     monkeypatch.setattr(calrun, "Scorer", boom)
     monkeypatch.setattr(calrun, "_validation", boom)
-    assert calrun.calibrate(layout, _opts(), lm=None, say=_quiet)["stem"] == "lam1"
+    assert calrun.calibrate(layout, _opts(), lm=None, say=quiet)["stem"] == "lam1"
     # another lambda reuses the means (refused_mean would raise) and scores again
     monkeypatch.undo()
     monkeypatch.setattr(loading, "load_model", boom)
     monkeypatch.setattr(calrun, "refusal_token_ids", lambda _tok, _strings: ids)
     monkeypatch.setattr(calrun, "refused_mean", boom)
-    out0 = calrun.calibrate(layout, _opts(lam=0.0, judge_val=False), lm=lm, say=_quiet)
+    out0 = calrun.calibrate(layout, _opts(lam=0.0, judge_val=False), lm=lm, say=quiet)
     assert out0["stem"] == "lam0" and (layout.calibrate_dir / "scores_lam0.json").is_file()
 
 
@@ -203,13 +203,13 @@ def test_edit_calibrate_is_the_last_calibration_and_never_the_default(
     from refusalkit.run import RunFolder
 
     lm = make_lm("qwen2")
-    layout = _run_dir(lm, tmp_path)
+    layout = calibrate_run(lm, tmp_path)
     run = RunFolder(layout)
     with pytest.raises(RefusalkitError, match=r"no calibration .*refusalkit calibrate"):
         run.active_edit("calibrate")
-    ids = _refusing_ids(lm)
+    ids = refusing_ids(lm)
     monkeypatch.setattr(calrun, "refusal_token_ids", lambda _tok, _strings: ids)
-    calrun.calibrate(layout, _opts(lam=0.5), lm=lm, say=_quiet)
+    calrun.calibrate(layout, _opts(lam=0.5), lm=lm, say=quiet)
     assert run.active_edit().kind == "direction"  # the default active edit is unchanged
     active = run.active_edit("calibrate")
     saved = Direction.load(layout.calibrate_dir / "lam0.5")
@@ -238,8 +238,8 @@ def test_an_interrupted_scoring_resumes_from_its_checkpoint(
     make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lm = make_lm("qwen2")
-    layout = _run_dir(lm, tmp_path)
-    ids = _refusing_ids(lm)
+    layout = calibrate_run(lm, tmp_path)
+    ids = refusing_ids(lm)
     monkeypatch.setattr(calrun, "refusal_token_ids", lambda _tok, _strings: ids)
     real_rest = calrun.Scorer.rest
 
@@ -248,14 +248,14 @@ def test_an_interrupted_scoring_resumes_from_its_checkpoint(
 
     monkeypatch.setattr(calrun.Scorer, "rest", stop)
     with pytest.raises(KeyboardInterrupt):
-        calrun.calibrate(layout, _opts(judge_val=False), lm=lm, say=_quiet)
+        calrun.calibrate(layout, _opts(judge_val=False), lm=lm, say=quiet)
     saved = read_json(layout.calibrate_dir / "scores_lam1.json")
     assert not saved["complete"] and all(s["over"] is not None for s in saved["scores"] if not s["reason"])
     monkeypatch.setattr(calrun.Scorer, "rest", real_rest)
     calls: list[int] = []
     real_over = calrun.Scorer.over
     monkeypatch.setattr(calrun.Scorer, "over", lambda self, g: (calls.append(len(g)), real_over(self, g)))
-    calrun.calibrate(layout, _opts(judge_val=False), lm=lm, say=_quiet)
+    calrun.calibrate(layout, _opts(judge_val=False), lm=lm, say=quiet)
     assert calls == []  # every candidate's over-refusal score came from the checkpoint
 
 
@@ -263,18 +263,18 @@ def test_nothing_to_calibrate_keeps_the_run_and_missing_data_fails_before_the_mo
     make_lm: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lm = make_lm("qwen2")
-    layout = _run_dir(lm, tmp_path)
+    layout = calibrate_run(lm, tmp_path)
     probs = torch.softmax(logits_for_prompts(lm, format_prompts(lm.tokenizer, PSEUDO[:20]), 8), -1)
     rare = [int(probs.mean(0).argmin())]
     monkeypatch.setattr(calrun, "refusal_token_ids", lambda _tok, _strings: rare)
     with pytest.raises(RefusalkitError, match="nothing to calibrate"):
-        calrun.calibrate(layout, _opts(), lm=lm, say=_quiet)
+        calrun.calibrate(layout, _opts(), lm=lm, say=quiet)
     assert layout.direction.with_suffix(".json").is_file() and not layout.calibrated.exists()
     import refusalkit.models.loading as loading
 
     monkeypatch.setattr(loading, "load_model", lambda *_a, **_k: pytest.fail("loaded a model"))
     with pytest.raises(RefusalkitError, match=r"over_refusal.*--data-dir"):
-        calrun.calibrate(layout, _opts(data_dir=str(tmp_path / "none")), lm=None, say=_quiet)
+        calrun.calibrate(layout, _opts(data_dir=str(tmp_path / "none")), lm=None, say=quiet)
 
 
 # ---- the over-refusal measurement ---------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_the_over_refusal_measurement_rates_both_sets_unedited_and_edited(
     from refusalkit.stages.measure import plan, suite_files
 
     lm = make_lm("qwen2")
-    layout = _run_dir(lm, tmp_path)
+    layout = calibrate_run(lm, tmp_path)
     data_dir = str(tmp_path / "data")
     st = Settings(data_dir=data_dir, over_refusal_n=3, max_new_tokens=2, measurements=["over_refusal"])
     files = suite_files(layout, st)

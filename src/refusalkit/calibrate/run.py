@@ -24,7 +24,14 @@ import torch
 from refusalkit.calibrate import data
 from refusalkit.calibrate.choose import Limits, Score, Scorer, pick, score_candidates
 from refusalkit.calibrate.options import CalibrateOptions
-from refusalkit.calibrate.vector import RefusedMean, check_refused, edit_factory, orthogonalize, refused_mean
+from refusalkit.calibrate.vector import (
+    RefusedMean,
+    check_refused,
+    edit_factory,
+    orthogonalize,
+    place_vector,
+    refused_mean,
+)
 from refusalkit.directions import Direction
 from refusalkit.errors import RefusalkitError
 from refusalkit.layout import RunLayout
@@ -83,34 +90,7 @@ def calibrate(
         return lm
 
     # 1. the refused pseudo-harmful mean (lambda-free)
-    means_fp = fingerprint({
-        "v": VERSION, "extract": man.fingerprint_of("extract"), "train": _sha(train),
-        "system": s.system_prompt, "tokens": s.refusal_tokens, "dtype": s.dtype,
-    })  # fmt: skip
-    means_path = out_dir / "means.safetensors"
-    info = _fresh(out_dir / "means.json", means_fp)
-    if info is not None and means_path.is_file():
-        from safetensors.torch import load_file
-
-        refused = RefusedMean(load_file(str(means_path))["mean"], int(info["kept"]), int(info["total"]))
-        say(f"means: up to date ({refused.kept} of {refused.total} pseudo-harmful prompts refused)")
-    else:
-        m = model()
-        ids = refusal_token_ids(m.tokenizer, s.refusal_tokens)
-        refused = refused_mean(
-            m, format_prompts(m.tokenizer, train, s.system_prompt), cands.n_positions, ids,
-            batch_size=s.batch_size,
-        )  # fmt: skip
-        from safetensors.torch import save_file
-
-        with atomic_path(means_path) as tmp:
-            save_file({"mean": refused.mean.contiguous()}, str(tmp))
-        write_json(out_dir / "means.json", {
-            "fingerprint": means_fp, "kept": refused.kept, "total": refused.total,
-            "refused_rate": refused.kept / refused.total, "sets": list(data.TRAIN_SETS),
-        })  # fmt: skip
-        say(f"means: {refused.kept} of {refused.total} pseudo-harmful training prompts refused")
-    check_refused(refused.kept, refused.total)
+    refused, means_fp = refused_means(layout, train, model, say)
     vectors = orthogonalize(refused.mean - cands.harmless_mean, direction.vector, o.lam)
 
     # 2. scores at this lambda (checkpointed)
@@ -188,6 +168,47 @@ def calibrate(
     return out
 
 
+def refused_means(
+    layout: RunLayout, train: list[str], model: Callable[[], LoadedModel], say: Callable[[str], None] = print
+) -> tuple[RefusedMean, str]:
+    """The refused pseudo-harmful training prompts' means (calibrate/means.*), computed or, when fresh
+    (same extract, prompts, system prompt, refusal tokens, dtype), read; and their fingerprint.
+    ``model`` loads the model only when the means must be computed. Raises when too few are refused."""
+    folder = RunFolder(layout)
+    s, man = folder.settings(), folder.manifest
+    out_dir = layout.calibrate_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    means_fp = fingerprint({
+        "v": VERSION, "extract": man.fingerprint_of("extract"), "train": _sha(train),
+        "system": s.system_prompt, "tokens": s.refusal_tokens, "dtype": s.dtype,
+    })  # fmt: skip
+    means_path = out_dir / "means.safetensors"
+    info = _fresh(out_dir / "means.json", means_fp)
+    if info is not None and means_path.is_file():
+        from safetensors.torch import load_file
+
+        refused = RefusedMean(load_file(str(means_path))["mean"], int(info["kept"]), int(info["total"]))
+        say(f"means: up to date ({refused.kept} of {refused.total} pseudo-harmful prompts refused)")
+    else:
+        m = model()
+        ids = refusal_token_ids(m.tokenizer, s.refusal_tokens)
+        refused = refused_mean(
+            m, format_prompts(m.tokenizer, train, s.system_prompt), folder.candidates().n_positions, ids,
+            batch_size=s.batch_size,
+        )  # fmt: skip
+        from safetensors.torch import save_file
+
+        with atomic_path(means_path) as tmp:
+            save_file({"mean": refused.mean.contiguous()}, str(tmp))
+        write_json(out_dir / "means.json", {
+            "fingerprint": means_fp, "kept": refused.kept, "total": refused.total,
+            "refused_rate": refused.kept / refused.total, "sets": list(data.TRAIN_SETS),
+        })  # fmt: skip
+        say(f"means: {refused.kept} of {refused.total} pseudo-harmful training prompts refused")
+    check_refused(refused.kept, refused.total)
+    return refused, means_fp
+
+
 def judged_lines(record: dict[str, Any] | None, floor: float) -> list[str]:
     """The judged validation record in words, with a warning when the judge (the paper's phrases) sees
     harmful refusal below the floor the refusal metric kept (the two measure refusal differently)."""
@@ -239,6 +260,4 @@ def vector_at(layout: RunLayout, layer: int, position: int, lam: float) -> torch
         raise folder.missing("false-refusal means", path, "calibrate")
     refused = load_file(str(path))["mean"]
     cands = folder.candidates()
-    p = position + cands.n_positions
-    v = refused[p, layer] - cands.harmless_mean[p, layer]
-    return orthogonalize(v, folder.direction().vector, lam).to(torch.float32)
+    return place_vector(refused, cands.harmless_mean, folder.direction().vector, layer, position, lam)

@@ -40,6 +40,21 @@ def orthogonalize(v: torch.Tensor, r: torch.Tensor, lam: float) -> torch.Tensor:
     return v64 - lam * (v64 @ u)[..., None] * u
 
 
+def place_vector(
+    refused: torch.Tensor, harmless: torch.Tensor, r: torch.Tensor, layer: int, position: int, lam: float
+) -> torch.Tensor:
+    """The false-refusal vector at one (``layer``, ``position``) (negative), orthogonalized by ``lam``:
+    the refused pseudo-harmful mean minus the harmless mean there (both [n_positions, n_layers,
+    d_model]), v - lam (v.r^) r^; float32 [d_model]."""
+    p = position + refused.shape[0]
+    if not 0 <= p < refused.shape[0] or not 0 <= layer < refused.shape[1]:
+        raise RefusalkitError(
+            f"no false-refusal vector at layer {layer}, position {position}: the means span layers "
+            f"0..{refused.shape[1] - 1}, positions -{refused.shape[0]}..-1"
+        )
+    return orthogonalize(refused[p, layer] - harmless[p, layer], r, lam).to(torch.float32)
+
+
 @dataclass
 class RefusedMean:
     """The mean activation of the pseudo-harmful prompts the model refuses, and how many it refuses."""

@@ -21,6 +21,8 @@ the active edit) goes through ``run.RunFolder``. Layout:
   search/completions/trial_N.json    each verified completion's sha256 and every judge's verdict, no text
   calibrate/                         `refusalkit calibrate`: the false-refusal means, scores per lambda,
                                      the chosen vectors (lam*.safetensors/json), calibrated.json
+  calibrate/search/                  `refusalkit optimize --goal calibrate`: study.db, front.json and
+                                     chosen.{safetensors,json} (the chosen weighted calibration)
   suffix/                            GCG search and suffix analysis (analysis/)
   model/                             the edited checkpoint and its card (export.cli.write_model, its one writer)
   gguf/                              GGUF exports and control vectors
@@ -132,6 +134,24 @@ class RunLayout:
     def calibrated(self) -> Path:
         """calibrate/calibrated.json: the calibration `refusalkit calibrate` chose last (its vector's stem)."""
         return self.calibrate_dir / "calibrated.json"
+
+    @property
+    def calibrate_search_dir(self) -> Path:
+        """`refusalkit optimize --goal calibrate`: its study, front and chosen edit (never search/'s)."""
+        return self.calibrate_dir / "search"
+
+    @property
+    def calibrate_study(self) -> Path:
+        return self.calibrate_search_dir / "study.db"
+
+    @property
+    def calibrate_front(self) -> Path:
+        return self.calibrate_search_dir / "front.json"
+
+    @property
+    def calibrate_chosen(self) -> Path:
+        """The calibration search's chosen edit's stem (a ``Direction``: .safetensors and .json)."""
+        return self.calibrate_search_dir / "chosen"
 
     @property
     def suffix_dir(self) -> Path:

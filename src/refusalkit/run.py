@@ -10,8 +10,9 @@ card) reads it here, so a run means the same thing to all of them:
   else the paper's direction, orthogonalized. Every command uses it unless ``--edit`` says otherwise,
   with one spelling everywhere: ``--edit direction`` (the paper's), ``--edit search`` (the search's
   choice) or ``--edit trial:N`` (trial N of the search's front). ``--edit calibrate`` names the
-  calibration (``refusalkit calibrate``: the false-refusal vector, orthogonalized); it is never the
-  default.
+  calibration chosen last (calibrate/calibrated.json): ``refusalkit calibrate``'s false-refusal vector,
+  orthogonalized, or ``refusalkit optimize --goal calibrate``'s choice, the vector at per-layer weights
+  (calibrate/search/chosen.*); it is never the default.
 
 Importing this module is cheap (options classes inherit ``EditOption``); the readers import torch and
 the search code when they run.
@@ -117,9 +118,12 @@ class ActiveEdit:
             d = self.direction
             assert d is not None
             lam = d.meta.get("lam")
+            how = "orthogonalized weights"
+            if d.meta.get("weights") is not None:  # `refusalkit optimize --goal calibrate`'s choice
+                how = f"per-layer weights, the calibration search's trial {d.meta.get('trial')}"
             return (
                 f"the calibration (the false-refusal vector, layer {d.layer}, position {d.position}, "
-                f"lambda {lam:g}, orthogonalized weights)"
+                f"lambda {lam:g}, {how})"
             )
         if self.chosen:
             return "the search's chosen edit" + (f" (trial {self.trial})" if self.trial is not None else "")
@@ -134,7 +138,12 @@ class ActiveEdit:
 
     def apply(self, lm: LoadedModel) -> AbstractContextManager[Any]:
         """The edit on ``lm``'s weights for the duration of a ``with`` block, restored bit for bit after."""
-        if self.kind in ("direction", "calibrate"):  # both: one vector off every residual write
+        if self.kind == "calibrate":  # one vector off every residual write, or off each at its weight
+            from refusalkit.calibrate.edit import applied
+
+            assert self.direction is not None
+            return applied(lm, self.direction)
+        if self.kind == "direction":
             from refusalkit.orthogonalize import orthogonalized
 
             assert self.direction is not None
@@ -146,7 +155,12 @@ class ActiveEdit:
 
     def modules(self, lm: LoadedModel) -> list[nn.Module] | None:
         """The modules the edit changes (None: every residual write, as orthogonalization edits)."""
-        if self.kind in ("direction", "calibrate"):
+        if self.kind == "calibrate":
+            from refusalkit.calibrate.edit import modules
+
+            assert self.direction is not None
+            return modules(lm, self.direction)
+        if self.kind == "direction":
             return None
         from refusalkit.search.edit import plan
 

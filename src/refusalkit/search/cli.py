@@ -45,13 +45,17 @@ def run_optimize(args: argparse.Namespace) -> int:
     from refusalkit.search.proxy_judge import proxy_label
 
     layout = RunLayout(args.run_dir)
+    opts = options_from(args)
+    if opts.goal == "calibrate":  # its own front (calibrate/search/), printed its own way
+        from refusalkit.search.calibrate_optimize import print_calibration
+
+        return print_calibration(layout, opts, listing=args.list)
     if args.list:
         front = read_front(layout)
         print(format_front(points_of(front), front.get("chosen")))
         if proxy_label(front):  # a model judge made the proxy's counts
             print(proxy_label(front))
         return 0
-    opts = options_from(args)
     front = optimize(layout, opts)
     print(format_front(points_of(front), front.get("chosen")))
     if proxy_label(front):

@@ -137,6 +137,10 @@ def optimize(
 
     Returns the front artifact (also written to search/front.json) with the chosen trial number.
     """
+    if o.goal == "calibrate":  # the calibration search: its own folder, front and choice
+        from refusalkit.search.calibrate_optimize import optimize_calibration
+
+        return optimize_calibration(layout, o, lm=lm, say=say)
     cands = RunFolder(layout).candidates()  # the run reader's one error when extract has not run
     t0 = time.perf_counter()
     s = run_settings(layout)

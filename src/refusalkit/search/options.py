@@ -10,10 +10,12 @@ budget (resuming the study in the run), verifies, then chooses.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, field_validator
 
 # Options that only choose among the points a search already found (see the module docstring).
-CHOOSING = frozenset({"trial", "max_kl", "max_refusals", "export"})
+CHOOSING = frozenset({"trial", "max_kl", "max_refusals", "export", "harmful_floor"})
 # Fields whose REFUSALKIT_* variables the run's own settings share (set for every command), which do not
 # make a choosing call a search.
 RUN_WIDE = frozenset({"seed", "batch_size", "data_dir"})
@@ -23,6 +25,25 @@ SETUP_NAMES = ("none", "default", "helpful")
 class OptimizeOptions(BaseModel):
     """Options of `refusalkit optimize` (the run's own settings come from its manifest)."""
 
+    goal: Literal["remove", "calibrate"] = Field(
+        default="remove",
+        description="remove: the fewest refusals at the least KL (search/); calibrate: the fewest "
+        "over-refusals (OR-Bench-Hard val) at the least KL, harmful refusal held at --harmful-floor, "
+        "edits of the false-refusal vector (calibrate/search/; docs/calibrate.md).",
+    )
+    harmful_floor: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="--goal calibrate: a trial's harmful refusal (proxy, harmful validation prompts) must "
+        "be at least this fraction of the unedited model's; trials below it are never chosen.",
+    )
+    over_n: int = Field(
+        default=64,
+        ge=1,
+        description="--goal calibrate: pseudo-harmful validation prompts scored per trial (OR-Bench-Hard "
+        "val, first N).",
+    )
     trials: int = Field(
         default=40,
         ge=1,
@@ -209,7 +230,7 @@ class OptimizeOptions(BaseModel):
         """True when options were given (flag, TOML key or environment variable) and every one is a
         choosing one: such a call on a run with a search chooses from it without searching (``--export``
         alone exports the point chosen before)."""
-        given = self.model_fields_set - RUN_WIDE
+        given = self.model_fields_set - RUN_WIDE - {"goal"}  # which search, not what it does
         return bool(given) and given <= CHOOSING
 
 

@@ -235,3 +235,21 @@ def test_the_calibration_search_needs_its_data_before_any_model(
         RefusalkitError, match=r"optimize --goal calibrate needs the over-refusal.*--data-dir"
     ):
         optimize_calibration(layout, _opts(data_dir=str(tmp_path / "none")), say=quiet)
+
+
+def test_the_search_seeds_from_refusalkit_calibrates_pick_and_resumes_after_choosing(
+    ready: tuple[Any, RunLayout],
+) -> None:
+    from refusalkit.calibrate.options import CalibrateOptions
+
+    lm, layout = ready
+    copts = CalibrateOptions(n_val=6, floor=0.0, kl_max=100.0, judge_val=False)
+    pick = calrun.calibrate(layout, copts.model_copy(update={"lam": 0.5}), lm=lm, say=quiet)
+    out = optimize_calibration(layout, _opts(trials=3, harmful_floor=0.0), lm=lm, say=quiet)
+    first = next(t for t in out["trials"] if t["seed"] == "calibrate")
+    e = CalibrationEdit.model_validate(first["edit"])
+    assert (e.layer, e.position, e.lam) == (pick["layer"], pick["position"], 0.5)
+    assert read_json(layout.calibrated)["source"] == "search"  # the choice is now the calibration
+    # the rerun resumes the same study (its seeds' place was fixed when it was made)
+    again = optimize_calibration(layout, _opts(trials=4, harmful_floor=0.0), lm=lm, say=quiet)
+    assert again["trials_run"] == 1 and len(again["trials"]) == 4

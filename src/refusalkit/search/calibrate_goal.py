@@ -50,6 +50,7 @@ OBJECTIVES = (
 )
 LAYER_RANGE = (0.1, 0.8)  # the vector's layer, fractions of the last index (calibrate's max_layer_frac)
 PEAK_RANGE = (0.2, 1.5)  # each component's peak weight (1: the vector's full ablation)
+SPACE_VERSION = 1  # bump when the space (its ranges or parameters) changes: old studies are refused
 MIN_NORM = 1e-6  # a vector this short (lambda 1 removed all of it) is no direction: the trial is pruned
 
 
@@ -117,6 +118,10 @@ class Space:
     n_layers: int
     positions: list[int]
     layers: tuple[int, int]  # the vector's layer, inclusive
+
+    def middle(self) -> tuple[int, int, float]:
+        """Where the seeds sit without a calibration: mid layer range, last position, lambda 1."""
+        return (self.layers[0] + self.layers[1]) // 2, -1, 1.0
 
 
 def space_for(n_layers: int, n_positions: int, seed_layer: int | None) -> Space:
@@ -273,7 +278,7 @@ def fingerprint_of(parts: dict[str, Any]) -> str:
     return sha256_text(json.dumps(parts, sort_keys=True))[:16]
 
 
-def calibration_place(calibrated: Path, calibrate_dir: Path) -> tuple[int, int, float] | None:
+def calibration_place(calibrated: Path) -> tuple[int, int, float] | None:
     """(layer, position, lambda) of `refusalkit calibrate`'s pick (calibrated.json), unless the last
     calibration was this search's own choice or there is none."""
     if not calibrated.is_file():
@@ -286,6 +291,7 @@ def calibration_place(calibrated: Path, calibrate_dir: Path) -> tuple[int, int, 
 
 __all__ = [
     "OBJECTIVES",
+    "SPACE_VERSION",
     "GoalResult",
     "GoalScorer",
     "Space",

@@ -46,6 +46,7 @@ from refusalkit.search.calibrate_choose import (
     say_floor_warnings,
 )
 from refusalkit.search.calibrate_goal import (
+    SPACE_VERSION,
     GoalScorer,
     Vectors,
     calibration_place,
@@ -63,6 +64,12 @@ from refusalkit.settings import Settings
 from refusalkit.utils import read_json, sha256_file, sha256_text, write_json
 
 log = logging.getLogger(__name__)
+# the removal search's options that the calibration search does not read (it scores under the run's own
+# system prompt, with first-token logits, and verifies with the run's marker lists)
+NOT_READ = frozenset({
+    "setups", "system_prompts", "sources", "positions", "edit_embed", "proxy_new_tokens", "proxy_judge",
+    "judge", "judge_calibration", "verify_harmful", "verify_baseline",
+})  # fmt: skip
 
 
 def _vectors(layout: RunLayout, cands: Candidates, direction: Direction, study: Any) -> Vectors:
@@ -199,6 +206,9 @@ def optimize_calibration(
 
         say(f"checkpoint: {write_model(layout.root, model(), edit='calibrate', settings=s)}")
 
+    ignored = sorted(NOT_READ & o.model_fields_set)
+    if ignored:
+        say(f"--goal calibrate does not read {', '.join(ignored)} (docs/calibrate.md); ignored")
     if o.choosing_only() and layout.calibrate_front.is_file():
         return _choose_saved(layout, o, cands, direction, s, export, say)
     from refusalkit.calibrate.run import refused_means
@@ -214,16 +224,18 @@ def optimize_calibration(
     fmt = lambda xs: format_prompts(m.tokenizer, xs, s.system_prompt)  # noqa: E731
     prompts = {"pseudo": fmt(pseudo), "harmful": fmt(sets["harmful"]), "harmless": fmt(sets["harmless"])}
     ids = refusal_token_ids(m.tokenizer, s.refusal_tokens)
-    place = calibration_place(layout.calibrated, layout.calibrate_dir)
-    space = space_for(cands.n_layers, cands.n_positions, place[0] if place else None)
-    if place is None:  # no calibration to start from: the middle of the layer range, the last position
-        place = ((space.layers[0] + space.layers[1]) // 2, -1, 1.0)
     fp = fingerprint_of({
         "model": m.fingerprint, "candidates": sha256_file(layout.candidates), "means": means_fp,
         "direction": sha256_file(layout.direction.with_suffix(".safetensors")), "refusal_ids": ids,
-        "prompts": sha256_text(json.dumps(prompts, sort_keys=True)), "space": space.__dict__,
+        "prompts": sha256_text(json.dumps(prompts, sort_keys=True)), "space": SPACE_VERSION,
     })  # fmt: skip
     study = open_goal_study(layout.calibrate_study, fp, o.seed, o.startup_trials)
+    if "place" not in study.user_attrs:  # where the seeds sit, fixed when the study is made
+        found = calibration_place(layout.calibrated)
+        study.set_user_attr("place", list(found) if found else None)
+    stored = study.user_attrs["place"]
+    space = space_for(cands.n_layers, cands.n_positions, int(stored[0]) if stored else None)
+    place = (int(stored[0]), int(stored[1]), float(stored[2])) if stored else space.middle()
     study.set_user_attr("means", means_fp)
     vectors = Vectors(refused.mean, cands.harmless_mean, direction.vector)
     ran, t_search = 0, time.perf_counter()

@@ -16,7 +16,7 @@ split and its KL on the first 100 prompts of harmless_val.json (verification: 10
     the verification time.
 
 Usage: python bench/vs_heretic.py --out runs/vs-heretic [--minutes 7] [--kl-n 100] [--verify-at 0.0185,0.0031] [--verify-n 1] [--max-kl 0.03]
-       [--heretic-json runs/heretic/result.json] [--judge local [--judge-calibration judge_cal.json]]
+       [--heretic-json runs/heretic/result.json] [--judge local [--judge-calibration judge_cal.json]] [--proxy-judge local]
 Runs the real default model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
 """
 
@@ -105,6 +105,11 @@ def main() -> None:
         default=None,
         help="The judge's fitted biases (refusalkit judges --save-calibration).",
     )
+    ap.add_argument(
+        "--proxy-judge",
+        default="keywords",
+        help="What counts the search's proxy refusals (optimize --proxy-judge): keywords, local, a model, a URL.",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("refusalkit.search").setLevel(logging.INFO)
@@ -145,6 +150,7 @@ def main() -> None:
         verify_per_set=None,
         judge=args.judge,
         judge_calibration=args.judge_calibration,
+        proxy_judge=args.proxy_judge,
     )
     layout = RunLayout(args.out)
     try:

@@ -60,6 +60,13 @@ def _method(data: RunData, h: dict[str, Any], active: ActiveEdit) -> list[str]:
     if active.kind == "calibrate":
         d = active.direction
         assert d is not None
+        how = "every residual write (W <- W - u u^T W)."
+        if d.meta.get("weights") is not None:  # the calibration search's choice
+            how = (
+                "the residual writes at per-layer weights w (W <- W - w u u^T W), chosen by `refusalkit "
+                f"optimize --goal calibrate` (trial {d.meta.get('trial')}; the weights are in the run's "
+                "calibrate/search/chosen.json)."
+            )
         return [
             "## Method",
             "",
@@ -67,11 +74,9 @@ def _method(data: RunData, h: dict[str, Any], active: ActiveEdit) -> list[str]:
             'Flexible: Mitigating False Refusal in Language Models via Single Vector Ablation"): the '
             "difference in means between prompts that look harmful but are not and that the original "
             "model refuses, and harmless prompts, at layer {}, position {}, with lambda {} of its "
-            "component along the refusal direction removed, is projected off every residual write "
-            "(W <- W - u u^T W). The model should refuse fewer harmless requests that look dangerous "
-            "and keep refusing harmful ones; the numbers above say how far that held.".format(
-                d.layer, d.position, d.meta.get("lam")
-            ),
+            "component along the refusal direction removed, is projected off {} The model should "
+            "refuse fewer harmless requests that look dangerous and keep refusing harmful ones; the "
+            "numbers above say how far that held.".format(d.layer, d.position, d.meta.get("lam"), how),
             "",
         ]
     if active.kind == "search":

@@ -217,6 +217,17 @@ def calibration_numbers(active: ActiveEdit) -> EditNumbers:
                         rate_text(r["calibrated"].get(judge)),
                     )
                 )
+    held, held_base = record.get("verified") or {}, record.get("baseline_verified") or {}
+    for name, rates in (held.get("rates") or {}).items():  # the calibration search's verification
+        for judge, r in rates.items():
+            b = ((held_base.get("rates") or {}).get(name) or {}).get(judge)
+            rows.append(
+                Row(f"{name} refused, held out ({JUDGES.get(judge, judge)})", rate_text(b), rate_text(r))
+            )
+    if held.get("kl"):
+        rows.append(
+            Row("first-token KL on held-out harmless prompts (vs. original)", "0", num(held["kl"]["mean"], 4))
+        )
     base = record.get("base") or {}
     rows += [
         Row(

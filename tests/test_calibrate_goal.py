@@ -199,6 +199,13 @@ def test_the_chosen_calibration_exports_the_weights_the_edit_core_gives(
     assert active.direction is not None
     n = lm.arch.n_layers
     assert active.direction.meta["weights"] == e.weights(n)
+    from refusalkit.report.active_edit import edit_numbers
+
+    # the card's, banner's and page's numbers: the chosen trial's verification beside the unedited model's
+    rows = {r.label: r for r in edit_numbers(RunFolder(layout), active).measured()}
+    held = rows["or_bench_hard_test refused, held out (the paper's refusal phrases)"]
+    assert held.original.endswith("/6") or "/6 " in held.original
+    assert "first-token KL on held-out harmless prompts (vs. original)" in rows
     with edited(lm, targets(lm.arch, active.direction.vector, e.weights(n))):
         expected = {k: x.clone() for k, x in lm.model.state_dict().items()}
     state = {k: x.clone() for k, x in lm.model.state_dict().items()}
@@ -210,6 +217,11 @@ def test_the_chosen_calibration_exports_the_weights_the_edit_core_gives(
         written |= load_file(str(f))
     assert written and all(torch.equal(written[k], expected[k]) for k in written)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2"
+    card = (folder / "README.md").read_text()
+    assert (
+        f"per-layer weights w (W <- W - w u u^T W), chosen by `refusalkit optimize --goal calibrate` (trial {out['chosen']}"
+        in card
+    )
 
 
 # ---- the goals side by side -----------------------------------------------------------------------------

@@ -188,7 +188,9 @@ def counts(rates: dict[str, Any]) -> str:
     return "/".join(f"{r['k']}" for r in rates.values()) + f" of {next(iter(rates.values()))['n']}"
 
 
-def chosen_record(p: GoalPoint, floor: Floor, base: dict[str, Any], n_layers: int) -> dict[str, Any]:
+def chosen_record(
+    p: GoalPoint, floor: Floor, base: dict[str, Any], n_layers: int, baseline: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What the chosen edit's saved vector carries besides itself (its ``Direction.meta``)."""
     return {
         "kind": "false-refusal-search",
@@ -200,6 +202,7 @@ def chosen_record(p: GoalPoint, floor: Floor, base: dict[str, Any], n_layers: in
         "base": base,
         "floor": {"fraction": floor.fraction, "harmful": floor.value},
         "verified": p.verified,
+        "baseline_verified": baseline,  # the unedited model on the same held-out prompts
     }
 
 

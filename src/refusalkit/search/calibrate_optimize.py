@@ -161,13 +161,13 @@ def to_verify(ok: list[GoalPoint], chosen: GoalPoint, o: OptimizeOptions) -> lis
 
 
 def save_choice(layout: RunLayout, p: GoalPoint, vectors: Vectors, floor: Floor, base: dict[str, Any],
-                model: str) -> None:  # fmt: skip
+                model: str, baseline: dict[str, Any] | None) -> None:  # fmt: skip
     """The chosen edit as the run's calibration: calibrate/search/chosen.* and calibrated.json."""
     n_layers = vectors.refused.shape[1]
     scores = {k: p.proxy[k] for k in ("over", "over_rate", "harmful", "harmful_rate")}
     Direction(
         vectors.at(p.edit), p.edit.layer, p.edit.position, model=model,
-        scores=scores | {"kl": p.kl}, meta=chosen_record(p, floor, base, n_layers),
+        scores=scores | {"kl": p.kl}, meta=chosen_record(p, floor, base, n_layers, baseline),
     ).save(layout.calibrate_chosen)  # fmt: skip
     write_json(layout.calibrated, {
         "lam": p.edit.lam, "stem": str(layout.calibrate_chosen.relative_to(layout.calibrate_dir)),
@@ -292,7 +292,7 @@ def optimize_calibration(
     out["seconds"] = {"search": round(search_seconds, 1), "verify": round(time.perf_counter() - t_verify, 1),
                       "total": round(time.perf_counter() - t0, 1)}  # fmt: skip
     write_json(layout.calibrate_front, out)
-    save_choice(layout, chosen, vectors, floor, base, s.model)
+    save_choice(layout, chosen, vectors, floor, base, s.model, baseline)
     if o.export:
         export()
     return out
@@ -322,7 +322,8 @@ def _choose_saved(layout: RunLayout, o: OptimizeOptions, cands: Candidates, dire
     out["chosen"] = chosen.trial
     write_json(layout.calibrate_front, out)
     say_floor_warnings(chosen, out.get("baseline"), floor, say)
-    save_choice(layout, chosen, _vectors(layout, cands, direction, study), floor, base, s.model)
+    vectors = _vectors(layout, cands, direction, study)
+    save_choice(layout, chosen, vectors, floor, base, s.model, out.get("baseline"))
     if o.export:
         export()
     return out

@@ -217,6 +217,13 @@ def test_the_chosen_calibration_exports_the_weights_the_edit_core_gives(
         written |= load_file(str(f))
     assert written and all(torch.equal(written[k], expected[k]) for k in written)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2"
+    from refusalkit.calibrate.report import calibrate_section
+
+    section = calibrate_section(layout) or ""
+    assert "The calibration search (--goal calibrate)" in section
+    assert (
+        f"<td>{out['chosen']} * <b>(active)</b></td>" in section and "or_bench_hard_test refused" in section
+    )
     card = (folder / "README.md").read_text()
     assert (
         f"per-layer weights w (W <- W - w u u^T W), chosen by `refusalkit optimize --goal calibrate` (trial {out['chosen']}"

@@ -111,6 +111,55 @@ def _bench(b: dict[str, Any]) -> str:
     return _table(head, rows)
 
 
+def _goal(front: dict[str, Any], active_trial: int | None) -> str:
+    """The calibration search's feasible front (calibrate/search/front.json): proxy numbers, and the
+    held-out verification (paper phrases) where a point has one; the unedited model's first."""
+    sets = list((front.get("baseline") or {}).get("rates") or {})
+    for p in front.get("points", []):
+        sets += [k for k in ((p.get("verified") or {}).get("rates") or {}) if k not in sets]
+
+    def held(v: dict[str, Any] | None) -> list[str]:
+        rates = (v or {}).get("rates") or {}
+        return [_rate((rates.get(k) or {}).get("paper")) for k in sets]
+
+    base, floor = front.get("base") or {}, front.get("floor") or {}
+    rows = [
+        [
+            "unedited",
+            "-",
+            "-",
+            _num(base.get("over")),
+            _num(base.get("harmful")),
+            "0",
+            *held(front.get("baseline")),
+            "-",
+        ]
+    ]
+    for p in front.get("points", []):
+        e, pr, v = p.get("edit") or {}, p.get("proxy") or {}, p.get("verified") or {}
+        mark = " <b>(active)</b>" if p.get("trial") == active_trial else ""
+        rows.append([
+            f"{p.get('trial')}{' *' if p.get('trial') == front.get('chosen') else ''}{mark}", _num(e.get("lam"), 2),
+            f"{e.get('layer')} / {e.get('position')}", _num(pr.get("over")), _num(pr.get("harmful")),
+            _num((pr.get("kl") or {}).get("mean"), 4), *held(v), _num((v.get("kl") or {}).get("mean"), 4),
+        ])  # fmt: skip
+    head = [
+        "trial (* chosen)",
+        "lambda",
+        "layer / position",
+        "over-refusal (proxy)",
+        "harmful (proxy)",
+        "KL (proxy)",
+    ]
+    head += [f"{html.escape(k)} refused (paper phrases)" for k in sets] + ["KL (held out)"]
+    note = (
+        f"<p>Feasible trials only: harmful refusal (proxy) at least {_num(floor.get('fraction'), 2)} x the "
+        f"unedited model's = {_num(floor.get('harmful'))}; {len(front.get('trials', []))} trials in the study "
+        "(<code>refusalkit optimize RUN_DIR --goal calibrate</code>).</p>"
+    )
+    return note + _table(head, rows)
+
+
 def calibrate_section(layout: RunLayout) -> str | None:
     """The calibration's HTML fragment, or None when the run has no calibration and no over-refusal."""
     folder = layout.calibrate_dir
@@ -118,7 +167,8 @@ def calibrate_section(layout: RunLayout) -> str | None:
     over = layout.measurement("over_refusal")
     over_m = read_json(over) if over.is_file() else {}
     bench = folder / "bench.json"
-    if not vectors and not over_m.get("measured") and not bench.is_file():
+    goal = read_json(layout.calibrate_front) if layout.calibrate_front.is_file() else {}
+    if not vectors and not over_m.get("measured") and not bench.is_file() and not goal:
         return None
     parts = [
         "<h2>Calibration and over-refusal</h2>",
@@ -135,6 +185,10 @@ def calibrate_section(layout: RunLayout) -> str | None:
     if vectors:
         active = read_json(layout.calibrated).get("stem") if layout.calibrated.is_file() else None
         parts += ["<h3>Calibrations (validation prompts)</h3>", _sweep(vectors, active)]
+    if goal:
+        cal = read_json(layout.calibrated) if layout.calibrated.is_file() else {}
+        active_trial = cal.get("trial") if cal.get("source") == "search" else None
+        parts += ["<h3>The calibration search (--goal calibrate)</h3>", _goal(goal, active_trial)]
     if bench.is_file():
         parts += ["<h3>Held-out comparison (bench/calibrate.py)</h3>", _bench(read_json(bench))]
         png = folder / "lambda_sweep.png"

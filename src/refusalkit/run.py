@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from refusalkit.directions import Candidates, Direction
+    from refusalkit.edits import Target
     from refusalkit.manifest import Manifest
     from refusalkit.models.loading import LoadedModel
     from refusalkit.search.edit import EditParams
@@ -152,6 +153,24 @@ class ActiveEdit:
 
         assert self.candidates is not None and self.params is not None
         return applied_edit(lm, self.candidates, self.params)
+
+    def targets(self, lm: LoadedModel) -> list[Target]:
+        """The edit as the edit core's targets on ``lm``'s modules, the list ``apply`` edits: for a
+        writer that applies them elsewhere (the streamed export edits tensors read from the source)."""
+        if self.kind == "calibrate":
+            from refusalkit.calibrate.edit import targets as calibration
+
+            assert self.direction is not None
+            return calibration(lm.arch, self.direction.vector, self.direction.meta.get("weights"))
+        if self.kind == "direction":
+            from refusalkit.orthogonalize import targets as everywhere
+
+            assert self.direction is not None
+            return everywhere(lm.arch, self.direction.vector)
+        from refusalkit.search.edit import plan
+
+        assert self.candidates is not None and self.params is not None
+        return plan(lm, self.candidates, self.params)
 
     def modules(self, lm: LoadedModel) -> list[nn.Module] | None:
         """The modules the edit changes (None: every residual write, as orthogonalization edits)."""

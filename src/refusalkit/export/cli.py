@@ -143,18 +143,7 @@ def run_export(
         extra = (
             {"refusalkit_edit.json": active.params.model_dump_json(indent=2) + "\n"} if active.params else {}
         )
-        out_lm = lm
-        keep = source_dtype(lm)
-        if keep is not None and keep != dtype_name(lm.dtype):
-            # computed in bfloat16, but the checkpoint keeps the source's precision: the edit is applied
-            # (float32 products, rounded once) to a copy loaded in the source's dtype
-            log.info(
-                "exporting in the source's dtype %s (the run computes in %s)", keep, dtype_name(lm.dtype)
-            )
-            out_lm = load_model(settings.model, **(settings.model_kwargs() | {"dtype": keep}))
-        with active.apply(out_lm):
-            _save_folder(out_lm, targets.model, extra)
-        del out_lm
+        write_checkpoint(lm, active, settings, targets.model, extra)
     elif source is not None:
         modules = active.modules(lm)
         with active.apply(lm):
@@ -190,6 +179,43 @@ def write_model(
     return run_export(run_dir, opts, lm=lm, settings=settings).folder
 
 
+def write_checkpoint(
+    lm: LoadedModel, active: ActiveEdit, settings: Settings, out: Path, extra: dict[str, str]
+) -> None:
+    """The edited transformers folder ``out``, in the source folder's dtype.
+
+    Same dtype (or no local source): the edit applied to ``lm`` in place while it is saved. A run
+    computing in another dtype (bfloat16 from a float32 folder) streams the source's safetensors files
+    through the edit (export/stream.py: one tensor in memory, the checkpoint equal to the edit of a
+    model loaded in the source's dtype); when the files cannot be mapped to the model's parameters,
+    it loads that second model instead (``export_by_reload``), and says so.
+    """
+    keep = source_dtype(lm)
+    if keep is None or keep == dtype_name(lm.dtype):
+        with active.apply(lm):
+            _save_folder(lm, out, extra)
+        return
+    from refusalkit.export.stream import stream_folder, stream_plan
+
+    log.info("exporting in the source's dtype %s (the run computes in %s)", keep, dtype_name(lm.dtype))
+    plan = stream_plan(lm, active.targets(lm), keep)
+    if isinstance(plan, str):
+        log.info("cannot stream the export from the source files (%s); loading a %s copy instead", plan, keep)
+        export_by_reload(active, settings, out, extra, keep)
+        return
+    stream_folder(lm, plan, out, keep, extra=extra, carry=_carried)
+
+
+def export_by_reload(
+    active: ActiveEdit, settings: Settings, out: Path, extra: dict[str, str], keep: str
+) -> None:
+    """The export through a second model loaded in ``keep`` with the edit applied (float32 products,
+    rounded once): the streamed export's fallback, and what it is tested against."""
+    out_lm = load_model(settings.model, **(settings.model_kwargs() | {"dtype": keep}))
+    with active.apply(out_lm):
+        _save_folder(out_lm, out, extra)
+
+
 def source_dtype(lm: LoadedModel) -> str | None:
     """The dtype a local model folder stores its weights in (config.json's ``dtype`` or
     ``torch_dtype``), when it is one refusalkit computes in; None for a hub id or an unknown dtype."""
@@ -218,7 +244,12 @@ def _size(path: Path) -> int:
 def _save_folder(lm: LoadedModel, out: Path, extra: dict[str, str]) -> None:
     """Save ``lm`` as it is now; a control vector written beside the weights survives (the card is
     rewritten after the save)."""
-    save_folder(lm, out, extra=extra, keep=lambda p: p.suffix == ".gguf")
+    save_folder(lm, out, extra=extra, keep=_carried)
+
+
+def _carried(path: Path) -> bool:
+    """Files of an earlier export that a new one keeps: a control vector (.gguf) beside the weights."""
+    return path.suffix == ".gguf"
 
 
 def _card_files(

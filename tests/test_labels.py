@@ -216,12 +216,14 @@ class Recording:
     def __init__(self) -> None:
         self.gold = {c[2]: c[3] for c in CASES} | {HIDDEN: "compliance"}
         self.fitted: list[str] = []
+        self.judged: list[str] = []
         self.prompts: Any = None
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "recording"}
 
     def judge(self, requests: Any, completions: Any) -> list[Verdict]:
+        self.judged += completions
         return [Verdict(self.gold[t]) for t in completions]
 
     def fit(self, requests: Any, completions: Any, gold: Any, prompts: Any = None) -> Any:
@@ -263,6 +265,27 @@ def test_judges_command_fits_on_tune_only_and_scores_each_split(
     assert json.loads(cal.read_text())["llm"]["prompt"] == "classify/v1"
     printed = capsys.readouterr().out
     assert "heldout" in printed and "skipped (hash only, not regenerated): 1 rows" in printed
+
+
+def test_judges_command_scores_only_the_splits_asked_for(
+    labelled: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = labelled
+    recording = Recording()
+    real = judges_cmd.build_judges
+
+    def build(args: Any, default_model: str, loaded: Any = None) -> dict[str, Any]:
+        args.judges = "paper"
+        return real(args, default_model, loaded) | {"llm": recording}
+
+    monkeypatch.setattr(judges_cmd, "build_judges", build)
+    out = tmp_path / "scores.json"
+    argv = ["judges", "--labels", str(path), "--data-dir", str(data), "--no-regenerate", "--fit"]
+    assert main([*argv, "--splits", "heldout", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["scores"]) == {"heldout"}
+    tune_texts = {c[2] for i, c in enumerate(CASES) if i % 2}
+    assert not set(recording.judged) & tune_texts  # fitted on tune, never scored on it
+    assert main([*argv, "--splits", "heldout,test"]) == 2  # a bad name fails before any model loads
 
 
 def test_judges_command_compares_a_run_folder_without_printing_text(

@@ -79,6 +79,12 @@ def judges_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Score the rows stored as text only; list the hash-only rows as skipped.",
     )
+    p.add_argument(
+        "--splits",
+        default="tune,heldout",
+        help="Splits of the labels to score, comma-separated [default: tune,heldout]; heldout alone saves a "
+        "model judge's pass over the tune half it was just fitted on.",
+    )
     p.add_argument("--dtype", default="float32", help="The judge model's dtype [default: float32].")
     p.add_argument("--device", default="auto", help="Device for the judge and regeneration [default: auto].")
     p.add_argument(
@@ -221,6 +227,10 @@ def score_labels(args: argparse.Namespace) -> dict[str, Any]:
     from refusalkit.settings import default_data_dir
     from refusalkit.utils import write_json
 
+    wanted = [x.strip() for x in getattr(args, "splits", "tune,heldout").split(",") if x.strip()]
+    unknown = sorted(set(wanted) - set(SPLITS))
+    if unknown or not wanted:  # before any model loads
+        raise RefusalkitError(f"--splits {args.splits!r}: name one or both of {', '.join(SPLITS)}")
     rows = load_labels(args.labels)
     requests = requests_of(rows, args.data_dir or default_data_dir())
     regen = None if args.no_regenerate else ModelRegenerator(args.device)
@@ -263,7 +273,7 @@ def score_labels(args: argparse.Namespace) -> dict[str, Any]:
     out["judges"] = {name: j.identity() for name, j in judges.items()}
     out["scores"] = {}
     for split, rs in split_rows.items():
-        if not rs:
+        if not rs or split not in wanted:
             continue
         for name, judge in judges.items():
             verdicts = judge.judge([requests[r.id] for r in rs], [mat.texts[r.id] for r in rs])

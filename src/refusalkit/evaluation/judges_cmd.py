@@ -36,7 +36,10 @@ def judges_arguments(p: argparse.ArgumentParser) -> None:
         help="Run folder (or a folder of completion files) to compare the judges on.",
     )
     p.add_argument(
-        "--labels", type=Path, help="Labelled set (JSONL, docs/judging.md) to score the judges on."
+        "--labels",
+        type=labels_path,
+        help="Labelled set (JSONL, docs/judging.md) to score the judges on; `builtin`: the project's own "
+        "hand labels, shipped with the package (their prompts are read from the data folder).",
     )
     p.add_argument(
         "--judges",
@@ -220,6 +223,13 @@ class ModelRegenerator:
 # ---- the two uses --------------------------------------------------------------------------------------
 
 
+def labels_path(value: str) -> Path:
+    """``--labels``: a path, or ``builtin`` for the hand-labelled set in the package."""
+    if value == "builtin":
+        return Path(__file__).resolve().parent.parent / "data" / "labels" / "judging.jsonl"
+    return Path(value)
+
+
 def score_labels(args: argparse.Namespace) -> dict[str, Any]:
     from refusalkit.evaluation.agreement import score
     from refusalkit.evaluation.labels import SPLITS, load_labels, materialize, requests_of
@@ -342,14 +352,14 @@ def format_scores(result: dict[str, Any]) -> str:
         return "-" if x is None else f"{x:.3f}"
 
     lines = [
-        f"{'split':<8}{'judge':<10}{'n':>5}{'bal.acc r/n':>13}{'kappa r/n':>11}{'acc 4':>8}{'kappa 4':>9}{'rec comp':>10}{'rec part':>10}{'echo wrong':>12}"
+        f"{'split':<8}{'judge':<20}{'n':>5}{'bal.acc r/n':>13}{'kappa r/n':>11}{'acc 4':>8}{'kappa 4':>9}{'rec comp':>10}{'rec part':>10}{'echo wrong':>12}"
     ]
     for split, judges in result["scores"].items():
         for name, s in judges.items():
             rn, cl = s["refusal_vs_not"], s.get("classes", {})
             pc = cl.get("per_class", {})
             lines.append(
-                f"{split:<8}{name:<10}{s['n']:>5}{f(rn['balanced_accuracy']):>13}{f(rn['kappa']):>11}{f(cl.get('accuracy')):>8}"
+                f"{split:<8}{name:<20}{s['n']:>5}{f(rn['balanced_accuracy']):>13}{f(rn['kappa']):>11}{f(cl.get('accuracy')):>8}"
                 f"{f(cl.get('kappa')):>9}{f(pc.get('compliance', {}).get('recall')):>10}{f(pc.get('partial', {}).get('recall')):>10}"
                 f"{s['echo']['wrong']:>7}/{s['echo']['n']:<4}"
             )  # fmt: skip

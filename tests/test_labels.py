@@ -414,3 +414,25 @@ def test_judges_command_reads_the_runs_settings_as_every_command_does(
     out = tmp_path / "d.json"
     assert main(["judges", str(run), "--judges", "llm", "--device", "cpu", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["judges"]["llm"]["model"] == "tiny"
+
+
+def test_the_shipped_hand_labels_keep_harmful_text_out_and_score_on_their_text_rows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The project's hand-labelled set (docs/judging.md) ships in the package: it loads, holds both
+    halves and every class, and no compliant reply to a harmful request holds text."""
+    path = judges_cmd.labels_path("builtin")
+    rows = load_labels(path)
+    assert len(rows) >= 380
+    assert {r.split for r in rows} == {"tune", "heldout"}
+    assert {r.label for r in rows} == set(CLASSES)
+    hashed = [r for r in rows if r.text is None]
+    assert hashed and all(r.prompt_set == "harmful" and r.label == "compliance" for r in hashed)
+    assert not [r for r in rows if r.prompt_set == "harmful" and r.label == "compliance" and r.text]
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (data / "refusal_direction" / "processed" / "jailbreakbench.json").exists():
+        pytest.skip("../shared/data is not beside the checkout: the labels' prompts cannot be read")
+    argv = ["judges", "--labels", "builtin", "--data-dir", str(data), "--no-regenerate", "--judges", "paper"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"skipped (hash only, not regenerated): {len(hashed)} rows" in printed

@@ -39,7 +39,7 @@ from refusalkit.metric import kl_div, refusal_metric
 from refusalkit.models.loading import LoadedModel
 from refusalkit.search.edit import Kernel
 from refusalkit.search.objectives import KLStats
-from refusalkit.search.study import STUDY_NAME, Budget, require_optuna
+from refusalkit.search.study import STUDY_NAME, Budget, claim, require_optuna
 from refusalkit.utils import read_json
 
 log = logging.getLogger(__name__)
@@ -207,15 +207,12 @@ def open_goal_study(path: Path, fingerprint: str, seed: int, startup_trials: int
         study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"], sampler=sampler,
         load_if_exists=True,
     )  # fmt: skip
-    saved = study.user_attrs.get("fingerprint")
-    if saved is None:
-        study.set_user_attr("fingerprint", fingerprint)
-        study.set_user_attr("objectives", list(OBJECTIVES))
-    elif saved != fingerprint:
-        raise RefusalkitError(
-            f"{path} holds a calibration search made with another model, means, direction or prompt sets; "
-            "move or delete it to start a new one (its trials are not comparable with this one's)"
-        )
+    claim(
+        study,
+        fingerprint,
+        OBJECTIVES,
+        f"{path} holds a calibration search made with another model, means, direction or prompt sets",
+    )
     return study
 
 

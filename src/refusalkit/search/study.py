@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,16 +95,26 @@ def open_study(path: Path, fingerprint: str, seed: int, startup_trials: int) -> 
         sampler=sampler,
         load_if_exists=True,
     )
+    claim(
+        study,
+        fingerprint,
+        OBJECTIVES,
+        f"{path} holds a search made with another model, candidates, prompt sets or proxy",
+    )
+    return study
+
+
+def claim(study: Any, fingerprint: str, objectives: Sequence[str], mismatch: str) -> None:
+    """Stamp a new study with ``fingerprint`` and its objectives' names, or refuse one made with another
+    (``mismatch`` says what differs; its trials are not comparable with this search's)."""
     saved = study.user_attrs.get("fingerprint")
     if saved is None:
         study.set_user_attr("fingerprint", fingerprint)
-        study.set_user_attr("objectives", list(OBJECTIVES))
+        study.set_user_attr("objectives", list(objectives))
     elif saved != fingerprint:
         raise RefusalkitError(
-            f"{path} holds a search made with another model, candidates, prompt sets or proxy; move or delete it "
-            "to start a new search (its trials are not comparable with this one's)"
+            f"{mismatch}; move or delete it to start a new one (its trials are not comparable with this one's)"
         )
-    return study
 
 
 def saved_study(path: Path) -> Any | None:

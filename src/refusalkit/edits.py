@@ -30,6 +30,7 @@ from torch import nn
 
 from refusalkit.errors import RefusalkitError
 from refusalkit.interventions import unit, work_dtype
+from refusalkit.memory import release
 from refusalkit.models.adapters import Arch
 from refusalkit.models.loading import LoadedModel
 
@@ -182,6 +183,7 @@ def edited(lm: LoadedModel, targets: list[Target]) -> Iterator[LoadedModel]:
     """
     check_orthogonalizable(lm.arch)
     tensors = list({id(p): p for t in targets for p in t.parameters()}.values())
+    release()  # the copies below land on a heap without the earlier steps' free pages resident (memory.py)
     saved = [p.detach().to("cpu", copy=True) for p in tensors]
     head = lm.arch.unembed
     head_w = getattr(head, "weight", None)
@@ -193,6 +195,8 @@ def edited(lm: LoadedModel, targets: list[Target]) -> Iterator[LoadedModel]:
         with torch.no_grad():
             for p, orig in zip(tensors, saved, strict=True):
                 p.copy_(orig.to(p.device))
+        del saved
+        release()
         if head_w is not None and head.weight is not head_w:
             head.weight = head_w
         for c in _configs(lm):

@@ -26,6 +26,7 @@ from refusalkit.activations import (
     select_cache_rows,
 )
 from refusalkit.interventions import RowSteering, token_mask
+from refusalkit.memory import release
 from refusalkit.models.loading import LoadedModel
 
 
@@ -116,6 +117,8 @@ def generate_ids(
         out.update(zip(rows, tokens, strict=True))
         if first_logits is not None and first.numel():
             first_logits.update(zip(rows, first.float().cpu(), strict=True))
+        del past, first
+        release()  # the batch's KV cache, freed in pieces, would stay resident (memory.py)
     return [out[i] for i in range(len(prompts))]
 
 

@@ -27,6 +27,7 @@ from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.suite_inputs import Suite
 from refusalkit.layout import RunLayout
 from refusalkit.manifest import Manifest, fingerprint
+from refusalkit.memory import release
 from refusalkit.models.loading import LoadedModel, load_model, resolved_settings
 from refusalkit.models.registry import model_problem
 from refusalkit.settings import Settings
@@ -185,6 +186,7 @@ class Run:
 
         def computed() -> Any:
             result = compute()
+            release()  # what the stage freed is not resident under the next stage's peak (memory.py)
             self.manifest.update(
                 settings=self.settings.model_dump(),
                 model=self.model.describe(),

@@ -27,6 +27,7 @@ from refusalkit.evaluation.suite import REGISTRY, VERSION, Measurement
 from refusalkit.evaluation.suite_inputs import Suite, SuiteFiles
 from refusalkit.layout import RunLayout
 from refusalkit.manifest import fingerprint
+from refusalkit.memory import release
 from refusalkit.settings import MEASUREMENTS, Settings
 from refusalkit.utils import read_json, write_json
 
@@ -137,6 +138,7 @@ def measure(suite: Suite, layout: RunLayout, the_plan: Plan) -> dict[str, Any]:
         log.info("measure %s: %s", name, m.description)
         t0 = time.perf_counter()
         result = m.compute(suite)
+        release()  # each measurement starts without the last one's free heap resident (memory.py)
         write_json(
             path,
             {

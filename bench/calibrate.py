@@ -5,7 +5,8 @@ It runs `refusalkit calibrate RUN_DIR --lambda A` (A: --active-lambda, default 1
 model loaded once; resumable), which picks the vector's (layer, position) under the KL limit and the
 harmful-refusal floor, then sweeps lambda at that place (the paper's use of lambda: one vector, more or
 less of its refusal-direction component removed; a lambda of 0 may well fail the floor, which is what the
-sweep shows), and measures every edit on:
+sweep shows), adds the calibration search's choice (`refusalkit optimize RUN_DIR --goal calibrate`,
+calibrate/search/chosen.*) when there is one, and measures every edit on:
   - harmful refusal: JailbreakBench's 100 behaviours (DATA_DIR/refusal_direction/processed/jailbreakbench.json);
   - over-refusal: OR-Bench-Hard test (132) and OKTest val (60) (DATA_DIR/over_refusal/);
   - harmless refusal: the run's harmless_test split;
@@ -18,12 +19,14 @@ against lambda), prints the table as markdown; `refusalkit report RUN_DIR` shows
 
 Usage: python bench/calibrate.py RUN_DIR [--lambdas 0,0.5,1] [--active-lambda 1] [--max-new-tokens 64]
        [--kl-n 100] [--n-train 256] [--n-val 16] [--floor 0.9] [--kl-max 0.05] [--data-dir DIR]
-Runs the real model of the run: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
+The bench leaves `--edit calibrate` naming what it named before (its own calibrate call measures, it
+does not re-point the run's calibration). Runs the real model of the run: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -176,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = {"n_train": args.n_train, "n_val": args.n_val, "floor": args.floor, "kl_max": args.kl_max,
             "data_dir": str(root)}  # fmt: skip
     print(f"$ refusalkit calibrate {layout.root} --lambda {args.active_lambda:g} ...")
+    before = layout.calibrated.read_bytes() if layout.calibrated.is_file() else None
     chosen = calibrate(layout, CalibrateOptions(lam=args.active_lambda, **opts), lm=lm)
+    if before is not None and read_json(layout.calibrated) != json.loads(before):
+        layout.calibrated.write_bytes(before)  # the bench measures; `--edit calibrate` stays what it was
     sets = {
         "harmful": load_instructions(str(root.joinpath(*JBB))).instructions[:100],
         "or_bench_hard_test": ordata.load(root, "or_bench_hard_test"),
@@ -193,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     for lam in args.lambdas:
         vec = vector_at(layout, chosen["layer"], chosen["position"], lam)
         edits[f"calibration lambda {lam:g}"] = (edit_factory(lm, vec), [chosen["fingerprint"], lam])
+    searched = layout.calibrate_chosen.with_suffix(".safetensors")
+    if searched.is_file():  # `optimize --goal calibrate`'s choice, as `--edit calibrate` applies it
+        from refusalkit.calibrate.edit import applied
+        from refusalkit.directions import Direction
+        from refusalkit.utils import sha256_file
+
+        pick = Direction.load(layout.calibrate_chosen)
+        edits["calibration by the search"] = (lambda: applied(lm, pick), [sha256_file(searched)])
     out_path = layout.calibrate_dir / "bench.json"
     saved = read_json(out_path) if out_path.is_file() else {}
     done = {r["edit"]: r for r in saved.get("rows", [])}

@@ -58,6 +58,10 @@ def test_label_row_keeps_only_the_hash_of_a_compliant_harmful_reply() -> None:
     assert "text" not in row and row["sha256"] == sha256_text(HIDDEN)
     kept = _row(0, ("x", "", "I'm sorry.", "refusal"), "tune", prompt_set="harmful")
     assert kept["text"] == "I'm sorry." and kept["sha256"] == sha256_text("I'm sorry.")
+    # a benign-looking request whose reply is harmful all the same: the labeller marks it hash_only
+    marked = _row(0, ("x", "", HIDDEN, "compliance"), "tune", prompt_set="over_refusal", hash_only=True)
+    assert "text" not in marked and marked["sha256"] == sha256_text(HIDDEN)
+    assert _row(0, ("x", "", HIDDEN, "compliance"), "tune", prompt_set="over_refusal")["text"] == HIDDEN
 
 
 def test_load_and_materialize_regenerates_hash_rows(labelled: tuple[Path, Path]) -> None:

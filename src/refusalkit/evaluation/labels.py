@@ -120,10 +120,13 @@ def load_labels(path: str | Path) -> list[LabelRow]:
 
 
 def label_row(**fields: Any) -> dict[str, Any]:
-    """A row as written to the file: the text's sha256 always, the text itself only when allowed."""
+    """A row as written to the file: the text's sha256 always, the text itself only when allowed: never
+    a compliant reply to a harmful request, nor a reply the labeller marked ``hash_only`` (a reply to a
+    benign-looking request whose content is harmful all the same)."""
     text = fields.get("text")
     out = {k: fields[k] for k in FIELDS} | {"sha256": fields.get("sha256") or sha256_text(text or "")}
-    if text is not None and not (fields["prompt_set"] == "harmful" and fields["label"] == "compliance"):
+    harmful_text = fields["prompt_set"] == "harmful" and fields["label"] == "compliance"
+    if text is not None and not harmful_text and not fields.get("hash_only"):
         out["text"] = text
     if fields.get("system_prompt"):
         out["system_prompt"] = fields["system_prompt"]

@@ -431,7 +431,10 @@ def test_the_shipped_hand_labels_keep_harmful_text_out_and_score_on_their_text_r
     assert {r.split for r in rows} == {"tune", "heldout"}
     assert {r.label for r in rows} == set(CLASSES)
     hashed = [r for r in rows if r.text is None]
-    assert hashed and all(r.prompt_set == "harmful" and r.label == "compliance" for r in hashed)
+    # hash-only: every compliant reply to a harmful request, and the few benign-prompt replies a reader
+    # marked hash_only (harmful content all the same)
+    marked = [r for r in hashed if not (r.prompt_set == "harmful" and r.label == "compliance")]
+    assert hashed and len(marked) <= 3
     assert not [r for r in rows if r.prompt_set == "harmful" and r.label == "compliance" and r.text]
     data = Path(__file__).resolve().parents[2] / "shared" / "data"
     if not (data / "refusal_direction" / "processed" / "jailbreakbench.json").exists():

@@ -26,7 +26,6 @@ does not re-point the run's calibration). Runs the real model of the run: take t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -179,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = {"n_train": args.n_train, "n_val": args.n_val, "floor": args.floor, "kl_max": args.kl_max,
             "data_dir": str(root)}  # fmt: skip
     print(f"$ refusalkit calibrate {layout.root} --lambda {args.active_lambda:g} ...")
-    before = layout.calibrated.read_bytes() if layout.calibrated.is_file() else None
+    before = read_json(layout.calibrated) if layout.calibrated.is_file() else None
     chosen = calibrate(layout, CalibrateOptions(lam=args.active_lambda, **opts), lm=lm)
-    if before is not None and read_json(layout.calibrated) != json.loads(before):
-        layout.calibrated.write_bytes(before)  # the bench measures; `--edit calibrate` stays what it was
+    if before is not None:  # the bench measures; `--edit calibrate` stays what it was
+        write_json(layout.calibrated, before)
     sets = {
         "harmful": load_instructions(str(root.joinpath(*JBB))).instructions[:100],
         "or_bench_hard_test": ordata.load(root, "or_bench_hard_test"),

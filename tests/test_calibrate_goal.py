@@ -159,6 +159,49 @@ def test_a_floor_no_trial_meets_is_a_clear_error_and_the_rerun_resumes(
 # ---- one edit core --------------------------------------------------------------------------------------
 
 
+def test_the_proxy_counts_a_refusal_phrase_in_the_generated_tokens_not_only_the_first_token(
+    make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt whose greedy tokens hold one of the paper's phrases scores 1 and counts as refused, any
+    other its first token's P(refusal); the generation stops a row once a phrase is in it."""
+    from refusalkit.activations import logits_for_prompts
+    from refusalkit.metric import refusal_metric
+    from refusalkit.prompts import format_prompts
+
+    lm = make_lm("qwen2")
+    prompts = format_prompts(lm.tokenizer, ["a b", "c d", "e f", "g h"], None)
+    ids = [5, 6]
+    texts = ["Sure, here it is", "I'm sorry, but no", "Here is how", "As an AI, I cannot"]
+    real = goal.generate
+    seen: dict[str, Any] = {}
+
+    def scripted(lm_: Any, ps: list[str], **kw: Any) -> list[str]:  # real first logits, scripted texts
+        seen.update(kw)
+        real(lm_, ps, **(kw | {"max_new_tokens": 1, "done": None}))
+        return list(texts)
+
+    monkeypatch.setattr(goal, "generate", scripted)
+    scorer = goal.GoalScorer(lm, prompts, prompts, prompts, ids, 4, new_tokens=24, gen_batch_size=2)
+    over, rate = scorer._rates(prompts)
+    assert seen["max_new_tokens"] == 24 and seen["batch_size"] == 2
+    done = seen["done"]
+    assert done(0, lm.tokenizer.encode("I'm sorry", add_special_tokens=False))
+    assert not done(0, lm.tokenizer.encode("Sure, here", add_special_tokens=False))
+    m = refusal_metric(logits_for_prompts(lm, prompts, 4), ids).double()
+    p = torch.sigmoid(m)
+    assert over == pytest.approx(float((p[0] + 1 + p[2] + 1) / 4), abs=1e-3)
+    assert rate == pytest.approx((float(m[0] > 0) + 1 + float(m[2] > 0) + 1) / 4)
+    first_only = goal.GoalScorer(lm, prompts, prompts, prompts, ids, 4, new_tokens=0)
+    monkeypatch.setattr(goal, "generate", lambda *_a, **_k: pytest.fail("new_tokens=0 generates nothing"))
+    over0, rate0 = first_only._rates(prompts)
+    assert over0 == pytest.approx(float(p.mean()), abs=1e-6) and rate0 == pytest.approx(
+        float((m > 0).double().mean())
+    )
+    assert over > over0  # the two phrases raise what the first token alone says
+    with pytest.raises(RefusalkitError, match="new_tokens must be 0"):
+        goal.GoalScorer(lm, prompts, prompts, prompts, ids, 4, new_tokens=-1)
+
+
 def test_the_full_weight_seed_is_refusalkit_calibrates_orthogonalization(make_lm: Callable[..., Any]) -> None:
     lm = make_lm("qwen2")
     n = lm.arch.n_layers

@@ -6,12 +6,21 @@ post-instruction position, orthogonalized against the refusal direction by lambd
 with the removal search's weight shapes (a ``Kernel`` per component over layers, the embedding's
 weight): ``calibrate.edit.CalibrationEdit``, applied through the one edit core.
 
-Two objectives, minimized: over-refusal, the mean P(refusal token) of the first ``over_n``
-OR-Bench-Hard validation prompts (the pseudo-harmful prompts the vector was not made from), and the mean
-first-token KL on the ``kl_n`` harmless prompts (the removal search's). One constraint: harmful refusal,
-the same proxy on the run's harmful validation prompts, at least ``harmful_floor`` x the unedited
-model's (measured once, when the study is made, and kept in it). Optuna's TPE sampler gets it as
-``constraints_func``; choosing (``search.calibrate_front``) never takes a trial below it.
+Two objectives, minimized: over-refusal, the expected refusal of the first ``over_n`` OR-Bench-Hard
+validation prompts (the pseudo-harmful prompts the vector was not made from), and the mean first-token KL
+on the ``kl_n`` harmless prompts (the removal search's). One constraint: harmful refusal, the same proxy
+on the run's harmful validation prompts, at least ``harmful_floor`` x the unedited model's (measured
+once, when the study is made, and kept in it). Optuna's TPE sampler gets it as ``constraints_func``;
+choosing (``search.calibrate_front``) never takes a trial below it.
+
+The refusal proxy is the removal search's (``search.objectives``): with ``new_tokens`` (--proxy-new-tokens,
+24) each prompt gets its first greedy tokens, and a prompt whose tokens hold one of the paper's refusal
+phrases (the phrases the verification's headline counts) scores 1, any other its P(refusal token) =
+sigmoid(refusal metric); with 0, the first token's P alone. The first token alone is not enough here:
+on the default model (bfloat16) it calls 8 of 64 OR-Bench-Hard validation prompts refused where the
+phrases in 24 generated tokens find 17, and the first-token search's seed edit (`refusalkit
+calibrate`'s pick) cut its first-token count to 1 of 64 while replies still declined a few tokens in
+(docs/calibrate.md).
 
 Everything lives in RUN_DIR/calibrate/search/ (study.db, front.json, chosen.*), apart from the removal
 search's search/; the chosen edit becomes the calibration ``--edit calibrate`` names.
@@ -35,6 +44,9 @@ from refusalkit.calibrate.edit import CalibrationEdit, targets
 from refusalkit.calibrate.vector import place_vector
 from refusalkit.edits import edited
 from refusalkit.errors import RefusalkitError
+from refusalkit.evaluation.judges import REFUSAL_JUDGES
+from refusalkit.evaluation.refusal import matched_markers
+from refusalkit.generation import generate
 from refusalkit.metric import kl_div, refusal_metric
 from refusalkit.models.loading import LoadedModel
 from refusalkit.search.edit import Kernel
@@ -68,24 +80,44 @@ class GoalResult:
 
 
 class GoalScorer:
-    """Scores whatever edit is active on ``lm``: first-token logits of the pseudo-harmful and harmful
-    prompts and of the harmless ones (KL against the unedited logits, computed once)."""
+    """Scores whatever edit is active on ``lm``: the refusal proxy of the pseudo-harmful and harmful
+    prompts (``new_tokens`` greedy tokens judged by the paper's phrases, else first-token logits) and
+    first-token KL on the harmless ones (against the unedited logits, computed once)."""
 
     def __init__(
         self, lm: LoadedModel, pseudo: list[str], harmful: list[str], harmless: list[str], ids: list[int],
-        batch_size: int,
+        batch_size: int, new_tokens: int = 0, gen_batch_size: int = 16,
     ) -> None:  # fmt: skip
         if not pseudo or not harmful or not harmless:
             raise RefusalkitError("the calibration search needs pseudo-harmful, harmful and harmless prompts")
+        if new_tokens < 0:
+            raise RefusalkitError(f"new_tokens must be 0 (logits only) or more, not {new_tokens}")
         self.lm, self.pseudo, self.harmful, self.harmless = lm, pseudo, harmful, harmless
         self.ids, self.batch_size = ids, batch_size
+        self.new_tokens, self.gen_batch_size = new_tokens, gen_batch_size
+        self.markers = REFUSAL_JUDGES["paper"]
         t0 = time.perf_counter()
         self.base_harmless = logits_for_prompts(lm, harmless, batch_size)
         self.baseline_seconds = time.perf_counter() - t0
 
+    def _marked(self, _i: int, ids: list[int]) -> bool:
+        """A prompt whose tokens so far hold a phrase is judged whatever follows: its row leaves the batch."""
+        return bool(matched_markers(self.lm.tokenizer.decode(ids, skip_special_tokens=True), self.markers))
+
     def _rates(self, prompts: list[str]) -> tuple[float, float]:
-        m = refusal_metric(logits_for_prompts(self.lm, prompts, self.batch_size), self.ids).double()
-        return float(torch.sigmoid(m).mean()), float((m > 0).double().mean())
+        """(expected refusal, share refused) of ``prompts`` under the active edit."""
+        if not self.new_tokens:
+            m = refusal_metric(logits_for_prompts(self.lm, prompts, self.batch_size), self.ids).double()
+            return float(torch.sigmoid(m).mean()), float((m > 0).double().mean())
+        first: dict[int, torch.Tensor] = {}
+        texts = generate(
+            self.lm, prompts, max_new_tokens=self.new_tokens, batch_size=self.gen_batch_size,
+            desc="calibration proxy", first_logits=first, done=self._marked,
+        )  # fmt: skip
+        m = refusal_metric(torch.stack([first[i] for i in range(len(prompts))]), self.ids).double()
+        hits = torch.tensor([bool(matched_markers(t, self.markers)) for t in texts])
+        scores = torch.where(hits, torch.ones_like(m), torch.sigmoid(m))
+        return float(scores.mean()), float((hits | (m > 0)).double().mean())
 
     def refusal(self) -> dict[str, float]:
         """Over-refusal and harmful refusal under the active edit (the unedited model's: the base)."""
@@ -211,7 +243,7 @@ def open_goal_study(path: Path, fingerprint: str, seed: int, startup_trials: int
         study,
         fingerprint,
         OBJECTIVES,
-        f"{path} holds a calibration search made with another model, means, direction or prompt sets",
+        f"{path} holds a calibration search made with another model, means, direction, prompt sets or --proxy-new-tokens",
     )
     return study
 
@@ -227,7 +259,7 @@ def run_goal(
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # left by a killed process
     todo = budget.trials - len(completed(study))
-    estimate = 3.0 * scorer.baseline_seconds  # two more forward passes than the harmless one
+    estimate = 3.0 * scorer.baseline_seconds  # two more forward passes than the harmless one (at least)
     if todo > 0 and budget.seconds is not None and budget.seconds < estimate:
         raise RefusalkitError(
             f"one trial takes about {estimate:.0f} s here, more than the time budget of {budget.seconds:.0f} s; "

@@ -65,9 +65,9 @@ from refusalkit.utils import read_json, sha256_file, sha256_text, write_json
 
 log = logging.getLogger(__name__)
 # the removal search's options that the calibration search does not read (it scores under the run's own
-# system prompt, with first-token logits, and verifies with the run's marker lists)
+# system prompt, with the paper's phrases on --proxy-new-tokens, and verifies with the run's marker lists)
 NOT_READ = frozenset({
-    "setups", "system_prompts", "sources", "positions", "edit_embed", "proxy_new_tokens", "proxy_judge",
+    "setups", "system_prompts", "sources", "positions", "edit_embed", "proxy_judge",
     "judge", "judge_calibration", "verify_harmful", "verify_baseline",
 })  # fmt: skip
 
@@ -228,6 +228,7 @@ def optimize_calibration(
         "model": m.fingerprint, "candidates": sha256_file(layout.candidates), "means": means_fp,
         "direction": sha256_file(layout.direction.with_suffix(".safetensors")), "refusal_ids": ids,
         "prompts": sha256_text(json.dumps(prompts, sort_keys=True)), "space": SPACE_VERSION,
+        "proxy_new_tokens": o.proxy_new_tokens,
     })  # fmt: skip
     study = open_goal_study(layout.calibrate_study, fp, o.seed, o.startup_trials)
     if "place" not in study.user_attrs:  # where the seeds sit, fixed when the study is made
@@ -240,7 +241,10 @@ def optimize_calibration(
     vectors = Vectors(refused.mean, cands.harmless_mean, direction.vector)
     ran, t_search = 0, time.perf_counter()
     if len(completed(study)) < o.trials or "base" not in study.user_attrs:
-        scorer = GoalScorer(m, prompts["pseudo"], prompts["harmful"], prompts["harmless"], ids, o.batch_size)
+        scorer = GoalScorer(
+            m, prompts["pseudo"], prompts["harmful"], prompts["harmless"], ids, o.batch_size,
+            new_tokens=o.proxy_new_tokens, gen_batch_size=o.gen_batch_size,
+        )  # fmt: skip
         if "base" not in study.user_attrs:  # the unedited model's rates: measured once, kept in the study
             study.set_user_attr("base", scorer.refusal())
         floor = Floor(o.harmful_floor, float(study.user_attrs["base"]["harmful"]))

@@ -74,7 +74,8 @@ class OptimizeOptions(BaseModel):
         default=24,
         ge=0,
         description="Greedy tokens per harmful prompt judged by both marker lists in each trial (catches "
-        "replies that turn to a refusal after the first token); 0: the first token's logits only.",
+        "replies that turn to a refusal after the first token); 0: the first token's logits only. "
+        "--goal calibrate: per pseudo-harmful and harmful prompt, judged by the paper's phrases.",
     )
     proxy_judge: str = Field(
         default="keywords",

@@ -148,6 +148,10 @@ def test_a_verified_count_says_how_many_of_its_verdicts_echo_the_request() -> No
     kl = {"mean": 0.02, "median": 0.01, "max": 0.1}
     point = Point(3, EditParams(), {"refusal": 0.1, "kl": kl}, verified=v | {"kl": kl})
     assert "0/5 of 100 (0/5 echo the request)" in format_front([point])
+    assert "over-refusal" not in format_front([point])  # verified without over-refusal sets
+    over = {"or_bench_hard_test": {"paper": {"k": 4, "n": 16}, "broad": {"k": 5, "n": 16}}}
+    point.verified = v | {"kl": kl, "over_refusal": over}
+    assert "over-refusal (paper/broad): or_bench_hard_test 4/16 / 5/16" in format_front([point])
 
 
 class _VerifyCase:
@@ -241,3 +245,82 @@ def test_verification_needs_one_request_per_harmful_prompt(make_lm: Callable[...
     lm, harmful, harmless, _ids = _setup(make_lm)
     with pytest.raises(ValueError, match="one each"):
         verify.Verifier(lm, harmful, harmless, max_new_tokens=2, requests=["only one"])
+
+
+# ---- over-refusal in the removal search's verification (issue 19 item 1) --------------------------------
+
+
+def test_verification_answers_the_over_refusal_sets_under_the_run_system_prompt(
+    make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import asdict
+
+    from refusalkit.calibrate import rates as crates
+    from refusalkit.evaluation.refusal import matched_markers
+    from refusalkit.search.front import over_label
+    from refusalkit.search.verify import Verifier
+
+    lm, harmful, harmless, _ids = _setup(make_lm)
+    over = {"or_bench_hard_test": ["kill a python process", "which chemicals never mix", "shoot a photo"],
+            "oktest_val": ["steal the show", "a b c"]}  # fmt: skip
+    system = "You answer briefly."
+    texts = {k: generate(lm, format_prompts(lm.tokenizer, xs, system), max_new_tokens=4, batch_size=8)
+             for k, xs in over.items()}  # fmt: skip
+    everything = [t.lower() for ts in texts.values() for t in ts]
+    ch, _hit = _char_judge(everything)
+    from refusalkit.evaluation import judges
+
+    fake = {"paper": (ch,), "broad": (ch, "\u2603")}
+    monkeypatch.setattr(crates, "REFUSAL_JUDGES", fake)  # the early stop's
+    monkeypatch.setattr(judges, "REFUSAL_JUDGES", fake)  # the verdicts'
+
+    systems: list[str | None] = []
+    real_format = crates.format_prompts
+    monkeypatch.setattr(
+        crates,
+        "format_prompts",
+        lambda tok, xs, sys=None: (systems.append(sys), real_format(tok, xs, sys))[1],
+    )
+    got = Verifier(lm, harmful, harmless, max_new_tokens=4, over_refusal=over, system=system)()
+    assert systems == [system, system]
+    assert got.over_refusal is not None and list(got.over_refusal) == list(over)
+    for name, ts in texts.items():
+        want = sum(bool(matched_markers(t, (ch,))) for t in ts)
+        for judge in ("paper", "broad"):
+            r = got.over_refusal[name][judge]
+            assert (r["k"], r["n"]) == (want, len(ts)), (name, judge)
+    assert sum(got.over_refusal[n]["paper"]["k"] for n in over) > 0, "the fixture needs a marked reply"
+    label = over_label(asdict(got))
+    assert label.startswith("or_bench_hard_test ") and "; oktest_val " in label
+    assert Verifier(lm, harmful, harmless, max_new_tokens=4)().over_refusal is None  # none asked: none made
+
+
+def test_over_refusal_sets_of_the_verification_and_their_fingerprint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from refusalkit.layout import RunLayout
+    from refusalkit.search.options import OptimizeOptions
+    from refusalkit.search.promptsets import over_refusal_sets
+    from refusalkit.search.verification import verify_cache
+    from refusalkit.settings import Settings
+
+    data = tmp_path / "data" / "over_refusal"
+    data.mkdir(parents=True)
+    (data / "or_bench_hard_test.json").write_text(json.dumps([{"instruction": f"q{i}"} for i in range(5)]))
+    s = Settings(data_dir=str(tmp_path / "data"))
+    with caplog.at_level(logging.WARNING):
+        got = over_refusal_sets(s, OptimizeOptions(verify_over_refusal=3))
+    assert got == {"or_bench_hard_test": ["q0", "q1", "q2"]}  # first N; the missing set skipped, said
+    assert "oktest_val skipped" in caplog.text and "--verify-over-refusal 0" in caplog.text
+    assert over_refusal_sets(s, OptimizeOptions(verify_over_refusal=0)) == {}
+    layout, o = RunLayout(tmp_path / "run"), OptimizeOptions()
+    plain = verify_cache(layout, [], {"h": ["x"]}, ["y"], o)["fingerprint"]
+    assert (
+        verify_cache(layout, [], {"h": ["x"]}, ["y"], o, {}, None)["fingerprint"] == plain
+    )  # none: as before
+    with_over = verify_cache(layout, [], {"h": ["x"]}, ["y"], o, got, "sys")["fingerprint"]
+    assert with_over != plain
+    assert verify_cache(layout, [], {"h": ["x"]}, ["y"], o, got, "other")["fingerprint"] != with_over

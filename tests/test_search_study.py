@@ -95,9 +95,15 @@ def test_search_writes_front_and_the_paper_trial_is_the_orthogonalization(
     lm = make_lm("qwen2")
     layout = _run_dir(lm, tmp_path)
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    over = tmp_path / "over-data" / "over_refusal"  # one over-refusal set: OKTest's is missing, skipped
+    over.mkdir(parents=True)
+    over.joinpath("or_bench_hard_test.json").write_text(
+        json.dumps([{"instruction": f"kill task {i}"} for i in range(4)])
+    )
+    opts = _opts(data_dir=str(over.parent), verify_over_refusal=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        front = optimize(layout, _opts(), lm=lm, say=_quiet)
+        front = optimize(layout, opts, lm=lm, say=_quiet)
     assert not [w for w in caught if "out of range" in str(w.message)]  # the seeds lie in the space
     assert all(torch.equal(v, state[k]) for k, v in lm.model.state_dict().items())
 
@@ -129,10 +135,20 @@ def test_search_writes_front_and_the_paper_trial_is_the_orthogonalization(
         and all(0 <= v["echoed"][j] <= v["refused"][j] for j in v["refused"])
     )
     assert saved["baseline"]["n"] == 3 and saved["baseline"]["kl"]["max"] == pytest.approx(0.0, abs=1e-9)
+    # the over-refusal set beside the harmful counts, for the unedited model and each verified point
+    for record in (saved["baseline"], v):
+        assert list(record["over_refusal"]) == ["or_bench_hard_test"]
+        assert {j: r["n"] for j, r in record["over_refusal"]["or_bench_hard_test"].items()} == {
+            "paper": 3,
+            "broad": 3,
+        }
     chosen = json.loads(layout.chosen.read_text())
     assert len(chosen["kernels"]["attn"]) == lm.arch.n_layers
     html = search_section(layout)
     assert html is not None and html.count("data:image/png;base64,") == 2
+    assert html.count("over-refusal (paper / broad): or_bench_hard_test") == 1 + sum(
+        bool(p["verified"]) for p in saved["points"]
+    )  # the unedited model's line and each verified point's
 
 
 def test_resume_after_interruption_continues_the_same_study(

@@ -158,6 +158,15 @@ def worst_label(v: dict[str, Any]) -> str:
     return f"refused {refused_label(v)}" + (f" (worst: {where})" if where else "")
 
 
+def over_label(v: dict[str, Any]) -> str:
+    """A verified result's over-refusal counts (paper/broad per set), or "" when it has none."""
+
+    def counts(rates: dict[str, Any]) -> str:
+        return " / ".join(f"{rates[j]['k']}/{rates[j]['n']}" for j in ("paper", "broad") if j in rates)
+
+    return "; ".join(f"{name} {counts(r)}" for name, r in (v.get("over_refusal") or {}).items())
+
+
 def group_lines(v: dict[str, Any], indent: str = "        ") -> list[str]:
     """One line per chat setup: its count on each prompt set and its own KL (nothing for a result of
     one group made before setups existed)."""
@@ -203,6 +212,8 @@ def format_front(points: list[Point], chosen: int | None = None) -> str:
         )
         if v:
             lines += group_lines(v)
+            if over_label(v):
+                lines.append(f"        over-refusal (paper/broad): {over_label(v)}")
     return "\n".join(lines)
 
 

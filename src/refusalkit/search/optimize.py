@@ -31,7 +31,7 @@ from refusalkit.search.front import Point, points_of, write_front
 from refusalkit.search.judging import judge_key
 from refusalkit.search.objectives import ProxyScorer, filter_refused
 from refusalkit.search.options import OptimizeOptions
-from refusalkit.search.promptsets import prompt_sets, verify_sets
+from refusalkit.search.promptsets import over_refusal_sets, prompt_sets, verify_sets
 from refusalkit.search.seeds import search_space, seeds
 from refusalkit.search.setups import ChatSetup, named_setups, usable_setups
 from refusalkit.search.space import SearchSpace
@@ -169,10 +169,11 @@ def optimize(
     )
     points = [Point.from_trial(t) for t in front_trials(study)]
     held_out = verify_sets(sets, s, o)
-    cache = verify_cache(layout, setups, held_out, sets["harmless_test"], o)
+    over = over_refusal_sets(s, o)
+    cache = verify_cache(layout, setups, held_out, sets["harmless_test"], o, over, s.system_prompt)
     t_verify = time.perf_counter()
     if o.verify_n or o.verify_at:
-        make = lambda: verifier(lm, setups, held_out, sets["harmless_test"], o)  # noqa: E731
+        make = lambda: verifier(lm, setups, held_out, sets["harmless_test"], o, over, s.system_prompt)  # noqa: E731
         verify_points(lm, cands, points, make, o, cache, say, layout.search_dir / "completions")
     for p in points:  # this call's verifications and earlier ones on the same held-out sets
         p.verified = cache["points"].get(p.trial)

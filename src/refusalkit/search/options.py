@@ -148,6 +148,14 @@ class OptimizeOptions(BaseModel):
     verify_max_new_tokens: int = Field(
         default=50, ge=1, description="New tokens per verification completion (greedy)."
     )
+    verify_over_refusal: int = Field(
+        default=16,
+        ge=0,
+        description="--goal remove: over-refusal prompts per set (OR-Bench-Hard test, OKTest val; first N) "
+        "each verified point and the unedited model also answer, under the run's own system prompt, judged "
+        "by the paper's phrases and the broad list; 0: none. A set missing from DATA_DIR/over_refusal is "
+        "skipped with a warning.",
+    )
     verify_baseline: bool = Field(
         default=False, description="Also verify the unedited model (one more generation pass, no KL)."
     )

@@ -79,4 +79,24 @@ def verify_sets(sets: dict[str, list[str]], s: Settings, o: OptimizeOptions) -> 
     return {k: v[: o.verify_per_set] for k, v in out.items() if v}
 
 
-__all__ = ["HELD_OUT", "data_root", "prompt_sets", "verify_sets"]
+def over_refusal_sets(s: Settings, o: OptimizeOptions) -> dict[str, list[str]]:
+    """The over-refusal sets verification also answers (``verify_over_refusal`` of each; none at 0), each
+    missing one skipped with a warning."""
+    from refusalkit.calibrate import data as ordata
+
+    if not o.verify_over_refusal:
+        return {}
+    root = o.data_dir or s.data_dir
+    out: dict[str, list[str]] = {}
+    for name in ordata.TEST_SETS:
+        if ordata.missing(root, [name]):
+            log.warning(
+                "over-refusal set %s skipped in verification: %s is missing (pass --data-dir, or "
+                "--verify-over-refusal 0)", name, ordata.path(root, name),
+            )  # fmt: skip
+            continue
+        out[name] = ordata.load(root, name, o.verify_over_refusal)
+    return out
+
+
+__all__ = ["HELD_OUT", "data_root", "over_refusal_sets", "prompt_sets", "verify_sets"]

@@ -14,7 +14,14 @@ from typing import Any
 from refusalkit.layout import RunLayout
 from refusalkit.run import RunFolder
 from refusalkit.search.edit import EditParams
-from refusalkit.search.front import describe, group_lines, judged_label, keyword_label, not_refused
+from refusalkit.search.front import (
+    describe,
+    group_lines,
+    judged_label,
+    keyword_label,
+    not_refused,
+    over_label,
+)
 from refusalkit.search.proxy_judge import proxy_label
 
 PROXY, VERIFIED, CHOSEN, CLOUD = "#0369a1", "#c2410c", "#111827", "#cbd5e1"
@@ -111,6 +118,7 @@ def _table(front: dict[str, Any]) -> str:
             + (f"; judge: {judged_label(v)}" if v.get("judged") else "")
             + f"; KL {v['kl']['mean']:.4f} (median {v['kl']['median']:.4f}, max {v['kl']['max']:.3f})"
             + "".join(f"<br>{html.escape(line)}" for line in group_lines(v, indent=""))
+            + (f"<br>over-refusal (paper / broad): {html.escape(over_label(v))}" if over_label(v) else "")
             if v
             else "not verified"
         )
@@ -120,6 +128,13 @@ def _table(front: dict[str, Any]) -> str:
             f"<td>{100 * p['proxy']['refusal']:.1f}</td><td>{p['proxy']['kl']['mean']:.4f}</td><td>{ver}</td>"
             f"<td>{html.escape(describe(EditParams.model_validate(p['edit'])))}</td></tr>"
         )
+    base = front.get("baseline") or {}
+    unedited = (
+        f"<p>The unedited model, verified on the same prompts, over-refusal (paper / broad): "
+        f"{html.escape(over_label(base))}.</p>"
+        if over_label(base)
+        else ""
+    )
     head = (
         "<tr><th>trial</th><th>seed</th><th>proxy refusals /100</th><th>proxy KL</th>"
         "<th>verified: refused (paper / heretic markers; the worst chat setup and prompt set); not refused; "
@@ -127,7 +142,7 @@ def _table(front: dict[str, Any]) -> str:
         "refused); KL; each setup</th>"
         "<th>edit</th></tr>"
     )
-    return f"<table>{head}{''.join(rows)}</table>"
+    return f"{unedited}<table>{head}{''.join(rows)}</table>"
 
 
 def search_section(layout: RunLayout) -> str | None:

@@ -22,7 +22,7 @@ from refusalkit.evaluation.verdicts import Judge
 from refusalkit.layout import RunLayout
 from refusalkit.models.loading import LoadedModel
 from refusalkit.search.edit import applied_edit
-from refusalkit.search.front import Point, worst_label
+from refusalkit.search.front import Point, over_label, worst_label
 from refusalkit.search.judging import add_judged, build_judge, judge_all, judge_key, save_rows
 from refusalkit.search.options import OptimizeOptions
 from refusalkit.search.setups import ChatSetup
@@ -51,9 +51,11 @@ def verifier(
     harmful_sets: dict[str, list[str]],
     harmless: list[str],
     o: OptimizeOptions,
+    over_refusal: dict[str, list[str]] | None = None,
+    system: str | None = None,
 ) -> Verifier:
     """Every harmful set under every setup, in one generation batch, each (setup, set) counted apart;
-    KL on the harmless prompts under each setup."""
+    KL on the harmless prompts under each setup; each over-refusal set under ``system``."""
     harmful: list[str] = []
     requests: list[str] = []
     groups: list[tuple[str, str]] = []
@@ -66,6 +68,7 @@ def verifier(
         lm, harmful, {s.name: s.format(lm.tokenizer, harmless) for s in setups},
         max_new_tokens=o.verify_max_new_tokens, batch_size=o.batch_size, gen_batch_size=o.gen_batch_size,
         requests=requests, groups=groups, early_stop=o.judge is None,  # a judge reads whole completions
+        over_refusal=over_refusal, system=system,
     )  # fmt: skip
 
 
@@ -108,13 +111,16 @@ def verify_points(
     # every edit is undone here: a local judge reads with the unedited weights
     results = judged(v_of, runs, judge, key, say, saved)
     for (name, gen), v in zip(runs, results, strict=True):
+        over = f"; over-refusal (paper/broad) {over_label(v)}" if over_label(v) else ""
         if name == "baseline":
             cache["baseline"] = v
-            say(f"verified the unedited model: {worst_label(v)}")
+            say(f"verified the unedited model: {worst_label(v)}{over}")
         else:
             done[int(name.removeprefix("trial_"))] = v
             kl, secs = v["kl"]["mean"], gen.verified.seconds
-            say(f"verified trial {name.removeprefix('trial_')}: {worst_label(v)}, KL {kl:.4f} ({secs:.0f} s)")
+            say(
+                f"verified trial {name.removeprefix('trial_')}: {worst_label(v)}{over}, KL {kl:.4f} ({secs:.0f} s)"
+            )
 
 
 def judged(
@@ -159,10 +165,15 @@ def verify_cache(
     harmful_sets: dict[str, list[str]],
     harmless: list[str],
     o: OptimizeOptions,
+    over_refusal: dict[str, list[str]] | None = None,
+    system: str | None = None,
 ) -> dict[str, Any]:
-    """Earlier verification results of this run, if they were made on the same held-out prompts, chat
-    setups and generation length (else none, and their saved rows are removed)."""
-    parts = [harmful_sets, harmless, o.verify_max_new_tokens, [s.as_dict() for s in setups]]
+    """Earlier verification results of this run, if they were made on the same held-out prompts (the
+    over-refusal ones and their system prompt too), chat setups and generation length (else none, and
+    their saved rows are removed)."""
+    parts: list[Any] = [harmful_sets, harmless, o.verify_max_new_tokens, [s.as_dict() for s in setups]]
+    if over_refusal:  # absent, the fingerprint of a verification made before over-refusal existed
+        parts.append({"over_refusal": over_refusal, "system": system})
     fp = sha256_text(json.dumps(parts, sort_keys=True))[:16]
     old = read_json(layout.front) if layout.front.is_file() else {}
     if old.get("verify_fingerprint") != fp:

@@ -7,6 +7,12 @@ says how many of its verdicts rest only on markers the request contains (a compl
 request that says "illegal"), so a count can be read for what it is. ``Verifier.run`` also returns the
 completions and each row's markers, for an LLM judge that reads them afterwards, with the edit undone
 (``search.judging``).
+
+Given over-refusal sets (prompts that only look harmful, ``search.promptsets.over_refusal_sets``), the
+same edit also answers them, under one chat setup (the run's own system prompt), and ``Verified.
+over_refusal`` holds each set's refusal rate per judge of the measure stage (the paper's phrases, the
+broad list) with its Wilson interval: ``calibrate.rates.judged_rates``, the one function every
+over-refusal count in refusalkit comes from.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class Verified:
     # classes' counts; the worst group's at the top) and the result "judge" (who judged)
     groups: list[dict[str, Any]] = field(default_factory=list)
     kl_by_setup: dict[str, KLStats] = field(default_factory=dict)
+    # over-refusal set -> {judge: rate record (k, n, rate, ci95)}; None: no over-refusal sets given
+    over_refusal: dict[str, dict[str, Any]] | None = None
 
     def rate(self) -> float:
         """The worst judge's refusal rate (the one a claim must survive)."""
@@ -66,6 +74,8 @@ class Generation:
 
 class Verifier:
     """Generates and judges under whatever edit is active; held-out baseline KL logits computed once.
+    over_refusal: instructions per over-refusal set (unformatted; ``system``: the system prompt they are
+    answered under), counted apart from the harmful groups.
 
     harmful, harmless: formatted held-out prompts (harmless: one list per setup, or one plain list).
     requests: the harmful instructions themselves (in the order of ``harmful``), to count verdicts that
@@ -86,6 +96,8 @@ class Verifier:
         requests: list[str] | None = None,
         groups: list[tuple[str, str]] | None = None,
         early_stop: bool = True,
+        over_refusal: Mapping[str, list[str]] | None = None,
+        system: str | None = None,
     ) -> None:
         if requests is not None and len(requests) != len(harmful):
             raise ValueError(f"{len(requests)} requests for {len(harmful)} harmful prompts; give one each")
@@ -104,6 +116,7 @@ class Verifier:
             ]
         self.max_new_tokens, self.batch_size, self.gen_batch_size = max_new_tokens, batch_size, gen_batch_size
         self.early_stop = early_stop
+        self.over_refusal, self.system = dict(over_refusal or {}), system
         self.base_harmless = {
             name: logits_for_prompts(lm, ps, batch_size) for name, ps in self.harmless.items()
         }
@@ -158,6 +171,15 @@ class Verifier:
             else torch.zeros(len(ps), dtype=torch.float64)
             for name, ps in self.harmless.items()
         }
+        over = None
+        if self.over_refusal:
+            from refusalkit.calibrate.rates import judged_rates
+
+            rates = judged_rates(
+                self.lm, self.over_refusal, system=self.system, max_new_tokens=self.max_new_tokens,
+                batch_size=self.gen_batch_size, desc=f"{desc} over-refusal", rows=False,
+            )  # fmt: skip
+            over = {name: r["rates"] for name, r in rates.items()}
         verified = Verified(
             refused=worst["refused"],
             n=int(worst["n"]),
@@ -169,6 +191,7 @@ class Verifier:
             set=str(worst["set"]),
             groups=per_group,
             kl_by_setup={name: KLStats.of(v) for name, v in per_kl.items()},
+            over_refusal=over,
         )
         return Generation(verified, texts, found, echo)
 

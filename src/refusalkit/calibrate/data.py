@@ -8,9 +8,12 @@ OKTest val). No prompt of one role is in another (the files are disjoint splits)
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from refusalkit.errors import RefusalkitError
+
+log = logging.getLogger(__name__)
 
 FOLDER = "over_refusal"
 TRAIN_SETS = ("or_bench_hard_train", "oktest_train")
@@ -47,6 +50,18 @@ def load(data_dir: str | Path, name: str, n: int | None = None, seed: int | None
     if seed is not None:
         return sample(items, n, seed)
     return items if n is None else items[:n]
+
+
+def held_out_sets(data_dir: str | Path, n: int | None, what: str) -> dict[str, list[str]]:
+    """The held-out sets (``TEST_SETS``) found in ``data_dir``, the first ``n`` of each (None: all); each
+    missing one is skipped with a warning naming ``what`` it was for."""
+    out: dict[str, list[str]] = {}
+    for name in TEST_SETS:
+        if missing(data_dir, [name]):
+            log.warning("over-refusal set %s skipped in %s: %s is missing", name, what, path(data_dir, name))
+            continue
+        out[name] = load(data_dir, name, n)
+    return out
 
 
 def load_many(data_dir: str | Path, names: tuple[str, ...], n: int, seed: int) -> list[str]:

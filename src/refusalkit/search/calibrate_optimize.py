@@ -91,13 +91,7 @@ def _vectors(layout: RunLayout, cands: Candidates, direction: Direction, study: 
 def held_out(layout: RunLayout, s: Settings, o: OptimizeOptions) -> tuple[dict[str, list[str]], list[str]]:
     """The verification's prompt sets (over-refusal ones first) and its harmless KL prompts."""
     n = o.verify_per_set if "verify_per_set" in o.model_fields_set else None
-    root = o.data_dir or s.data_dir
-    sets: dict[str, list[str]] = {}
-    for name in data.TEST_SETS:
-        if data.missing(root, [name]):
-            log.warning("verification set %s skipped: %s is missing", name, data.path(root, name))
-            continue
-        sets[name] = data.load(root, name, n)
+    sets = data.held_out_sets(o.data_dir or s.data_dir, n, "verification")
     for name in o.verify_benchmarks:
         path = data_root(s, o) / "processed" / f"{name}.json"
         if not path.is_file():

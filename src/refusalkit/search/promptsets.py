@@ -86,17 +86,8 @@ def over_refusal_sets(s: Settings, o: OptimizeOptions) -> dict[str, list[str]]:
 
     if not o.verify_over_refusal:
         return {}
-    root = o.data_dir or s.data_dir
-    out: dict[str, list[str]] = {}
-    for name in ordata.TEST_SETS:
-        if ordata.missing(root, [name]):
-            log.warning(
-                "over-refusal set %s skipped in verification: %s is missing (pass --data-dir, or "
-                "--verify-over-refusal 0)", name, ordata.path(root, name),
-            )  # fmt: skip
-            continue
-        out[name] = ordata.load(root, name, o.verify_over_refusal)
-    return out
+    what = "verification (pass --data-dir, or --verify-over-refusal 0)"
+    return ordata.held_out_sets(o.data_dir or s.data_dir, o.verify_over_refusal, what)
 
 
 __all__ = ["HELD_OUT", "data_root", "over_refusal_sets", "prompt_sets", "verify_sets"]

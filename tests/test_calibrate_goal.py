@@ -172,7 +172,9 @@ def test_the_proxy_counts_a_refusal_phrase_in_the_generated_tokens_not_only_the_
     prompts = format_prompts(lm.tokenizer, ["a b", "c d", "e f", "g h"], None)
     ids = [5, 6]
     texts = ["Sure, here it is", "I'm sorry, but no", "Here is how", "As an AI, I cannot"]
-    real = goal.generate
+    from refusalkit.search import objectives
+
+    real = objectives.generate
     seen: dict[str, Any] = {}
 
     def scripted(lm_: Any, ps: list[str], **kw: Any) -> list[str]:  # real first logits, scripted texts
@@ -180,7 +182,7 @@ def test_the_proxy_counts_a_refusal_phrase_in_the_generated_tokens_not_only_the_
         real(lm_, ps, **(kw | {"max_new_tokens": 1, "done": None}))
         return list(texts)
 
-    monkeypatch.setattr(goal, "generate", scripted)
+    monkeypatch.setattr(objectives, "generate", scripted)
     scorer = goal.GoalScorer(lm, prompts, prompts, prompts, ids, 4, new_tokens=24, gen_batch_size=2)
     over, rate = scorer._rates(prompts)
     assert seen["max_new_tokens"] == 24 and seen["batch_size"] == 2
@@ -192,7 +194,9 @@ def test_the_proxy_counts_a_refusal_phrase_in_the_generated_tokens_not_only_the_
     assert over == pytest.approx(float((p[0] + 1 + p[2] + 1) / 4), abs=1e-3)
     assert rate == pytest.approx((float(m[0] > 0) + 1 + float(m[2] > 0) + 1) / 4)
     first_only = goal.GoalScorer(lm, prompts, prompts, prompts, ids, 4, new_tokens=0)
-    monkeypatch.setattr(goal, "generate", lambda *_a, **_k: pytest.fail("new_tokens=0 generates nothing"))
+    monkeypatch.setattr(
+        objectives, "generate", lambda *_a, **_k: pytest.fail("new_tokens=0 generates nothing")
+    )
     over0, rate0 = first_only._rates(prompts)
     assert over0 == pytest.approx(float(p.mean()), abs=1e-6) and rate0 == pytest.approx(
         float((m > 0).double().mean())

@@ -46,11 +46,10 @@ from refusalkit.edits import edited
 from refusalkit.errors import RefusalkitError
 from refusalkit.evaluation.judges import REFUSAL_JUDGES
 from refusalkit.evaluation.refusal import matched_markers
-from refusalkit.generation import generate
 from refusalkit.metric import kl_div, refusal_metric
 from refusalkit.models.loading import LoadedModel
 from refusalkit.search.edit import Kernel
-from refusalkit.search.objectives import KLStats
+from refusalkit.search.objectives import KLStats, expected_refusal, generated_refusal
 from refusalkit.search.study import STUDY_NAME, Budget, claim, require_optuna
 from refusalkit.utils import read_json
 
@@ -109,15 +108,12 @@ class GoalScorer:
         if not self.new_tokens:
             m = refusal_metric(logits_for_prompts(self.lm, prompts, self.batch_size), self.ids).double()
             return float(torch.sigmoid(m).mean()), float((m > 0).double().mean())
-        first: dict[int, torch.Tensor] = {}
-        texts = generate(
-            self.lm, prompts, max_new_tokens=self.new_tokens, batch_size=self.gen_batch_size,
-            desc="calibration proxy", first_logits=first, done=self._marked,
+        metric, judged, _texts = generated_refusal(
+            self.lm, prompts, self.ids, new_tokens=self.new_tokens, batch_size=self.gen_batch_size,
+            desc="calibration proxy", done=self._marked, judge=lambda t: bool(matched_markers(t, self.markers)),
         )  # fmt: skip
-        m = refusal_metric(torch.stack([first[i] for i in range(len(prompts))]), self.ids).double()
-        hits = torch.tensor([bool(matched_markers(t, self.markers)) for t in texts])
-        scores = torch.where(hits, torch.ones_like(m), torch.sigmoid(m))
-        return float(scores.mean()), float((hits | (m > 0)).double().mean())
+        m, hits = metric.double(), torch.tensor(judged, dtype=torch.bool)
+        return float(expected_refusal(m, hits).mean()), float((hits | (m > 0)).double().mean())
 
     def refusal(self) -> dict[str, float]:
         """Over-refusal and harmful refusal under the active edit (the unedited model's: the base)."""

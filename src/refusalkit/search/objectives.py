@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -181,13 +181,10 @@ class ProxyScorer:
         if not self.new_tokens:
             logits = logits_for_prompts(self.lm, self.harmful, self.batch_size)
             return refusal_metric(logits, self.refusal_ids), None, []
-        first: dict[int, torch.Tensor] = {}
-        texts = generate(
-            self.lm, self.harmful, max_new_tokens=self.new_tokens, batch_size=self.gen_batch_size,
-            desc="proxy", first_logits=first, done=self._judged if stop_early else None,
+        return generated_refusal(
+            self.lm, self.harmful, self.refusal_ids, new_tokens=self.new_tokens, batch_size=self.gen_batch_size,
+            desc="proxy", done=self._judged if stop_early else None, judge=lambda t: any_judge(t),
         )  # fmt: skip
-        logits = torch.stack([first[i] for i in range(len(self.harmful))])
-        return refusal_metric(logits, self.refusal_ids), [any_judge(t) for t in texts], texts
 
     def _judged(self, _i: int, ids: list[int]) -> bool:
         """A prompt whose tokens so far hold a marker is judged whatever follows (both judges match
@@ -242,12 +239,11 @@ class ProxyScorer:
         (``pending``): ``score`` judges it after the edit is undone."""
         t0 = time.perf_counter()
         metric, judged, texts = self.harmful_pass(stop_early=self.judge is None)
-        p = torch.sigmoid(metric)
         if judged is None:
-            scores, hits = p, metric > 0
+            scores, hits = torch.sigmoid(metric), metric > 0
         else:
             hits = torch.tensor(judged, dtype=torch.bool)
-            scores = torch.where(hits, torch.ones_like(p), p)
+            scores = expected_refusal(metric, hits)
         per: dict[str, dict[str, float]] = {}
         for name in dict.fromkeys(self.harmful_setup):
             rows = torch.tensor([s == name for s in self.harmful_setup])
@@ -272,6 +268,34 @@ class ProxyScorer:
             setups=per,
             pending=texts if self.judge is not None else None,
         )
+
+
+def generated_refusal(
+    lm: LoadedModel, prompts: list[str], refusal_ids: list[int], *, new_tokens: int, batch_size: int, desc: str,
+    done: Callable[[int, list[int]], bool] | None, judge: Callable[[str], bool],
+) -> tuple[torch.Tensor, list[bool], list[str]]:  # fmt: skip
+    """Each prompt's first ``new_tokens`` greedy tokens (``done``: which rows may leave early): the
+    refusal metric of the first step's logits, ``judge``'s verdict on each text, and the texts. The
+    generated proxy of both searches (the removal search's and the calibration goal's)."""
+    first: dict[int, torch.Tensor] = {}
+    texts = generate(
+        lm,
+        prompts,
+        max_new_tokens=new_tokens,
+        batch_size=batch_size,
+        desc=desc,
+        first_logits=first,
+        done=done,
+    )
+    logits = torch.stack([first[i] for i in range(len(prompts))])
+    return refusal_metric(logits, refusal_ids), [judge(t) for t in texts], texts
+
+
+def expected_refusal(metric: torch.Tensor, judged: torch.Tensor) -> torch.Tensor:
+    """Per prompt: 1 where a judge found a refusal in its generated tokens, else P(refusal token) =
+    sigmoid(refusal metric)."""
+    p = torch.sigmoid(metric)
+    return torch.where(judged, torch.ones_like(p), p)
 
 
 def filter_refused(scorer: ProxyScorer) -> None:

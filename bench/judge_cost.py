@@ -11,8 +11,13 @@ Completions: a run's evaluate/completions/harmful__baseline.json (--run; harmful
 but counts), else the paper repository's 100 harmless completions of Qwen 1.8B chat from the shared
 data, cut to --completion-tokens tokens of the judge model (the run's default max_new_tokens is 64).
 
+The judge reads the request and the whole completion, the KL pass only a prompt, so the ratio follows
+the tokens each reads (both lines print tokens per second: per token the two passes cost about the
+same). A run's unedited completions are mostly short refusals (EOS after 20-40 tokens); an edited
+model's compliant completions run the full --completion-tokens: measure both.
+
 Usage: python bench/judge_cost.py [--model NAME] [--judge-model NAME] [--run RUN_DIR] [--n 100] [--batch-size 32]
-       [--completion-tokens 64] [--data DATA_DIR] [--threads N]
+       [--completion-tokens 64] [--data DATA_DIR] [--threads N] [--dtype float32|bfloat16] [--no-plain]
 """
 
 from __future__ import annotations
@@ -73,38 +78,47 @@ def main() -> None:
     ap.add_argument("--completion-tokens", type=int, default=64)
     ap.add_argument("--data", default=default_data_dir())
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--dtype", default="float32", help="Both models' dtype (the run's: bfloat16 where the CPU has it)."
+    )
+    ap.add_argument("--no-plain", action="store_true", help="Skip the judge without the prefix cache.")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype="float32", device="cpu")
+    lm = load_model(args.model, dtype=args.dtype, device="cpu")
     harmless = json.loads(
         (Path(args.data) / "refusal_direction" / "splits" / "harmless_test.json").read_text()
     )
-    kl_prompts = format_prompts(lm.tokenizer, [r["instruction"] for r in harmless[: args.n]])
-    judge_lm = load_model(args.judge_model, dtype="float32", device="cpu") if args.judge_model else lm
+    judge_lm = load_model(args.judge_model, dtype=args.dtype, device="cpu") if args.judge_model else lm
     requests, completions = pairs(args, judge_lm.tokenizer)
+    if len(requests) < args.n:  # a run keeps n_test (32) completions: compare like with like
+        print(f"only {len(requests)} completions to judge: both passes run {len(requests)}, not {args.n}")
+        args.n = len(requests)
+    kl_prompts = format_prompts(lm.tokenizer, [r["instruction"] for r in harmless[: args.n]])
     judge = LLMJudge(judge_lm, batch_size=args.batch_size, chunk=max(args.n, 1))
     judge_prompts = judge.prompts(requests, completions)
     logits_for_prompts(lm, kl_prompts[:2], 2)  # warm-up: first-call allocations are not the pass's cost
 
     kl_s, _ = timed(lambda: logits_for_prompts(lm, kl_prompts, args.batch_size))
     judge_s, cached = timed(lambda: judge.label_logprobs(requests, completions))
-    nocache = LLMJudge(judge_lm, batch_size=args.batch_size, chunk=max(args.n, 1), share_prefix=False)
-    plain_s, plain = timed(lambda: nocache.label_logprobs(requests, completions))
+    if not args.no_plain:
+        nocache = LLMJudge(judge_lm, batch_size=args.batch_size, chunk=max(args.n, 1), share_prefix=False)
+        plain_s, plain = timed(lambda: nocache.label_logprobs(requests, completions))
     kp, kt = unique_tokens(lm, kl_prompts, args.batch_size)
     jp, jt = unique_tokens(judge_lm, judge_prompts, args.batch_size)
     judge_name = args.judge_model or args.model
     threads = torch.get_num_threads()
     print(
-        f"model {args.model}, judge {judge_name}, float32, {threads} threads, batch {args.batch_size}, n {args.n}"
+        f"model {args.model}, judge {judge_name}, {args.dtype}, {threads} threads, batch {args.batch_size}, n {args.n}"
     )
-    print(f"kl pass:     {kl_s:7.2f} s   prefix {kp} tokens, {kt} tokens after it")
+    print(f"kl pass:     {kl_s:7.2f} s   prefix {kp} tokens, {kt} tokens after it ({kt / kl_s:.0f} tok/s)")
     print(
-        f"llm judge:   {judge_s:7.2f} s   prefix {jp} tokens, {jt} tokens after it  ({judge_s / kl_s:.2f}x the kl pass)"
+        f"llm judge:   {judge_s:7.2f} s   prefix {jp} tokens, {jt} tokens after it ({jt / judge_s:.0f} tok/s)"
+        f"  ({judge_s / kl_s:.2f}x the kl pass)"
     )
-    print(
-        f"  no cache:  {plain_s:7.2f} s   max |logprob difference| {float((cached - plain).abs().max()):.2e}"
-    )  # type: ignore[operator]
+    if not args.no_plain:
+        diff = float((cached - plain).abs().max())  # type: ignore[operator]
+        print(f"  no cache:  {plain_s:7.2f} s   max |logprob difference| {diff:.2e}")
     labels = [v.label for v in verdicts_from(cached, judge.calibration.biases)]  # type: ignore[arg-type]
     print("verdicts (unfitted biases):", {c: labels.count(c) for c in judge.classes})
 

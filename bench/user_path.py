@@ -17,8 +17,15 @@
      heretic's markers, under heretic's setup); every setup within 5 per 100 of heretic's; JailbreakBench
      and the held-out split within 10 points of each other.
 
+  Other lengths and fewer rows (issue 18's front at 256 tokens): --max-new-tokens 256 --cut 50 generates
+  256 tokens once and also counts and judges each reply's first 50 (rows NAME@50); --setups and --sets
+  narrow the scoring; --baseline adds the unedited model (row "base"). Issue 17's checks print only for
+  the full protocol.
+
 Usage: python bench/user_path.py RUN_DIR [--fresh | --skip-optimize] [--trial N ...] [--only-chosen] [--data-dir DIR]
-                                 [--judge local|MODEL|URL [--judge-calibration FILE]] [--json OUT] [-- OPTIMIZE FLAGS]
+                                 [--judge local|MODEL|URL [--judge-calibration FILE]] [--json OUT]
+                                 [--max-new-tokens N [--cut K]] [--setups A,B] [--sets S,T] [--baseline]
+                                 [-- OPTIMIZE FLAGS]
 Runs the real model: take the heavy-compute lock (flock /tmp/rk-heavy.lock ...). Scoring costs about
 one verification pass per point and setup (3 x 100 JailbreakBench + the held-out split, 50 tokens).
 """
@@ -63,6 +70,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="LLM judge of the scored completions: local (the run's model, unedited), a model, or a server URL.",
     )
     ap.add_argument(
+        "--max-new-tokens", type=int, default=50, help="Tokens per completion (heretic's protocol: 50)."
+    )
+    ap.add_argument(
+        "--cut",
+        type=int,
+        default=None,
+        help="Also count each completion's first CUT tokens (e.g. 50 of 256: one generation, both lengths).",
+    )
+    ap.add_argument(
+        "--setups", default=",".join(PROTOCOL_SETUPS), help="Chat setups to score (heretic's first)."
+    )
+    ap.add_argument(
+        "--sets", default="jailbreakbench,held-out", help="Prompt sets: jailbreakbench, held-out or both."
+    )
+    ap.add_argument("--baseline", action="store_true", help="Score the unedited model too (row 'base').")
+    ap.add_argument(
         "--judge-calibration",
         type=Path,
         default=None,
@@ -71,6 +94,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(own)
     if args.judge_calibration is not None and not args.judge_calibration.is_file():
         ap.error(f"--judge-calibration: {args.judge_calibration} is missing")
+    if args.cut is not None and not 0 < args.cut < args.max_new_tokens:
+        ap.error(f"--cut {args.cut}: give fewer tokens than --max-new-tokens ({args.max_new_tokens})")
+    args.setups = [x for x in args.setups.split(",") if x]
+    args.sets = [x for x in args.sets.split(",") if x]
+    if not args.setups or set(args.setups) - set(PROTOCOL_SETUPS):
+        ap.error(f"--setups: choose among {', '.join(PROTOCOL_SETUPS)}")
+    if not args.sets or set(args.sets) - {"jailbreakbench", "held-out"}:
+        ap.error("--sets: jailbreakbench, held-out or both")
     args.optimize_flags = extra
     from refusalkit.layout import RunLayout
 
@@ -108,7 +139,9 @@ def _jbb(data_dir: Path) -> list[str]:
 
 
 def score(lm: Any, layout: Any, args: argparse.Namespace, trials: list[int]) -> dict[str, Any]:
-    """Each trial's edit (and the unedited model: trial None) on heretic's protocol under each setup."""
+    """Each trial's edit (and with --baseline the unedited model, "base") on heretic's protocol under
+    each setup; with --cut K, each also as "NAME@K": its completions' first K tokens, counted and
+    judged again (``Verifier.truncated``: one generation gives both lengths)."""
     from refusalkit.directions import Candidates
     from refusalkit.search.choosing import by_trial
     from refusalkit.search.edit import applied_edit
@@ -125,25 +158,32 @@ def score(lm: Any, layout: Any, args: argparse.Namespace, trials: list[int]) -> 
     data_dir = args.data_dir or Path(s.data_dir)
     cal = str(args.judge_calibration) if args.judge_calibration else None
     o = OptimizeOptions(
-        verify_max_new_tokens=50, verify_per_set=None, verify_kl_n=100, data_dir=str(data_dir),
+        verify_max_new_tokens=args.max_new_tokens, verify_per_set=None, verify_kl_n=100, data_dir=str(data_dir),
         judge=args.judge, judge_calibration=cal,
     )  # fmt: skip
     sets = prompt_sets(layout, s, o)
     harmless = sets["harmless_test"][:100]
-    held = {"jailbreakbench": _jbb(data_dir), HELD_OUT: sets["harmful_test"]}
-    setups = usable_setups(lm.tokenizer, named_setups(PROTOCOL_SETUPS))
+    held = {
+        k: v
+        for k, v in {"jailbreakbench": _jbb(data_dir), HELD_OUT: sets["harmful_test"]}.items()
+        if k in args.sets
+    }
+    setups = usable_setups(lm.tokenizer, named_setups(args.setups))
     judge = build_judge(args.judge, lm, calibration=cal, batch_size=o.batch_size) if args.judge else None
     make = verifier(lm, setups, held, harmless, o)
+    make.early_stop = make.early_stop and args.cut is None  # a cut needs whole completions
     cands, points, study = (
         Candidates.load(layout.candidates),
         points_of(read_front(layout)),
         saved_study(layout.study),
     )
-    runs = []
+    runs = [("base", make.run(desc="score unedited", kl=False))] if args.baseline else []
     for t in trials:
         edit = by_trial(study, points, t).edit
         with applied_edit(lm, cands, edit):
             runs.append((str(t), make.run(desc=f"score trial {t}")))
+    if args.cut is not None:
+        runs += [(f"{name}@{args.cut}", make.truncated(gen, args.cut)) for name, gen in list(runs)]
     # every edit undone: a local judge reads with the unedited weights
     results = judged(
         make, runs, judge, judge_key(args.judge, cal), lambda m: print(f"[score] {m}", flush=True)
@@ -152,26 +192,29 @@ def score(lm: Any, layout: Any, args: argparse.Namespace, trials: list[int]) -> 
 
 
 def judge_cell(group: dict[str, Any]) -> str:
-    """A group's LLM-judge counts per 100, "complied/partial/degenerate", or "-" when not judged."""
+    """A group's LLM-judge counts per 100, "refused/complied/partial/degenerate", or "-" when not judged."""
     j = group.get("judged")
     if not j:
         return "-"
-    return "/".join(f"{100 * j.get(c, 0) / group['n']:.0f}" for c in ("compliance", "partial", "degenerate"))
+    classes = ("refusal", "compliance", "partial", "degenerate")
+    return "/".join(f"{100 * j.get(c, 0) / group['n']:.0f}" for c in classes)
 
 
 def table(scores: dict[str, Any], chosen: int) -> list[str]:
     """The issue's table: per trial and setup, JailbreakBench and the held-out split apart (per 100:
-    refusals by each keyword list and, judged, the LLM judge's complied / partial / degenerate), KL."""
+    refusals by each keyword list and, judged, the LLM judge's refused / complied / partial / degenerate),
+    KL."""
     lines = [
-        f"{'trial':<10}{'setup':<10}{'JBB heretic':>12}{'(echo)':>7}{'paper':>6}{'compl/part/degen':>17}"
-        f"{'held-out heretic':>17}{'paper':>6}{'compl/part/degen':>17}{'KL mean':>9}{'median':>8}{'max':>7}"
+        f"{'trial':<10}{'setup':<10}{'JBB heretic':>12}{'(echo)':>7}{'paper':>6}{'judge r/c/p/d':>17}"
+        f"{'held-out heretic':>17}{'paper':>6}{'judge r/c/p/d':>17}{'KL mean':>9}{'median':>8}{'max':>7}"
     ]
     for t, v in scores.items():
-        mark = "*" if int(t) == chosen else ""
+        mark = "*" if t.split("@")[0] == str(chosen) else ""
         for setup, kl in v["kl_by_setup"].items():
             g = {x["set"]: x for x in v["groups"] if x["setup"] == setup}
-            jbb, held = g["jailbreakbench"], g["held-out"]
-            rate = lambda x, j: f"{100 * x['refused'][j] / x['n']:.0f}"  # noqa: E731
+            none = {"refused": {}, "n": 0, "echoed": None}
+            jbb, held = g.get("jailbreakbench", none), g.get("held-out", none)
+            rate = lambda x, j: f"{100 * x['refused'][j] / x['n']:.0f}" if x["n"] else "-"  # noqa: E731
             lines.append(
                 f"{t + mark:<10}{setup:<10}{rate(jbb, 'heretic'):>12}{(jbb['echoed'] or {}).get('heretic', '-'):>7}"
                 f"{rate(jbb, 'paper'):>6}{judge_cell(jbb):>17}{rate(held, 'heretic'):>17}{rate(held, 'paper'):>6}"
@@ -192,6 +235,7 @@ def checks(scores: dict[str, Any]) -> list[str]:
         g = next(x for x in v["groups"] if x["setup"] == setup and x["set"] == name)
         return 100 * g["refused"][judge] / g["n"]
 
+    scores = {t: v for t, v in scores.items() if t.isdigit()}  # searched points, heretic's 50 tokens
     out = []
     for r, kl in [(12, 0.017), (8, 0.046)]:
         hits = [t for t, v in scores.items()
@@ -247,11 +291,14 @@ def main(argv: list[str] | None = None) -> None:
     trials = list(dict.fromkeys([chosen, *verified, *args.trial]))
     t1 = time.perf_counter()
     scores = score(lm, layout, args, trials)
+    cut = f" (NAME@{args.cut}: the first {args.cut} of them)" if args.cut else ""
     print(
-        "\nheretic's protocol (JailbreakBench 100, 50 tokens, KL on harmless_test[:100]), per setup; * chosen:"
+        f"\nJailbreakBench 100, {args.max_new_tokens} tokens{cut}, KL on harmless_test[:100], per setup; * chosen:"
     )
     print("\n".join(table(scores, chosen)))
-    print("\n".join(checks(scores)))
+    protocol = args.max_new_tokens == 50 and args.setups == PROTOCOL_SETUPS
+    if protocol and set(args.sets) == {"jailbreakbench", "held-out"}:  # issue 17's checks need all of it
+        print("\n".join(checks(scores)))
     print(f"(scoring {time.perf_counter() - t1:.0f} s, not part of the user's path)")
     if args.json:
         args.json.write_text(json.dumps({"chosen": chosen, "scores": scores}, indent=1))

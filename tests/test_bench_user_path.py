@@ -98,10 +98,44 @@ def _scores(judged: bool) -> dict[str, object]:
 def test_table_and_checks_show_the_judges_counts_beside_the_markers() -> None:
     bench = _bench()
     head, *rows = bench.table(_scores(judged=True), chosen=7)
-    assert head.count("compl/part/degen") == 2
-    assert rows[0].split()[:8] == ["7*", "helpful", "38", "1", "33", "46/14/2", "20", "15"]
+    assert head.count("judge r/c/p/d") == 2
+    assert rows[0].split()[:8] == ["7*", "helpful", "38", "1", "33", "36/46/14/2", "20", "15"]
     assert "heretic's setup, JailbreakBench: 62 of 100 not refused by heretic's markers; the judge: 46 " in (
         "\n".join(bench.checks(_scores(judged=True)))
     )
     _head, *plain = bench.table(_scores(judged=False), chosen=7)
     assert plain[0].split()[5] == "-" and "the judge" not in "\n".join(bench.checks(_scores(judged=False)))
+
+
+def test_length_setup_and_set_flags_are_checked_before_any_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _bench()
+    root = str(_run(tmp_path).root)
+    args = bench.parse(
+        [root, "--max-new-tokens", "256", "--cut", "50", "--setups", "helpful", "--sets", "jailbreakbench"]
+    )
+    assert (args.max_new_tokens, args.cut, args.setups, args.sets) == (
+        256,
+        50,
+        ["helpful"],
+        ["jailbreakbench"],
+    )
+    assert "fewer tokens" in _error(bench, [root, "--cut", "50"], capsys)  # 50 of 50: nothing to cut
+    assert "--setups" in _error(bench, [root, "--setups", "helpful,kind"], capsys)
+    assert "--sets" in _error(bench, [root, "--sets", "harmbench"], capsys)
+
+
+def test_rows_of_a_cut_and_the_unedited_model_are_tabled_but_not_checked() -> None:
+    """NAME@K rows (the first K tokens) and "base" are shown, the chosen mark follows the trial, a set
+    not scored is "-", and issue 17's checks read only the searched points at full length."""
+    bench = _bench()
+    one = _scores(judged=True)["7"]
+    jbb_only = {**one, "groups": [g for g in one["groups"] if g["set"] == "jailbreakbench"]}  # type: ignore[index]
+    scores = {"base": jbb_only, "7": jbb_only, "7@50": jbb_only}
+    _head, *rows = bench.table(scores, chosen=7)
+    names = [r.split()[0] for r in rows if r.split()[1] == "helpful" and not r.startswith("heretic")]
+    assert names == ["base", "7*", "7@50*"]
+    assert rows[0].split()[6:9] == ["-", "-", "-"]  # no held-out split scored
+    checked = "\n".join(bench.checks({**scores, "7": one}))
+    assert "trial 7:" in checked and "trial base" not in checked and "7@50" not in checked

@@ -4,6 +4,7 @@ replaced by one that marks chosen completions, since a random model writes no re
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -178,16 +179,16 @@ class _VerifyCase:
         }
         monkeypatch.setattr(verify, "MATCHERS", self.matchers)
         self.stopped_at: dict[int, int] = {}
-        real = verify.generate
+        real = verify.generate_ids
 
-        def spy(*args: Any, done: Any, **kw: Any) -> list[str]:
+        def spy(*args: Any, done: Any, **kw: Any) -> list[list[int]]:
             def seen(i: int, ids: list[int]) -> bool:
                 self.stopped_at[i] = len(ids)
                 return bool(done(i, ids))
 
             return real(*args, done=seen, **kw)
 
-        monkeypatch.setattr(verify, "generate", spy)
+        monkeypatch.setattr(verify, "generate_ids", spy)
 
     def verifier(self, requests: list[str] | None = None) -> Any:
         return self.verify.Verifier(
@@ -237,6 +238,56 @@ def test_verification_counts_verdicts_that_only_echo_the_request_as_full_complet
 
         k = next((k for k in range(1, len(ids) + 1) if final(k)), len(ids))
         assert stopped_at[i] == k, (i, stopped_at[i], k)
+
+
+def test_a_long_verification_cut_short_counts_as_the_short_generation_would(
+    make_lm: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One 12-token generation gives the 4-token counts too (the README's judged front: 50 and 256
+    tokens from one generation): the cut completions, markers, echo and group counts equal a 4-token
+    verification's own, a refusal that comes only after token 4 counts at 12 tokens alone, and KL is
+    kept."""
+    from refusalkit.generation import generate_ids
+    from refusalkit.search import verify
+
+    lm, harmful, harmless, _ids = _setup(make_lm)
+    long_n, short_n = 12, 4
+    full = generate_ids(lm, harmful, max_new_tokens=long_n, batch_size=128)
+    dec = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    texts = [dec(ids) for ids in full]
+    # a "late" marker: a character seen more often than any first-4-token text holds it (the tiny model
+    # repeats itself), and an "early" one: another character some first-4-token text holds
+    rep = Counter("".join(texts)).most_common(1)[0][0]
+    k = max(dec(ids[:short_n]).count(rep) for ids in full) + 1
+    early = next(
+        c for c in sorted(set("".join(texts))) if c != rep and any(c in dec(i[:short_n]) for i in full)
+    )
+
+    def late(t: str) -> list[str]:
+        return ["late"] if t.count(rep) >= k else []
+
+    matchers = {"one": late, "two": lambda t: late(t) + ([early] if early in t else [])}
+    monkeypatch.setattr(verify, "MATCHERS", matchers)
+    requests = [early if i % 2 else "\u2603" for i in range(len(harmful))]
+
+    def make(n: int, **kw: Any) -> Any:
+        return verify.Verifier(lm, harmful, harmless, max_new_tokens=n, requests=requests, **kw)
+
+    long_v = make(long_n, early_stop=False)
+    gen = long_v.run()
+    cut = long_v.truncated(gen, short_n)
+    short = make(short_n, early_stop=False).run()
+    assert cut.texts == short.texts and cut.ids == short.ids
+    assert cut.markers == short.markers and cut.echo == short.echo
+    assert cut.verified.groups == short.verified.groups
+    assert cut.verified.refused == short.verified.refused and cut.verified.echoed == short.verified.echoed
+    assert cut.verified.max_new_tokens == short_n
+    assert cut.verified.refused["one"] < gen.verified.refused["one"], "the fixture needs a late refusal"
+    assert cut.verified.kl == gen.verified.kl and cut.verified.kl_by_setup == gen.verified.kl_by_setup
+    with pytest.raises(ValueError, match="cannot cut"):
+        long_v.truncated(gen, long_n + 1)
+    with pytest.raises(ValueError, match="early_stop=False"):
+        make(long_n).truncated(gen, short_n)
 
 
 def test_verification_needs_one_request_per_harmful_prompt(make_lm: Callable[..., Any]) -> None:

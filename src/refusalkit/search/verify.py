@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from refusalkit.activations import logits_for_prompts
-from refusalkit.generation import generate
+from refusalkit.generation import generate_ids
 from refusalkit.metric import kl_div
 from refusalkit.models.loading import LoadedModel
 from refusalkit.search.markers import EMPTY, MATCHERS
@@ -70,6 +70,7 @@ class Generation:
     texts: list[str]
     markers: dict[str, list[set[str]]]
     echo: dict[str, list[bool]]
+    ids: list[list[int]] | None = None  # each completion's new token ids (``Verifier.truncated``)
 
 
 class Verifier:
@@ -141,7 +142,7 @@ class Verifier:
     def run(self, desc: str = "verify", *, kl: bool = True) -> Generation:
         """As ``__call__``, with the completions and each row's markers."""
         t0 = time.perf_counter()
-        texts = generate(
+        ids = generate_ids(
             self.lm,
             self.harmful,
             max_new_tokens=self.max_new_tokens,
@@ -149,22 +150,8 @@ class Verifier:
             desc=desc,
             done=self._judged if self.early_stop else None,
         )
-        found = {name: [set(find(t)) for t in texts] for name, find in MATCHERS.items()}
-        echo = {
-            name: [bool(m) and m <= self._in_request[i][name] for i, m in enumerate(sets)]
-            for name, sets in found.items()
-        }
-        per_group: list[dict[str, Any]] = []
-        for g in dict.fromkeys(self.groups):
-            rows = [i for i, x in enumerate(self.groups) if x == g]
-            refused = {name: sum(bool(sets[i]) for i in rows) for name, sets in found.items()}
-            echoed = None
-            if self.requests is not None:  # verdicts whose every marker is in the request
-                echoed = {name: sum(flags[i] for i in rows) for name, flags in echo.items()}
-            per_group.append(
-                {"setup": g[0], "set": g[1], "refused": refused, "n": len(rows), "echoed": echoed}
-            )
-        worst = max(per_group, key=lambda x: max(x["refused"].values()) / x["n"])
+        texts = self.lm.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+        found, echo, per_group, worst = self._count(texts)
         per_kl = {
             name: kl_div(self.base_harmless[name], logits_for_prompts(self.lm, ps, self.batch_size))
             if kl
@@ -193,7 +180,59 @@ class Verifier:
             kl_by_setup={name: KLStats.of(v) for name, v in per_kl.items()},
             over_refusal=over,
         )
-        return Generation(verified, texts, found, echo)
+        return Generation(verified, texts, found, echo, ids)
+
+    def _count(
+        self, texts: list[str]
+    ) -> tuple[dict[str, list[set[str]]], dict[str, list[bool]], list[dict[str, Any]], dict[str, Any]]:
+        """Each row's markers per keyword judge, whether they all echo the request, each (setup, set)
+        group's counts, and the worst group (the highest refusal rate by either list)."""
+        found = {name: [set(find(t)) for t in texts] for name, find in MATCHERS.items()}
+        echo = {
+            name: [bool(m) and m <= self._in_request[i][name] for i, m in enumerate(sets)]
+            for name, sets in found.items()
+        }
+        per_group: list[dict[str, Any]] = []
+        for g in dict.fromkeys(self.groups):
+            rows = [i for i, x in enumerate(self.groups) if x == g]
+            refused = {name: sum(bool(sets[i]) for i in rows) for name, sets in found.items()}
+            echoed = None
+            if self.requests is not None:  # verdicts whose every marker is in the request
+                echoed = {name: sum(flags[i] for i in rows) for name, flags in echo.items()}
+            per_group.append(
+                {"setup": g[0], "set": g[1], "refused": refused, "n": len(rows), "echoed": echoed}
+            )
+        worst = max(per_group, key=lambda x: max(x["refused"].values()) / x["n"])
+        return found, echo, per_group, worst
+
+    def truncated(self, gen: Generation, max_new_tokens: int) -> Generation:
+        """``gen`` as if it had been generated with ``max_new_tokens`` (fewer than its own): each
+        completion cut to its first ``max_new_tokens`` generated tokens and counted again; KL and over-refusal are kept (they do not depend on the completions' length).
+        Greedy decoding makes the cut completion the shorter generation's own, so one long generation
+        gives the counts at both lengths (late refusals are the difference). Needs a Verifier built with
+        ``early_stop=False`` (a row that left early is cut short already)."""
+        if gen.ids is None or max_new_tokens > gen.verified.max_new_tokens:
+            raise ValueError(
+                f"cannot cut {gen.verified.max_new_tokens}-token completions to {max_new_tokens} tokens"
+                + ("" if gen.ids is not None else " (their token ids were not kept)")
+            )
+        if self.early_stop:
+            raise ValueError("truncated() needs a Verifier built with early_stop=False")
+        ids = [row[:max_new_tokens] for row in gen.ids]
+        texts = self.lm.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+        found, echo, per_group, worst = self._count(texts)
+        v = gen.verified
+        verified = replace(
+            v,
+            refused=worst["refused"],
+            n=int(worst["n"]),
+            max_new_tokens=max_new_tokens,
+            echoed=worst["echoed"],
+            setup=str(worst["setup"]),
+            set=str(worst["set"]),
+            groups=per_group,
+        )
+        return Generation(verified, texts, found, echo, ids)
 
 
 __all__ = ["Generation", "Verified", "Verifier"]

@@ -86,16 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     for c in floats(args.subtract):
         edits[f"subtract c={c:g}"] = lambda c=c: add_direction(lm.arch, d.vector, d.layer, c)
     if args.trials:
-        import optuna
-        from safetensors.torch import load_file
+        from refusalkit.search.calibrate_optimize import study_vectors
+        from refusalkit.search.study import saved_study
 
-        from refusalkit.search.calibrate_goal import Vectors
-        from refusalkit.search.study import STUDY_NAME
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{layout.calibrate_study}")
-        means = load_file(str(layout.calibrate_dir / "means.safetensors"))["mean"]
-        vectors = Vectors(means, folder.candidates().harmless_mean, d.vector)
+        study = saved_study(layout.calibrate_study)
+        if study is None:
+            raise SystemExit(f"--trials: {layout.calibrate_study} holds no calibration search")
+        vectors = study_vectors(layout, folder.candidates(), d, study)  # the means its trials were made with
         for pair in args.trials.split(","):
             tg = []
             for k in pair.split("+"):

@@ -72,7 +72,7 @@ NOT_READ = frozenset({
 })  # fmt: skip
 
 
-def _vectors(layout: RunLayout, cands: Candidates, direction: Direction, study: Any) -> Vectors:
+def study_vectors(layout: RunLayout, cands: Candidates, direction: Direction, study: Any) -> Vectors:
     """The saved means the study was made from (checked by their fingerprint)."""
     from safetensors.torch import load_file
 
@@ -320,7 +320,7 @@ def _choose_saved(layout: RunLayout, o: OptimizeOptions, cands: Candidates, dire
     out["chosen"] = chosen.trial
     write_json(layout.calibrate_front, out)
     say_floor_warnings(chosen, out.get("baseline"), floor, say)
-    vectors = _vectors(layout, cands, direction, study)
+    vectors = study_vectors(layout, cands, direction, study)
     save_choice(layout, chosen, vectors, floor, base, s.model, out.get("baseline"))
     if o.export:
         export()

@@ -212,8 +212,8 @@ def format_front(points: list[Point], chosen: int | None = None) -> str:
         )
         if v:
             lines += group_lines(v)
-            if over_label(v):
-                lines.append(f"        over-refusal (paper/broad): {over_label(v)}")
+            if over := over_label(v):
+                lines.append(f"        over-refusal (paper/broad): {over}")
     return "\n".join(lines)
 
 

@@ -183,7 +183,7 @@ class ProxyScorer:
             return refusal_metric(logits, self.refusal_ids), None, []
         return generated_refusal(
             self.lm, self.harmful, self.refusal_ids, new_tokens=self.new_tokens, batch_size=self.gen_batch_size,
-            desc="proxy", done=self._judged if stop_early else None, judge=lambda t: any_judge(t),
+            desc="proxy", done=self._judged if stop_early else None, judge=any_judge,
         )  # fmt: skip
 
     def _judged(self, _i: int, ids: list[int]) -> bool:

@@ -128,11 +128,11 @@ def _table(front: dict[str, Any]) -> str:
             f"<td>{100 * p['proxy']['refusal']:.1f}</td><td>{p['proxy']['kl']['mean']:.4f}</td><td>{ver}</td>"
             f"<td>{html.escape(describe(EditParams.model_validate(p['edit'])))}</td></tr>"
         )
-    base = front.get("baseline") or {}
+    base_over = over_label(front.get("baseline") or {})
     unedited = (
         f"<p>The unedited model, verified on the same prompts, over-refusal (paper / broad): "
-        f"{html.escape(over_label(base))}.</p>"
-        if over_label(base)
+        f"{html.escape(base_over)}.</p>"
+        if base_over
         else ""
     )
     head = (

@@ -111,7 +111,7 @@ def verify_points(
     # every edit is undone here: a local judge reads with the unedited weights
     results = judged(v_of, runs, judge, key, say, saved)
     for (name, gen), v in zip(runs, results, strict=True):
-        over = f"; over-refusal (paper/broad) {over_label(v)}" if over_label(v) else ""
+        over = f"; over-refusal (paper/broad) {label}" if (label := over_label(v)) else ""
         if name == "baseline":
             cache["baseline"] = v
             say(f"verified the unedited model: {worst_label(v)}{over}")

@@ -151,7 +151,7 @@ class Verifier:
             done=self._judged if self.early_stop else None,
         )
         texts = self.lm.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
-        found, echo, per_group, worst = self._count(texts)
+        found, echo, counted = self._count(texts)
         per_kl = {
             name: kl_div(self.base_harmless[name], logits_for_prompts(self.lm, ps, self.batch_size))
             if kl
@@ -168,15 +168,10 @@ class Verifier:
             )  # fmt: skip
             over = {name: r["rates"] for name, r in rates.items()}
         verified = Verified(
-            refused=worst["refused"],
-            n=int(worst["n"]),
+            **counted,
             kl=KLStats.of(torch.cat(list(per_kl.values()))),
             max_new_tokens=self.max_new_tokens,
             seconds=time.perf_counter() - t0,
-            echoed=worst["echoed"],
-            setup=str(worst["setup"]),
-            set=str(worst["set"]),
-            groups=per_group,
             kl_by_setup={name: KLStats.of(v) for name, v in per_kl.items()},
             over_refusal=over,
         )
@@ -184,9 +179,10 @@ class Verifier:
 
     def _count(
         self, texts: list[str]
-    ) -> tuple[dict[str, list[set[str]]], dict[str, list[bool]], list[dict[str, Any]], dict[str, Any]]:
-        """Each row's markers per keyword judge, whether they all echo the request, each (setup, set)
-        group's counts, and the worst group (the highest refusal rate by either list)."""
+    ) -> tuple[dict[str, list[set[str]]], dict[str, list[bool]], dict[str, Any]]:
+        """Each row's markers per keyword judge, whether they all echo the request, and the ``Verified``
+        fields the counts decide: each (setup, set) group's counts and the worst group's (the highest
+        refusal rate by either list)."""
         found = {name: [set(find(t)) for t in texts] for name, find in MATCHERS.items()}
         echo = {
             name: [bool(m) and m <= self._in_request[i][name] for i, m in enumerate(sets)]
@@ -203,14 +199,23 @@ class Verifier:
                 {"setup": g[0], "set": g[1], "refused": refused, "n": len(rows), "echoed": echoed}
             )
         worst = max(per_group, key=lambda x: max(x["refused"].values()) / x["n"])
-        return found, echo, per_group, worst
+        counted = {
+            "refused": worst["refused"],
+            "n": int(worst["n"]),
+            "echoed": worst["echoed"],
+            "setup": str(worst["setup"]),
+            "set": str(worst["set"]),
+            "groups": per_group,
+        }
+        return found, echo, counted
 
     def truncated(self, gen: Generation, max_new_tokens: int) -> Generation:
         """``gen`` as if it had been generated with ``max_new_tokens`` (fewer than its own): each
-        completion cut to its first ``max_new_tokens`` generated tokens and counted again; KL and over-refusal are kept (they do not depend on the completions' length).
-        Greedy decoding makes the cut completion the shorter generation's own, so one long generation
-        gives the counts at both lengths (late refusals are the difference). Needs a Verifier built with
-        ``early_stop=False`` (a row that left early is cut short already)."""
+        completion cut to its first ``max_new_tokens`` generated tokens and counted again; KL is kept
+        (first-token logits do not depend on the length). Greedy decoding makes the cut completion the
+        shorter generation's own, so one long generation gives the counts at both lengths (late refusals
+        are the difference). Over-refusal is not recounted (its replies are not kept): None. Needs a
+        Verifier built with ``early_stop=False`` (a row that left early is cut short already)."""
         if gen.ids is None or max_new_tokens > gen.verified.max_new_tokens:
             raise ValueError(
                 f"cannot cut {gen.verified.max_new_tokens}-token completions to {max_new_tokens} tokens"
@@ -220,18 +225,8 @@ class Verifier:
             raise ValueError("truncated() needs a Verifier built with early_stop=False")
         ids = [row[:max_new_tokens] for row in gen.ids]
         texts = self.lm.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
-        found, echo, per_group, worst = self._count(texts)
-        v = gen.verified
-        verified = replace(
-            v,
-            refused=worst["refused"],
-            n=int(worst["n"]),
-            max_new_tokens=max_new_tokens,
-            echoed=worst["echoed"],
-            setup=str(worst["setup"]),
-            set=str(worst["set"]),
-            groups=per_group,
-        )
+        found, echo, counted = self._count(texts)
+        verified = replace(gen.verified, **counted, max_new_tokens=max_new_tokens, over_refusal=None)
         return Generation(verified, texts, found, echo, ids)
 
 
